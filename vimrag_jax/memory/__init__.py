@@ -1,0 +1,1 @@
+"""The Multimodal Memory Graph and its graph-modulated visual memory budget."""

@@ -1,0 +1,1 @@
+"""Policy-gradient objectives: GGPO masks on top of GSPO / GSPO-token / GRPO."""
