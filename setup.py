@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "msgpack==1.2.4",
     "numpy>=2.0,<3",
     "absl-py>=2.1",
+    "pillow==13.0.0",
 ]
 
 TEST_REQUIRES = [

@@ -2,4 +2,4 @@
 # Runs lint and the test suite on CPU with 8 fake devices (set in tests/conftest.py).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 ruff check vimrag_jax tests benchmarks configs launch
-exec python -m pytest -n 2 "$@"
+exec python -m pytest -q -n 2 "$@"

@@ -9,8 +9,6 @@ until the end makes a pmap metric equal the pjit one exactly, not a mean of mean
 
 from __future__ import annotations
 
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -51,7 +49,7 @@ class Min:
         return cls(jnp.min(jnp.where(mask, values, jnp.inf)))
 
 
-Stat = Union[Mean, Max, Min]
+Stat = Mean | Max | Min
 
 
 def _is_stat(x) -> bool:

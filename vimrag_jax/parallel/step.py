@@ -1,0 +1,249 @@
+"""The learner's update: one pure function, run as a pjit (mesh) step or a pmap step.
+
+`update` computes the policy objective on a batch of segments and applies one optax step. The
+pjit step runs it on the global batch under a mesh (GSPMD inserts the collectives); the pmap step
+runs it per device on a slice of the batch with `axis_name` set, so the loss denominator, the
+gradients and the metrics are summed explicitly. Both wrap the same function so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
+from vimrag_jax.rl.losses import LossConfig, num_valid_segments, policy_objective
+from vimrag_jax.rl.stats import reduce_stats, to_scalars
+
+Batch = dict[str, jax.Array]
+PMAP_AXIS = "data"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything the update changes: step counter, policy parameters, optimizer state."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def token_logprobs(logits_blv: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+    """`float32[B, L]`: log-prob of `tokens[b, t]` under the logits at position t-1; 0 at t=0."""
+    logits_blv = logits_blv[:, :-1].astype(jnp.float32)
+    next_tokens_bl = tokens_bl[:, 1:]
+    picked_bl = jnp.take_along_axis(logits_blv, next_tokens_bl[..., None], axis=-1)[..., 0]
+    # logit - logsumexp avoids materialising a second [B, L, V] log_softmax array.
+    logp_bl = picked_bl - jax.nn.logsumexp(logits_blv, axis=-1)
+    return jnp.pad(logp_bl, ((0, 0), (1, 0)))
+
+
+def _split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(
+            "The policy holds non-parameter state (e.g. stored Rngs or batch statistics), which "
+            f"the train state does not carry: {rest}"
+        )
+    return graphdef, params
+
+
+def _init_state(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation):
+    _, params = _split_params(model_fn())
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+
+def train_state_shardings(
+    abstract_state: TrainState,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> TrainState:
+    """Shardings for a train state: params by the rules, optimizer moments like their params.
+
+    Optimizer leaves that do not mirror the parameters (counts, schedules) are replicated.
+    """
+    params = param_shardings(abstract_state.params, mesh, rules)
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_state.opt_state,
+        params,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt_state)
+
+
+def create_train_state(
+    model_fn: Callable[[], nnx.Module],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Initialises the policy and optimizer directly into their shards.
+
+    `model_fn()` builds the policy (its Rngs seeded inside). The init is traced abstractly first
+    to work out shardings, then jitted with them as `out_shardings`, so no device ever holds the
+    whole model. Returns `(graphdef, state, state_shardings)`.
+    """
+    with nnx.use_eager_sharding(False):  # logical names are mapped to the mesh here, not by flax
+        graphdef, _ = _split_params(nnx.eval_shape(model_fn))
+        init = functools.partial(_init_state, model_fn, optimizer)
+        abstract_state = jax.eval_shape(init)
+        shardings = train_state_shardings(abstract_state, optimizer, mesh, rules)
+        state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def update(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of segments; pure, so it can be jitted or pmapped.
+
+    With `axis_name`, `batch` is this device's slice: the loss is normalised by the global number
+    of valid segments, so per-device losses and gradients sum to the global ones.
+    """
+    num_segments = num_valid_segments(batch)
+    if axis_name is not None:
+        num_segments = jax.lax.psum(num_segments, axis_name)
+
+    def loss_fn(params: nnx.State):
+        policy = nnx.merge(graphdef, params)
+        logp_bl = token_logprobs(policy(batch["tokens"]), batch["tokens"])
+        return policy_objective(logp_bl, batch, loss_config, num_segments=num_segments)
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        loss, grads = jax.lax.psum((loss, grads), axis_name)
+        stats = reduce_stats(stats, axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = to_scalars(stats)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    learning_rate = _learning_rate(opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def _learning_rate(opt_state: optax.OptState) -> jax.Array | None:
+    """The learning rate used by this step when the optimizer exposes one (inject_hyperparams)."""
+    try:
+        return optax.tree_utils.tree_get(opt_state, "learning_rate")
+    except KeyError:  # several optimizers with their own rates: no single number to report
+        return None
+
+
+def make_pjit_step(
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)` over the mesh; the input state is donated.
+
+    `batch_shardings` comes from `sharding.batch_shardings` on the (abstract) batch; metrics come
+    back replicated.
+    """
+    fn = functools.partial(
+        update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_pmap_step(
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Data-parallel `step(state, batch)` over `devices` (default: all local devices).
+
+    Takes a state from `replicate_for_pmap` and a batch from `shard_batch_for_pmap`; returns the
+    per-device state and metrics (identical on every device; see `unreplicate`).
+    """
+    fn = functools.partial(
+        update,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        loss_config=loss_config,
+        axis_name=PMAP_AXIS,
+    )
+    devices = None if devices is None else tuple(devices)
+    return jax.pmap(fn, axis_name=PMAP_AXIS, devices=devices, donate_argnums=(0,))
+
+
+def _pmap_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
+    # The same one-axis mesh pmap builds internally, so inputs need no resharding.
+    return NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+
+def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Copies every leaf onto each device, stacked on a new leading axis of size len(devices)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    sharding = _pmap_sharding(devices)
+
+    def replicate(x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        copies = [jax.device_put(x[None], device) for device in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *x.shape), sharding, copies
+        )
+
+    return jax.tree.map(replicate, tree)
+
+
+def shard_batch_for_pmap(batch: Batch, devices: Sequence[jax.Device] | None = None) -> Batch:
+    """Reshapes each leaf `[B, ...]` to `[D, B/D, ...]` and places slice d on device d."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    num_devices = len(devices)
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"Batch leaves disagree on the number of rows: {sorted(sizes)}.")
+    (rows,) = sizes
+    if rows % num_devices:
+        raise ValueError(
+            f"The batch has {rows} segment rows, not divisible by the {num_devices} pmap devices; "
+            "pad the batch (with segment_valid=False rows) or change the batch size."
+        )
+    sharding = _pmap_sharding(devices)
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            np.reshape(np.asarray(x), (num_devices, rows // num_devices, *np.shape(x)[1:])),
+            sharding,
+        ),
+        batch,
+    )
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a pmap output (all copies are equal after the psums)."""
+    return jax.tree.map(lambda x: x[0], tree)

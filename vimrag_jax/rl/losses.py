@@ -1,0 +1,432 @@
+"""Policy losses (GSPO, GSPO-token, GRPO, k3 KL), group advantages and the GGPO objective.
+
+All losses work on segment-major arrays: one row per segment (model call), ``[S, L]``
+token arrays, ``[S]`` per-segment advantages and keep masks. They return the NEGATED
+objective of SPEC §4 (a loss to minimize),
+
+    J = (1/S) Σ_s keep_s · min(ρ_s·Â_s, clip(ρ_s, 1−ε_low, 1+ε_high)·Â_s),
+
+where ``S`` counts every valid segment (one with at least one policy token), masked
+ones included, so GGPO pruning lowers the weight of a batch instead of re-scaling it.
+
+Masked segments and padding may hold anything (garbage, ±inf log-probs): every log
+ratio is masked with ``jnp.where`` before ``exp`` and every masked term is selected
+away, never multiplied by 0, so they get exactly zero gradient and nothing turns NaN.
+
+Metrics are ``vimrag_jax.rl.stats`` pytrees of LOCAL sums and extrema; the pmap step
+reduces them across devices. ``num_segments`` lets that step pass the global ``S`` so
+per-device losses add up exactly to the loss of the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vimrag_jax.rl.ggpo import batch_segment_keep
+from vimrag_jax.rl.stats import Max, Mean, Min, Stat
+
+Metrics = dict[str, Stat]
+PolicyLossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator registering ``fn(logp, old_logp, token_mask, advantages, segment_keep, *,
+    clip_low, clip_high, num_segments=None) -> (loss, metrics)`` under ``name``."""
+
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in _POLICY_LOSSES:
+            raise ValueError(f"a policy loss named {name!r} is already registered")
+        _POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    """The registered loss ``name``; KeyError naming the known ones otherwise."""
+    if name not in _POLICY_LOSSES:
+        raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(policy_loss_names())}")
+    return _POLICY_LOSSES[name]
+
+
+def policy_loss_names() -> tuple[str, ...]:
+    return tuple(sorted(_POLICY_LOSSES))
+
+
+# --- shared pieces ----------------------------------------------------------------
+
+
+class _Segments(NamedTuple):
+    """Masks and weights every loss derives the same way."""
+
+    token_mask: jax.Array  # bool[S, L], policy tokens of valid segments
+    valid: jax.Array  # bool[S], at least one policy token
+    keep: jax.Array  # bool[S], valid and kept by GGPO
+    train: jax.Array  # bool[S, L], tokens that get a gradient
+    advantage: jax.Array  # float32[S], 0 where not kept
+    denominator: jax.Array  # float32[], S clamped to >= 1
+
+
+def _segments(token_mask, advantages, segment_keep, num_segments) -> _Segments:
+    token_mask = jnp.asarray(token_mask, bool)
+    valid = jnp.any(token_mask, axis=-1)
+    keep = jnp.asarray(segment_keep, bool) & valid
+    if num_segments is None:
+        num_segments = jnp.sum(valid)
+    denominator = jnp.maximum(jnp.asarray(num_segments, jnp.float32), 1.0)
+    advantage = jnp.where(keep, jnp.asarray(advantages, jnp.float32), 0.0)
+    return _Segments(token_mask, valid, keep, token_mask & keep[:, None], advantage, denominator)
+
+
+def _masked_mean(x_sl: jax.Array, mask_sl: jax.Array) -> jax.Array:
+    """float32[S]: mean of each row over its masked entries (0 for an empty row)."""
+    count_s = jnp.sum(mask_sl, axis=-1)
+    return jnp.sum(jnp.where(mask_sl, x_sl, 0.0), axis=-1) / jnp.maximum(count_s, 1)
+
+
+def _log_ratio(logp_sl, old_sl, mask_sl) -> jax.Array:
+    """float32[S, L]: ``logp − old`` on masked tokens, 0 elsewhere (safe to exponentiate)."""
+    diff = jnp.asarray(logp_sl, jnp.float32) - jnp.asarray(old_sl, jnp.float32)
+    return jnp.where(mask_sl, diff, 0.0)
+
+
+def _clipped_objective(ratio, advantage, clip_low, clip_high) -> jax.Array:
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.minimum(ratio * advantage, clipped * advantage)
+
+
+def _outside(ratio, clip_low, clip_high) -> jax.Array:
+    return (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+
+
+def _ratio_stats(ratio, mask) -> Metrics:
+    ratio = jax.lax.stop_gradient(ratio)
+    safe = jnp.where(mask, ratio, 0.0)  # Mean.of multiplies by the mask
+    return {
+        "ratio_mean": Mean.of(safe, mask),
+        "ratio_min": Min.of(ratio, mask),
+        "ratio_max": Max.of(ratio, mask),
+    }
+
+
+def _sequence_ratio_stats(logp, old_logp, seg: _Segments) -> Metrics:
+    """Sequence ratios of all valid segments, GGPO-masked ones included (no gradient)."""
+    log_ratio_s = _masked_mean(
+        _log_ratio(jax.lax.stop_gradient(logp), old_logp, seg.token_mask), seg.token_mask
+    )
+    return _ratio_stats(jnp.exp(log_ratio_s), seg.valid)
+
+
+# --- registered losses ------------------------------------------------------------
+
+
+@register_policy_loss("gspo")
+def gspo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    token_mask: jax.Array,
+    advantages: jax.Array,
+    segment_keep: jax.Array,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    num_segments: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """GSPO: one ratio per segment, ``exp(mean_t(logp − old))``, clipped per segment."""
+    seg = _segments(token_mask, advantages, segment_keep, num_segments)
+    log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
+    ratio_s = jnp.exp(log_ratio_s)  # exactly 1 on masked segments
+    objective_s = _clipped_objective(ratio_s, seg.advantage, clip_low, clip_high)
+    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
+    metrics = {
+        "clip_fraction": Mean.of(_outside(ratio_s, clip_low, clip_high), seg.keep),
+        "kept_fraction": Mean.of(seg.keep, seg.valid),
+        **_sequence_ratio_stats(logp, old_logp, seg),
+    }
+    return loss, metrics
+
+
+@register_policy_loss("gspo_token")
+def gspo_token_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    token_mask: jax.Array,
+    advantages: jax.Array,
+    segment_keep: jax.Array,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    num_segments: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """GSPO-token: ``s_{i,t} = sg[s_i]·π(y_t)/sg[π(y_t)]``, clipped per token.
+
+    Its value is GSPO's; the gradient differs only when advantages vary per token
+    (here they are per segment, so it matches GSPO too). Ratio and clip metrics are
+    token-level over the tokens that get a gradient.
+    """
+    seg = _segments(token_mask, advantages, segment_keep, num_segments)
+    logp_sl = jnp.where(seg.train, jnp.asarray(logp, jnp.float32), 0.0)
+    log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
+    sg = jax.lax.stop_gradient
+    ratio_sl = jnp.exp(logp_sl - sg(logp_sl) + sg(log_ratio_s)[:, None])
+    objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
+    objective_s = _masked_mean(objective_sl, seg.train)
+    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
+    metrics = {
+        "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
+        "kept_fraction": Mean.of(seg.keep, seg.valid),
+        **_ratio_stats(ratio_sl, seg.train),
+    }
+    return loss, metrics
+
+
+@register_policy_loss("grpo")
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    token_mask: jax.Array,
+    advantages: jax.Array,
+    segment_keep: jax.Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    num_segments: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """GRPO/PPO token ratios ``exp(logp_t − old_t)``, clipped per token.
+
+    Token objectives are averaged within a segment, then summed over kept segments
+    and divided by ``S`` like GSPO, so the baselines differ only in the ratio.
+    Ratio and clip metrics are token-level over the tokens that get a gradient.
+    """
+    seg = _segments(token_mask, advantages, segment_keep, num_segments)
+    ratio_sl = jnp.exp(_log_ratio(logp, old_logp, seg.train))
+    objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
+    objective_s = _masked_mean(objective_sl, seg.train)
+    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
+    metrics = {
+        "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
+        "kept_fraction": Mean.of(seg.keep, seg.valid),
+        **_ratio_stats(ratio_sl, seg.train),
+    }
+    return loss, metrics
+
+
+def ggpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    token_mask: jax.Array,
+    advantages: jax.Array,
+    segment_keep: jax.Array,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> jax.Array:
+    """Scalar −J of SPEC §4: GSPO over ``[S, L]`` arrays with the GGPO keep mask ``[S]``."""
+    args = (logp, old_logp, token_mask, advantages, segment_keep)
+    loss, _ = gspo_loss(*args, clip_low=clip_low, clip_high=clip_high)
+    return loss
+
+
+# --- KL and advantages ------------------------------------------------------------
+
+
+def _segment_kl_k3(logp, ref_logp, token_mask) -> jax.Array:
+    """float32[S]: per-segment mean of k3 = ``exp(ref − logp) − (ref − logp) − 1``."""
+    token_mask = jnp.asarray(token_mask, bool)
+    delta = _log_ratio(ref_logp, logp, token_mask)  # ref − logp, 0 off the mask
+    return _masked_mean(jnp.exp(delta) - delta - 1.0, token_mask)
+
+
+def kl_k3(
+    logp: jax.Array,
+    ref_logp: jax.Array,
+    token_mask: jax.Array,
+    *,
+    num_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Scalar k3 KL estimate to a reference policy: segment means summed over valid
+    segments, divided by ``S`` (or ``num_segments``) like the policy objective.
+
+    It covers every valid segment, GGPO-masked ones too: it regularizes the policy
+    towards the reference rather than assigning credit.
+    """
+    valid_s = jnp.any(jnp.asarray(token_mask, bool), axis=-1)
+    if num_segments is None:
+        num_segments = jnp.sum(valid_s)
+    denominator = jnp.maximum(jnp.asarray(num_segments, jnp.float32), 1.0)
+    kl_s = _segment_kl_k3(logp, ref_logp, token_mask)
+    return jnp.sum(jnp.where(valid_s, kl_s, 0.0)) / denominator
+
+
+def group_advantages(
+    rewards: jax.Array, group_ids: jax.Array, valid: jax.Array, *, eps: float = 1e-6
+) -> jax.Array:
+    """float32[B]: ``(r − mean_G r) / (std_G r + eps)`` over the valid rollouts of a group.
+
+    ``std`` is the population standard deviation (ddof = 0), so a one-rollout group
+    or a group with equal rewards gets advantage 0. Invalid rows get 0 and do not
+    count in any group. O(B^2) through the group-equality matrix; B is a batch.
+    """
+    valid_b = jnp.asarray(valid, bool)
+    rewards_b = jnp.where(valid_b, jnp.asarray(rewards, jnp.float32), 0.0)
+    group_ids = jnp.asarray(group_ids)
+    same_bb = (group_ids[:, None] == group_ids[None, :]) & valid_b[:, None] & valid_b[None, :]
+    count_b = jnp.maximum(jnp.sum(same_bb, axis=-1), 1)
+    mean_b = jnp.sum(jnp.where(same_bb, rewards_b[None, :], 0.0), axis=-1) / count_b
+    centered_bb = rewards_b[None, :] - mean_b[:, None]
+    var_b = jnp.sum(jnp.where(same_bb, centered_bb**2, 0.0), axis=-1) / count_b
+    advantage_b = (rewards_b - mean_b) / (jnp.sqrt(var_b) + eps)
+    return jnp.where(valid_b, advantage_b, 0.0).astype(jnp.float32)
+
+
+# --- configuration ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which policy loss to train with; frozen and hashable (a static jit argument)."""
+
+    name: str = "gspo"
+    ggpo_mask: bool = True
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    positive_threshold: float = 1.0
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in _POLICY_LOSSES:
+            raise ValueError(
+                f"unknown loss name {self.name!r}; known: {', '.join(policy_loss_names())}"
+            )
+        if not isinstance(self.ggpo_mask, bool):
+            raise ValueError(f"ggpo_mask must be a bool, got {self.ggpo_mask!r}")
+        for field in ("clip_low", "clip_high", "positive_threshold", "kl_coef"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{field} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{field} must be finite, got {value!r}")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.kl_coef < 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    @classmethod
+    def for_algorithm(cls, algorithm: str, **overrides: Any) -> LossConfig:
+        """Preset for ``"ggpo"``, ``"gspo"``, ``"gspo_token"`` or ``"grpo"``, then overrides."""
+        if algorithm not in _PRESETS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(_PRESETS)}")
+        return dataclasses.replace(_PRESETS[algorithm], **overrides)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LossConfig:
+        """From a ``ConfigDict`` (or mapping) with this class's field names.
+
+        Missing fields take their defaults; an unknown field is an error, so a typo
+        in a config or on the command line cannot be silently ignored.
+        """
+        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown loss config fields {unknown}; known: {sorted(fields)}")
+        return cls(**values)
+
+
+_PRESETS = {
+    "ggpo": LossConfig(name="gspo", ggpo_mask=True),
+    "gspo": LossConfig(name="gspo", ggpo_mask=False),
+    "gspo_token": LossConfig(name="gspo_token", ggpo_mask=False),
+    "grpo": LossConfig(name="grpo", ggpo_mask=False, clip_low=0.2, clip_high=0.2),
+}
+
+
+# --- the objective of the training step ---------------------------------------------
+
+
+def _token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """bool[B, L]: policy tokens of valid segments."""
+    return (
+        jnp.asarray(batch["loss_mask"], bool) & jnp.asarray(batch["segment_valid"], bool)[:, None]
+    )
+
+
+def num_valid_segments(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """int32[]: valid segments with at least one policy token (the local ``S``)."""
+    return jnp.sum(jnp.any(_token_mask(batch), axis=-1), dtype=jnp.int32)
+
+
+def policy_objective(
+    logp: jax.Array,
+    batch: Mapping[str, jax.Array],
+    config: LossConfig,
+    *,
+    num_segments: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Loss and metrics of one segment-major batch (one row per segment).
+
+    Args:
+      logp: float32[B, L], the current policy's log-prob of each token.
+      batch: ``tokens``, ``loss_mask``, ``behavior_logprobs``, ``segment_valid``,
+        ``segment_node``, ``advantage``, ``reward`` and, when ``config.ggpo_mask``, the
+        graph arrays ``answer_node``, ``adjacency``, ``node_valid``, ``relevant``;
+        ``ref_logprobs`` when ``config.kl_coef > 0``.
+      config: the loss (static under jit).
+      num_segments: global ``S`` when the batch is one shard of a larger one.
+    """
+    token_mask = _token_mask(batch)
+    valid = jnp.any(token_mask, axis=-1)
+    reward = jnp.asarray(batch["reward"], jnp.float32)
+    if config.ggpo_mask:
+        keep = batch_segment_keep(
+            batch["adjacency"],
+            batch["node_valid"],
+            batch["answer_node"],
+            reward,
+            batch["relevant"],
+            batch["segment_node"],
+            valid,
+            positive_threshold=config.positive_threshold,
+        )
+    else:
+        keep = valid
+    old_logp = batch["behavior_logprobs"]
+    loss, metrics = get_policy_loss(config.name)(
+        logp,
+        old_logp,
+        token_mask,
+        batch["advantage"],
+        keep,
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        num_segments=num_segments,
+    )
+    if config.kl_coef > 0:
+        if "ref_logprobs" not in batch:
+            raise KeyError(
+                f"kl_coef = {config.kl_coef} > 0 needs batch['ref_logprobs'] "
+                "(reference-policy log-probs); set kl_coef = 0 or provide them"
+            )
+        ref_logp = batch["ref_logprobs"]
+        loss = loss + config.kl_coef * kl_k3(logp, ref_logp, token_mask, num_segments=num_segments)
+        kl_s = jax.lax.stop_gradient(_segment_kl_k3(logp, ref_logp, token_mask))
+        metrics["kl"] = Mean.of(jnp.where(valid, kl_s, 0.0), valid)
+    positive = reward >= config.positive_threshold
+    gap_sl = jnp.abs(_log_ratio(jax.lax.stop_gradient(logp), old_logp, token_mask))
+    metrics.update(
+        masked_fraction_positive=Mean.of(~keep, valid & positive),
+        masked_fraction_negative=Mean.of(~keep, valid & ~positive),
+        reward_mean=Mean.of(jnp.where(valid, reward, 0.0), valid),
+        logprob_gap=Mean.of(gap_sl, token_mask),
+    )
+    return loss, metrics
