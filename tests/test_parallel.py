@@ -172,8 +172,10 @@ def test_reference_step_trains_something(reference):
     assert metrics["grad_norm"] > 1e-3
     assert 0.0 < metrics["clip_fraction"] < 1.0
     assert metrics["learning_rate"] == pytest.approx(5.0)
-    moved = max(np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(params),
-                                                     jax.tree.leaves(initial_params)))
+    moved = max(
+        np.max(np.abs(a - b))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial_params), strict=True)
+    )
     assert moved > 1e-3
 
 
@@ -186,9 +188,7 @@ def test_reference_step_trains_something(reference):
     ],
     ids=["fsdp4xdata2", "tensor2xdata4"],
 )
-def test_pjit_step_matches_single_device(
-    reference, shape, param_path, expected_spec, shard_shape
-):
+def test_pjit_step_matches_single_device(reference, shape, param_path, expected_spec, shard_shape):
     batch, initial_params, params, metrics = reference
     mesh = mesh_lib.make_mesh(*shape)
     got_initial, new_state, got_metrics = _pjit_run(mesh, batch)
@@ -206,8 +206,7 @@ def test_pmap_step_matches_single_device(reference):
     batch, initial_params, params, metrics = reference
     devices = jax.local_devices()
     optimizer = _optimizer()
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(_model_fn), nnx.Param)
-    del abstract_params
+    graphdef, _ = nnx.split(nnx.eval_shape(_model_fn), nnx.Param)
     host_state = step.TrainState(
         step=np.zeros((), np.int32),
         params=initial_params,

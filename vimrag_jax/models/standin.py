@@ -31,7 +31,7 @@ def _annotated(init: nnx.Initializer, logical_axes: tuple[str, ...]) -> nnx.Init
 
 
 class StandinPolicy(nnx.Module):
-    """Embedding -> gated mix of current and previous token -> residual MLP -> RMSNorm -> LM head."""
+    """Embedding -> mix of current and previous token -> residual MLP -> RMSNorm -> LM head."""
 
     def __init__(self, config: StandinConfig, *, rngs: nnx.Rngs):
         self.config = config

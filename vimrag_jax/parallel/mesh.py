@@ -24,15 +24,18 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
 
     Raises a ValueError naming the config keys to change when the sizes cannot fit the devices.
     """
-    keys = ", ".join(f"config.mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
+    if len(sizes) != len(MESH_AXES):
+        raise ValueError(f"Expected sizes for the mesh axes {MESH_AXES}; got {tuple(sizes)}.")
+    keys = ", ".join(
+        f"config.mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes, strict=True)
+    )
     fill = [i for i, size in enumerate(sizes) if size == -1]
     if len(fill) > 1:
         raise ValueError(
             f"At most one mesh axis may be -1 (fill with the remaining devices); got {keys}. "
             "Set all but one of config.mesh.data / config.mesh.fsdp / config.mesh.tensor."
         )
-    bad = [(name, size) for name, size in zip(MESH_AXES, sizes) if size != -1 and size < 1]
-    if bad:
+    if any(size != -1 and size < 1 for size in sizes):
         raise ValueError(f"Mesh axis sizes must be positive or -1; got {keys}.")
     fixed = math.prod(size for size in sizes if size != -1)
     if fill:

@@ -167,9 +167,7 @@ def make_pjit_step(
     `batch_shardings` comes from `sharding.batch_shardings` on the (abstract) batch; metrics come
     back replicated.
     """
-    fn = functools.partial(
-        update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config
-    )
+    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config)
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch_shardings),
@@ -214,9 +212,7 @@ def replicate_for_pmap(tree: Any, devices: Sequence[jax.Device] | None = None) -
     def replicate(x: Any) -> jax.Array:
         x = jnp.asarray(x)
         copies = [jax.device_put(x[None], device) for device in devices]
-        return jax.make_array_from_single_device_arrays(
-            (len(devices), *x.shape), sharding, copies
-        )
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, copies)
 
     return jax.tree.map(replicate, tree)
 

@@ -125,6 +125,23 @@ def _sequence_ratio_stats(logp, old_logp, seg: _Segments) -> Metrics:
     return _ratio_stats(jnp.exp(log_ratio_s), seg.valid)
 
 
+def _kept_sum(objective_s: jax.Array, seg: _Segments) -> jax.Array:
+    """J: per-segment objectives summed over kept segments, divided by S."""
+    return jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
+
+
+def _token_ratio_loss(ratio_sl, seg: _Segments, clip_low, clip_high) -> tuple[jax.Array, Metrics]:
+    """Per-token clipped objective, averaged within segments; token-level metrics."""
+    objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
+    loss = -_kept_sum(_masked_mean(objective_sl, seg.train), seg)
+    metrics = {
+        "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
+        "kept_fraction": Mean.of(seg.keep, seg.valid),
+        **_ratio_stats(ratio_sl, seg.train),
+    }
+    return loss, metrics
+
+
 # --- registered losses ------------------------------------------------------------
 
 
@@ -145,7 +162,7 @@ def gspo_loss(
     log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
     ratio_s = jnp.exp(log_ratio_s)  # exactly 1 on masked segments
     objective_s = _clipped_objective(ratio_s, seg.advantage, clip_low, clip_high)
-    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
+    loss = -_kept_sum(objective_s, seg)
     metrics = {
         "clip_fraction": Mean.of(_outside(ratio_s, clip_low, clip_high), seg.keep),
         "kept_fraction": Mean.of(seg.keep, seg.valid),
@@ -177,15 +194,7 @@ def gspo_token_loss(
     log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
     sg = jax.lax.stop_gradient
     ratio_sl = jnp.exp(logp_sl - sg(logp_sl) + sg(log_ratio_s)[:, None])
-    objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
-    objective_s = _masked_mean(objective_sl, seg.train)
-    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
-    metrics = {
-        "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
-        "kept_fraction": Mean.of(seg.keep, seg.valid),
-        **_ratio_stats(ratio_sl, seg.train),
-    }
-    return loss, metrics
+    return _token_ratio_loss(ratio_sl, seg, clip_low, clip_high)
 
 
 @register_policy_loss("grpo")
@@ -208,15 +217,7 @@ def grpo_loss(
     """
     seg = _segments(token_mask, advantages, segment_keep, num_segments)
     ratio_sl = jnp.exp(_log_ratio(logp, old_logp, seg.train))
-    objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
-    objective_s = _masked_mean(objective_sl, seg.train)
-    loss = -jnp.sum(jnp.where(seg.keep, objective_s, 0.0)) / seg.denominator
-    metrics = {
-        "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
-        "kept_fraction": Mean.of(seg.keep, seg.valid),
-        **_ratio_stats(ratio_sl, seg.train),
-    }
-    return loss, metrics
+    return _token_ratio_loss(ratio_sl, seg, clip_low, clip_high)
 
 
 def ggpo_loss(
@@ -242,7 +243,8 @@ def _segment_kl_k3(logp, ref_logp, token_mask) -> jax.Array:
     """float32[S]: per-segment mean of k3 = ``exp(ref − logp) − (ref − logp) − 1``."""
     token_mask = jnp.asarray(token_mask, bool)
     delta = _log_ratio(ref_logp, logp, token_mask)  # ref − logp, 0 off the mask
-    return _masked_mean(jnp.exp(delta) - delta - 1.0, token_mask)
+    # expm1 keeps the ~delta²/2 value accurate near the reference; exp(d) − 1 rounds it away
+    return _masked_mean(jnp.expm1(delta) - delta, token_mask)
 
 
 def kl_k3(

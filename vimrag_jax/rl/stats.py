@@ -23,8 +23,8 @@ class Mean:
 
     @classmethod
     def of(cls, values: jax.Array, mask: jax.Array) -> Mean:
-        mask = mask.astype(jnp.float32)
-        return cls(jnp.sum(values * mask), jnp.sum(mask))
+        # where, not multiply: a NaN or inf in a masked-out entry must not leak in.
+        return cls(jnp.sum(jnp.where(mask, values, 0.0)), jnp.sum(mask, dtype=jnp.float32))
 
 
 @struct.dataclass
