@@ -8,10 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "ci",
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+# CI replays the same examples every run, so a red build is reproducible; locally,
+# HYPOTHESIS_PROFILE=explore searches fresh random cases (and more of them).
+settings.register_profile("ci", max_examples=60, derandomize=True, **_COMMON)
+settings.register_profile("explore", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -109,9 +109,8 @@ def _outside(ratio, clip_low, clip_high) -> jax.Array:
 
 def _ratio_stats(ratio, mask) -> Metrics:
     ratio = jax.lax.stop_gradient(ratio)
-    safe = jnp.where(mask, ratio, 0.0)  # Mean.of multiplies by the mask
     return {
-        "ratio_mean": Mean.of(safe, mask),
+        "ratio_mean": Mean.of(ratio, mask),
         "ratio_min": Min.of(ratio, mask),
         "ratio_max": Max.of(ratio, mask),
     }
@@ -282,10 +281,16 @@ def group_advantages(
     group_ids = jnp.asarray(group_ids)
     same_bb = (group_ids[:, None] == group_ids[None, :]) & valid_b[:, None] & valid_b[None, :]
     count_b = jnp.maximum(jnp.sum(same_bb, axis=-1), 1)
-    mean_b = jnp.sum(jnp.where(same_bb, rewards_b[None, :], 0.0), axis=-1) / count_b
-    centered_bb = rewards_b[None, :] - mean_b[:, None]
+    # Work with deviations from a member of the group (its largest reward): equal
+    # rewards then give exactly 0, where a float32 mean would leave a rounding
+    # residue that eps = 1e-6 blows up to advantages of ~0.05.
+    shift_b = jnp.max(jnp.where(same_bb, rewards_b[None, :], -jnp.inf), axis=-1)
+    shift_b = jnp.where(valid_b, shift_b, 0.0)
+    deviation_bb = rewards_b[None, :] - shift_b[:, None]
+    mean_dev_b = jnp.sum(jnp.where(same_bb, deviation_bb, 0.0), axis=-1) / count_b
+    centered_bb = deviation_bb - mean_dev_b[:, None]
     var_b = jnp.sum(jnp.where(same_bb, centered_bb**2, 0.0), axis=-1) / count_b
-    advantage_b = (rewards_b - mean_b) / (jnp.sqrt(var_b) + eps)
+    advantage_b = ((rewards_b - shift_b) - mean_dev_b) / (jnp.sqrt(var_b) + eps)
     return jnp.where(valid_b, advantage_b, 0.0).astype(jnp.float32)
 
 
