@@ -488,10 +488,12 @@ def test_pmap_shards_add_up_to_the_whole_batch():
 
 
 def test_group_advantages_equal_fractional_rewards_are_exactly_zero():
-    # A float32 group mean of equal rewards like 0.8241667 is off by one ulp; divided
-    # by std + 1e-6 that residue used to become an advantage of ~0.06.
-    rewards = np.array([0.8241667, 0.8241667, 0.8241667, 0.3, 0.7], np.float32)
-    groups = np.array([0, 0, 0, 1, 1], np.int32)
-    got = np.asarray(advantages_jit(rewards, groups, np.ones(5, bool)))
-    assert got[:3].tolist() == [0.0, 0.0, 0.0]
-    np.testing.assert_allclose(got[3:], [-1.0, 1.0], rtol=1e-5)
+    # A float32 group mean of equal rewards like these is off by one ulp; divided by
+    # std + 1e-6 that residue used to become an advantage of ~0.06.
+    for value in (0.8241666555404663, 0.100445226, 0.3):
+        rewards = np.array([0.0] * 7 + [value] * 3 + [0.3, 0.7], np.float32)
+        groups = np.array([0] * 10 + [1, 1], np.int32)
+        valid = np.array([False] * 7 + [True] * 5)
+        got = np.asarray(advantages_jit(rewards, groups, valid))
+        assert got[:10].tolist() == [0.0] * 10, value
+        np.testing.assert_allclose(got[10:], [-1.0, 1.0], rtol=1e-5)
