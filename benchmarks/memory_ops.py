@@ -23,6 +23,9 @@ import numpy as np
 from vimrag_jax.memory.energy import TOTAL_PIXELS, allocate_pixels, memory_energy
 from vimrag_jax.rl.ggpo import node_keep_mask
 
+# Argument order of `ours` and `baseline_one`.
+ARGS = ("adjacency", "node_valid", "priority", "item_valid", "answer_node", "reward", "relevant")
+
 
 def random_batch(rng: np.random.Generator, graphs: int, nodes: int, items: int) -> dict:
     """Random DAGs (parents before children), answers, rewards and relevance."""
@@ -110,16 +113,7 @@ def baseline_one(
 
 
 def baseline(batch: dict):
-    keys = (
-        "adjacency",
-        "node_valid",
-        "priority",
-        "item_valid",
-        "answer_node",
-        "reward",
-        "relevant",
-    )
-    out = [baseline_one(*(batch[k][b] for k in keys)) for b in range(len(batch["reward"]))]
+    out = [baseline_one(*(batch[k][b] for k in ARGS)) for b in range(len(batch["reward"]))]
     return np.stack([p for p, _ in out]), np.stack([k for _, k in out])
 
 
@@ -134,17 +128,7 @@ def main() -> None:
 
     batch = random_batch(np.random.default_rng(0), args.graphs, args.nodes, args.items)
     fn = jax.jit(jax.vmap(ours))
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    order = (
-        "adjacency",
-        "node_valid",
-        "priority",
-        "item_valid",
-        "answer_node",
-        "reward",
-        "relevant",
-    )
-    inputs = [device_batch[k] for k in order]
+    inputs = [jnp.asarray(batch[k]) for k in ARGS]
 
     start = time.perf_counter()
     pixels, keep = jax.block_until_ready(fn(*inputs))
