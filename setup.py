@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "msgpack==1.2.4",
+    "ml-dtypes==0.6.0",
     "numpy>=2.0,<3",
     "absl-py>=2.1",
     "pillow==13.0.0",

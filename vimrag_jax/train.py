@@ -26,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 # What the package still lacks before `train` can run the loop, in build order.
 MISSING = (
-    "the Qwen3 / Qwen3-VL policy with Hugging Face checkpoint import (vimrag_jax.models)",
+    "Qwen3-VL, the KV-cache sampler and sharded checkpoint loading (vimrag_jax.models)",
     "the VimRAG agent, synthetic environment and rollout worker (vimrag_jax.agent, .rollout)",
     "the grain pipeline from rollout shards, the training loop and orbax checkpoints",
 )

@@ -1,0 +1,178 @@
+"""Qwen3 port: logits parity with transformers' PyTorch model, and checkpoint-import errors."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from vimrag_jax.models.hf import from_pretrained
+from vimrag_jax.models.qwen3 import Qwen3Config, default_positions
+
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+)
+_B, _L = 2, 12
+
+
+def _save_tiny(directory, tied: bool) -> transformers.Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(**_TINY, tie_word_embeddings=tied, rope_theta=10_000.0)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        # Norm scales start at 1; randomise them so a wrongly mapped norm cannot go unnoticed.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tied" if request.param else "untied")
+    theirs = _save_tiny(directory, tied=request.param)
+    ours = from_pretrained(directory)
+    return directory, theirs, ours
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, _TINY["vocab_size"], size=(_B, _L), dtype=np.int32)
+    mask = np.ones((_B, _L), dtype=np.int32)
+    mask[1, :5] = 0  # row 1 is left-padded by 5
+    return input_ids, mask
+
+
+def _torch_logits(model, input_ids, mask=None, positions=None):
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(input_ids).long(),
+            attention_mask=None if mask is None else torch.from_numpy(mask).long(),
+            position_ids=None if positions is None else torch.from_numpy(positions.copy()).long(),
+        )
+    return out.logits.float().numpy()
+
+
+@nnx.jit
+def _our_logits(model, input_ids, mask):
+    return model(input_ids, attention_mask=mask)
+
+
+def test_config_reads_hf_dict(pair):
+    directory, theirs, ours = pair
+    config = Qwen3Config.from_hf(json.loads((directory / "config.json").read_text()))
+    assert config == ours.config
+    assert config.rope_theta == 10_000.0
+    assert config.tie_word_embeddings == theirs.config.tie_word_embeddings
+
+
+def test_logits_match_without_padding(pair):
+    _, theirs, ours = pair
+    input_ids, _ = _inputs()
+    mask = np.ones_like(input_ids)
+    logits = np.asarray(_our_logits(ours, input_ids, mask))
+    assert logits.shape == (_B, _L, _TINY["vocab_size"]) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, _torch_logits(theirs, input_ids), rtol=2e-3, atol=2e-4)
+
+
+def test_logits_match_with_left_padding(pair):
+    _, theirs, ours = pair
+    input_ids, mask = _inputs()
+    positions = np.asarray(default_positions(mask))
+    np.testing.assert_array_equal(positions[1], [0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6])
+    logits = np.asarray(_our_logits(ours, input_ids, mask))
+    reference = _torch_logits(theirs, input_ids, mask, positions)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], reference[real], rtol=2e-3, atol=2e-4)
+    # The padded row's real tokens must equal the same tokens run unpadded on their own.
+    alone = _torch_logits(theirs, input_ids[1:, 5:])
+    np.testing.assert_allclose(logits[1, 5:], alone[0], rtol=2e-3, atol=2e-4)
+
+
+def test_parameters_carry_logical_axes(pair):
+    _, _, ours = pair
+    axes = {
+        "/".join(map(str, path)): var.get_metadata().get("out_sharding")
+        for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param))
+    }
+    assert all(axes.values()), axes
+    assert axes["layers/0/attn/q_dhk"] == ("embed", "heads", "head_dim")
+    assert axes["layers/0/attn/k_dgk"] == ("embed", "kv_heads", "head_dim")
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nope")
+
+
+def test_missing_config_and_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **_TINY})
+    )
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(pair, tmp_path):
+    directory, _, _ = pair
+    copy = tmp_path / "ckpt"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"mlp\.\w+_proj\.weight.*\((96, 64|64, 96)\).*\((80, 64|64, 80)\)"
+    ):
+        from_pretrained(copy)
+
+
+def test_vl_and_unknown_architectures_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen3VLForConditionalGeneration"]})
+    )
+    with pytest.raises(NotImplementedError, match="Qwen3-VL import is not built yet"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM"):
+        from_pretrained(tmp_path)
+
+
+def test_other_rope_types_are_refused():
+    hf = {**_TINY, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
+    with pytest.raises(NotImplementedError, match="yarn"):
+        Qwen3Config.from_hf(hf)
+    legacy = {**_TINY, "rope_theta": 5e5, "rope_scaling": None}
+    assert Qwen3Config.from_hf(legacy).rope_theta == 5e5
+    assert Qwen3Config.from_hf(_TINY).rope_theta == transformers.Qwen3Config().default_theta
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(**_TINY, tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.embed_vd[...].dtype == jax.numpy.float32
+
+
+def test_bfloat16_compute_stays_close(pair):
+    directory, theirs, _ = pair
+    ours = from_pretrained(directory, dtype="bfloat16")
+    input_ids, _ = _inputs()
+    logits = np.asarray(_our_logits(ours, input_ids, np.ones_like(input_ids)))
+    reference = _torch_logits(theirs, input_ids)
+    assert logits.dtype == np.float32
+    assert np.linalg.norm(logits - reference) / np.linalg.norm(reference) < 3e-2

@@ -1,0 +1,294 @@
+"""The Qwen3 text decoder (`Qwen3ForCausalLM`) in Flax NNX, numerically matching transformers.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`)
+that `vimrag_jax.parallel.sharding` maps to mesh axes. Attention projections keep the head axis
+separate (`q [embed, heads, head_dim]`, `o [heads, head_dim, embed]`) so heads can be sharded
+without reshapes. Weights are stored in float32; `Qwen3Config.dtype` picks the compute dtype.
+Checkpoint import lives in `vimrag_jax.models.hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_SUPPORTED_ROPE_TYPES = ("default",)
+_DEFAULT_ROPE_THETA = 10_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Sizes and constants of a Qwen3 decoder; build one from a HF config with `from_hf`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = _DEFAULT_ROPE_THETA
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, dtype: str = "float32") -> Qwen3Config:
+        """Reads a `config.json` dict of `model_type: qwen3` (transformers 4.x or 5.x layout).
+
+        Raises NotImplementedError for features this port does not have yet: RoPE types other
+        than "default", partial rotary, sliding-window attention, attention biases, and
+        activations other than SiLU.
+        """
+        if hf.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(
+                f"Qwen3 port supports hidden_act='silu' only, got {hf['hidden_act']!r}."
+            )
+        if hf.get("attention_bias", False):
+            raise NotImplementedError("Qwen3 port does not support attention_bias=True yet.")
+        if hf.get("use_sliding_window", False):
+            raise NotImplementedError("Qwen3 port does not support sliding-window attention yet.")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(hf),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            dtype=dtype,
+        )
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    # transformers 5.x writes `rope_parameters: {rope_type, rope_theta, ...}`; 4.x wrote a
+    # top-level `rope_theta` plus an optional `rope_scaling` dict (None for default RoPE).
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params and not any(key in params for key in ("rope_type", "type", "rope_theta")):
+        raise NotImplementedError(
+            f"Qwen3 port supports one global RoPE setting, got per-layer rope_parameters {params}."
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(
+            f"Qwen3 port supports RoPE types {_SUPPORTED_ROPE_TYPES} only, got {rope_type!r}."
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("Qwen3 port does not support partial_rotary_factor != 1.")
+    # transformers falls back to its `default_theta` (10000) when no theta is given.
+    theta = params.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
+    return float(theta)
+
+
+def _param(
+    rngs: nnx.Rngs, init: nnx.Initializer, shape: tuple[int, ...], axes: tuple[str, ...]
+) -> nnx.Param:
+    # Logical names are not mesh axes, so Variables must not shard themselves on creation;
+    # vimrag_jax.parallel.sharding maps them to the mesh.
+    annotated = nnx.with_partitioning(init, axes, eager_sharding=False)
+    return nnx.Param(annotated(rngs.params(), shape, jnp.float32))
+
+
+def _dense_init(in_axes: tuple[int, ...], out_axes: tuple[int, ...]) -> nnx.Initializer:
+    return nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in transformers: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, axis_name: str, eps: float, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_cos_sin(
+    positions_bl: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+    """Default-RoPE tables `cos, sin: float32[B, L, head_dim]` (two copies of each frequency)."""
+    inv_freq_k = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_blk = positions_bl.astype(jnp.float32)[..., None] * inv_freq_k
+    angles_bld = jnp.concatenate([freqs_blk, freqs_blk], axis=-1)
+    return jnp.cos(angles_bld), jnp.sin(angles_bld)
+
+
+def apply_rope(x_blhk: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array) -> jax.Array:
+    """Rotates `x[B, L, heads, K]` by the tables; the halves of K are the rotated pairs."""
+    half = x_blhk.shape[-1] // 2
+    rotated = jnp.concatenate([-x_blhk[..., half:], x_blhk[..., :half]], axis=-1)
+    cos, sin = cos_blk[:, :, None, :], sin_blk[:, :, None, :]
+    return (x_blhk * cos + rotated * sin).astype(x_blhk.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, h, g, k = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.num_kv_heads = g
+        self.head_dim = k
+        self.q_dhk = _param(
+            rngs, _dense_init((0,), (1, 2)), (d, h, k), ("embed", "heads", "head_dim")
+        )
+        self.k_dgk = _param(
+            rngs, _dense_init((0,), (1, 2)), (d, g, k), ("embed", "kv_heads", "head_dim")
+        )
+        self.v_dgk = _param(
+            rngs, _dense_init((0,), (1, 2)), (d, g, k), ("embed", "kv_heads", "head_dim")
+        )
+        self.o_hkd = _param(
+            rngs, _dense_init((0, 1), (2,)), (h, k, d), ("heads", "head_dim", "embed")
+        )
+        self.q_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
+        self.k_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
+
+    def __call__(
+        self,
+        x_bld: jax.Array,
+        cos_blk: jax.Array,
+        sin_blk: jax.Array,
+        allowed_bqm: jax.Array,
+    ) -> jax.Array:
+        dtype = x_bld.dtype
+        q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.q_dhk[...].astype(dtype))
+        k_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.k_dgk[...].astype(dtype))
+        v_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.v_dgk[...].astype(dtype))
+        q_blhk = apply_rope(self.q_norm(q_blhk), cos_blk, sin_blk)
+        k_blgk = apply_rope(self.k_norm(k_blgk), cos_blk, sin_blk)
+
+        b, length, h, k = q_blhk.shape
+        g = self.num_kv_heads
+        # Query head h reads kv head h // (h_total / g), as transformers' repeat_kv does.
+        q_blgrk = q_blhk.reshape(b, length, g, h // g, k)
+        scores_bgrqm = jnp.einsum(
+            "bqgrk,bmgk->bgrqm", q_blgrk, k_blgk, preferred_element_type=jnp.float32
+        ) * (k**-0.5)
+        # finfo.min instead of -inf keeps fully masked rows (left-padding queries) finite.
+        scores_bgrqm = jnp.where(
+            allowed_bqm[:, None, None], scores_bgrqm, jnp.finfo(jnp.float32).min
+        )
+        probs_bgrqm = jax.nn.softmax(scores_bgrqm, axis=-1).astype(dtype)
+        out_bqgrk = jnp.einsum("bgrqm,bmgk->bqgrk", probs_bgrqm, v_blgk)
+        out_blhk = out_bqgrk.reshape(b, length, h, k)
+        return jnp.einsum("blhk,hkd->bld", out_blhk, self.o_hkd[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_df = _param(rngs, _dense_init((0,), (1,)), (d, f), ("embed", "mlp"))
+        self.up_df = _param(rngs, _dense_init((0,), (1,)), (d, f), ("embed", "mlp"))
+        self.down_fd = _param(rngs, _dense_init((0,), (1,)), (f, d), ("mlp", "embed"))
+
+    def __call__(self, x_bld: jax.Array) -> jax.Array:
+        dtype = x_bld.dtype
+        gate_blf = x_bld @ self.gate_df[...].astype(dtype)
+        up_blf = x_bld @ self.up_df[...].astype(dtype)
+        return (jax.nn.silu(gate_blf) * up_blf) @ self.down_fd[...].astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_norm = RMSNorm(d, "embed", eps, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(d, "embed", eps, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self, x_bld: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array, allowed_bqm: jax.Array
+    ) -> jax.Array:
+        x_bld = x_bld + self.attn(self.input_norm(x_bld), cos_blk, sin_blk, allowed_bqm)
+        return x_bld + self.mlp(self.post_attn_norm(x_bld))
+
+
+def default_positions(attention_mask_bl: jax.Array) -> jax.Array:
+    """Positions `int32[B, L]` counting real tokens only: `cumsum(mask) - 1`, clipped at 0."""
+    counts_bl = jnp.cumsum(attention_mask_bl.astype(jnp.int32), axis=-1)
+    return jnp.maximum(counts_bl - 1, 0)
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 decoder with LM head; `model(input_ids) -> logits float32[B, L, V]`."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        self.config = config
+        d, v = config.hidden_size, config.vocab_size
+        self.embed_vd = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.final_norm = RMSNorm(d, "embed", config.rms_norm_eps, rngs=rngs)
+        self.lm_head_dv = (
+            None
+            if config.tie_word_embeddings
+            else _param(rngs, _dense_init((0,), (1,)), (d, v), ("embed", "vocab"))
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits `float32[B, L, V]` for `input_ids: int[B, L]`.
+
+        `attention_mask: [B, L]` (1 = real token, 0 = padding; any padding side) hides padded
+        keys; `positions: int[B, L]` default to `cumsum(mask) - 1` (clipped at 0), i.e. 0..L-1
+        without a mask. Logits at padded positions are meaningless.
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, length), dtype=jnp.int32)
+        key_valid_bm = attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+        allowed_bqm = causal_qm[None] & key_valid_bm[:, None, :]
+        cos_blk, sin_blk = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+        x_bld = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
+        for layer in self.layers:
+            x_bld = layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+        x_bld = self.final_norm(x_bld)
+        if self.lm_head_dv is None:
+            logits_blv = jnp.einsum("bld,vd->blv", x_bld, self.embed_vd[...].astype(dtype))
+        else:
+            logits_blv = x_bld @ self.lm_head_dv[...].astype(dtype)
+        return logits_blv.astype(jnp.float32)
