@@ -52,7 +52,7 @@ def descendants(adjacency: np.ndarray, node_valid: np.ndarray, node: int) -> set
 
 def critical_path(adjacency, node_valid, answer_node) -> np.ndarray:
     out = np.zeros(len(node_valid), bool)
-    if answer_node >= 0 and node_valid[answer_node]:
+    if 0 <= answer_node < len(node_valid) and node_valid[answer_node]:
         out[answer_node] = True
         for i in ancestors(adjacency, node_valid, answer_node):
             out[i] = True

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import math
 
+import memory_reference
 import numpy as np
 
 
 def node_keep(adjacency, node_valid, answer_node, reward, relevant, positive_threshold=1.0):
     """bool[N]: keep = P_ans for positive trajectories, valid & ~relevant for negative ones."""
-    n = len(node_valid)
-    valid = [bool(v) for v in node_valid]
-
-    def is_edge(i, j):  # only forward edges between valid nodes count
-        return i < j and valid[i] and valid[j] and bool(adjacency[i][j])
-
-    keep = np.zeros(n, bool)
     if reward >= positive_threshold:
-        a = int(answer_node)
-        if 0 <= a < n and valid[a]:
-            stack, seen = [a], {a}
-            while stack:  # walk parents up from the answer node
-                child = stack.pop()
-                for parent in range(n):
-                    if is_edge(parent, child) and parent not in seen:
-                        seen.add(parent)
-                        stack.append(parent)
-            for i in seen:
-                keep[i] = True
-    else:
-        for i in range(n):
-            keep[i] = valid[i] and not bool(relevant[i])
-    return keep
+        return memory_reference.critical_path(adjacency, node_valid, int(answer_node))
+    return np.array([bool(v) and not bool(r) for v, r in zip(node_valid, relevant, strict=True)])
 
 
 def segment_keep(node_keep_n, segment_node, segment_valid):
