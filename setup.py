@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "absl-py>=2.1",
     "pillow==13.0.0",
+    # TensorBoard event files (its writer needs no TensorFlow) and the plots of plot.py.
+    "tensorboard==2.21.0",
+    "matplotlib==3.11.2",
 ]
 
 TEST_REQUIRES = [

@@ -27,10 +27,10 @@ from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 _INDEX_FILE = "model.safetensors.index.json"
 
 # name -> (the parameter to fill, checkpoint shape, checkpoint array -> our layout)
-_Target = tuple[nnx.Param, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
+Target = tuple[nnx.Param, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {str(path)!r} does not exist.")
     config_file = path / "config.json"
@@ -78,58 +78,62 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
                     yield name, f.get_tensor(name)
 
 
-def _transposed(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+def transposed(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
     # Torch Linear weights are [out, in]; our kernels are [in, out], then split into `shape`.
     return lambda w: w.T.reshape(shape)
 
 
-def _identity(w: np.ndarray) -> np.ndarray:
+def identity(w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _qwen3_targets(model: Qwen3ForCausalLM) -> dict[str, _Target]:
+def _qwen3_targets(model: Qwen3ForCausalLM) -> dict[str, Target]:
     c = model.config
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    targets: dict[str, _Target] = {
-        "model.embed_tokens.weight": (model.embed_vd, (v, d), _identity),
-        "model.norm.weight": (model.final_norm.scale, (d,), _identity),
+    targets: dict[str, Target] = {
+        "model.embed_tokens.weight": (model.embed_vd, (v, d), identity),
+        "model.norm.weight": (model.final_norm.scale, (d,), identity),
     }
     if model.lm_head_dv is not None:
-        targets["lm_head.weight"] = (model.lm_head_dv, (v, d), _transposed((d, v)))
+        targets["lm_head.weight"] = (model.lm_head_dv, (v, d), transposed((d, v)))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         attn, mlp = layer.attn, layer.mlp
         targets |= {
-            p + "input_layernorm.weight": (layer.input_norm.scale, (d,), _identity),
-            p + "post_attention_layernorm.weight": (layer.post_attn_norm.scale, (d,), _identity),
-            p + "self_attn.q_proj.weight": (attn.q_dhk, (h * k, d), _transposed((d, h, k))),
-            p + "self_attn.k_proj.weight": (attn.k_dgk, (g * k, d), _transposed((d, g, k))),
-            p + "self_attn.v_proj.weight": (attn.v_dgk, (g * k, d), _transposed((d, g, k))),
-            p + "self_attn.o_proj.weight": (attn.o_hkd, (d, h * k), _transposed((h, k, d))),
-            p + "self_attn.q_norm.weight": (attn.q_norm.scale, (k,), _identity),
-            p + "self_attn.k_norm.weight": (attn.k_norm.scale, (k,), _identity),
-            p + "mlp.gate_proj.weight": (mlp.gate_df, (f, d), _transposed((d, f))),
-            p + "mlp.up_proj.weight": (mlp.up_df, (f, d), _transposed((d, f))),
-            p + "mlp.down_proj.weight": (mlp.down_fd, (d, f), _transposed((f, d))),
+            p + "input_layernorm.weight": (layer.input_norm.scale, (d,), identity),
+            p + "post_attention_layernorm.weight": (layer.post_attn_norm.scale, (d,), identity),
+            p + "self_attn.q_proj.weight": (attn.q_dhk, (h * k, d), transposed((d, h, k))),
+            p + "self_attn.k_proj.weight": (attn.k_dgk, (g * k, d), transposed((d, g, k))),
+            p + "self_attn.v_proj.weight": (attn.v_dgk, (g * k, d), transposed((d, g, k))),
+            p + "self_attn.o_proj.weight": (attn.o_hkd, (d, h * k), transposed((h, k, d))),
+            p + "self_attn.q_norm.weight": (attn.q_norm.scale, (k,), identity),
+            p + "self_attn.k_norm.weight": (attn.k_norm.scale, (k,), identity),
+            p + "mlp.gate_proj.weight": (mlp.gate_df, (f, d), transposed((d, f))),
+            p + "mlp.up_proj.weight": (mlp.up_df, (f, d), transposed((d, f))),
+            p + "mlp.down_proj.weight": (mlp.down_fd, (d, f), transposed((f, d))),
         }
     return targets
 
 
-def load_qwen3(path: str | os.PathLike, *, dtype: str = "float32") -> Qwen3ForCausalLM:
-    """Loads a `Qwen3ForCausalLM` checkpoint directory; parameters are float32 on the host device.
+def fill_from_checkpoint(
+    model: nnx.Module,
+    targets: dict[str, Target],
+    path: str | os.PathLike,
+    *,
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Fills every target parameter of an abstract `model` from the checkpoint at `path`.
 
-    `dtype` is the compute dtype. Raises FileNotFoundError for a missing directory, config.json or
-    safetensors files, and ValueError naming the tensor for a missing, unexpected or misshapen one.
+    `targets` maps checkpoint tensor names to (parameter, checkpoint shape, converter);
+    tensors for which `ignore(name)` is true are skipped. Raises ValueError naming the tensor
+    for an unexpected, missing or misshapen one, and AssertionError when a parameter of the
+    model has no target (a bug in the targets, not in the checkpoint).
     """
-    path = Path(path)
-    config = Qwen3Config.from_hf(_read_config(path), dtype=dtype)
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
-    targets = _qwen3_targets(model)
     filled: set[str] = set()
     for name, array in iter_safetensors(path):
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # some tied checkpoints store the (identical) head anyway
+        if ignore(name):
+            continue
         if name not in targets:
             raise ValueError(f"Unexpected tensor {name!r} in checkpoint {str(path)!r}.")
         param, expected_shape, to_ours = targets[name]
@@ -149,21 +153,42 @@ def load_qwen3(path: str | os.PathLike, *, dtype: str = "float32") -> Qwen3ForCa
         for p, v in nnx.to_flat_state(nnx.state(model))
         if isinstance(v.get_value(), jax.ShapeDtypeStruct)
     ]
-    if abstract:  # every parameter has a checkpoint name, so this means _qwen3_targets is wrong
+    if abstract:
         raise AssertionError(f"Parameters left unloaded: {abstract}")
+
+
+def load_qwen3(path: str | os.PathLike, *, dtype: str = "float32") -> Qwen3ForCausalLM:
+    """Loads a `Qwen3ForCausalLM` checkpoint directory; parameters are float32 on the host device.
+
+    `dtype` is the compute dtype. Raises FileNotFoundError for a missing directory, config.json or
+    safetensors files, and ValueError naming the tensor for a missing, unexpected or misshapen one.
+    """
+    path = Path(path)
+    config = Qwen3Config.from_hf(read_config(path), dtype=dtype)
+    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
+    # Some tied checkpoints store the (identical) head anyway.
+    tied_head = config.tie_word_embeddings
+    fill_from_checkpoint(
+        model,
+        _qwen3_targets(model),
+        path,
+        ignore=lambda name: tied_head and name == "lm_head.weight",
+    )
     return model
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> nnx.Module:
     """Loads a Hugging Face checkpoint directory, choosing the model from its config.json."""
-    hf = _read_config(Path(path))
+    hf = read_config(Path(path))
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if "Qwen3VLForConditionalGeneration" in architectures or model_type == "qwen3_vl":
-        raise NotImplementedError("Qwen3-VL import is not built yet")
+        from vimrag_jax.models.qwen3_vl import load_qwen3_vl  # vision code loads on demand
+
+        return load_qwen3_vl(path, dtype=dtype)
     if "Qwen3ForCausalLM" in architectures or (not architectures and model_type == "qwen3"):
         return load_qwen3(path, dtype=dtype)
     raise NotImplementedError(
         f"No importer for architectures={architectures} model_type={model_type!r}; "
-        "supported: Qwen3ForCausalLM."
+        "supported: Qwen3ForCausalLM, Qwen3VLForConditionalGeneration."
     )
