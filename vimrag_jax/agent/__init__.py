@@ -1,0 +1,1 @@
+"""The VimRAG agent: tool-call protocol, prompts, the memory-graph agent loop and baselines."""

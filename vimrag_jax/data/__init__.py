@@ -1,0 +1,1 @@
+"""Input pipeline: grain over the rollout shards, from trajectory records to learner batches."""

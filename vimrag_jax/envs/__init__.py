@@ -1,0 +1,1 @@
+"""Environments: the synthetic multimodal multi-hop corpus, scripted policies and rewards."""

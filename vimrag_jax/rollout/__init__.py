@@ -1,0 +1,1 @@
+"""Rollout side: the worker process and the trajectory records it writes for the learner."""
