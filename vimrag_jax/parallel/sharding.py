@@ -37,6 +37,12 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    # Qwen3-VL vision tower: small next to the decoder, so only its wide axes are split.
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_patch", None),
+    ("vision_position", None),
 )
 
 
