@@ -1,0 +1,243 @@
+"""Tests for retrieval: exact and sharded top-k against a NumPy reference, the hashing embedder,
+the on-disk corpus store (round trip, memory map, rebuild skipped, errors) and expert recall."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+
+from vimrag_jax.envs.synthetic import SyntheticConfig, build, hop_query
+from vimrag_jax.retrieval.corpus import CorpusItem, CorpusStore, RetrievalError
+from vimrag_jax.retrieval.embedders import Embedder, HashingEmbedder
+from vimrag_jax.retrieval.index import TopKIndex
+
+MESH = Mesh(np.array(jax.devices()), ("corpus",))
+
+
+def reference_top_k(queries, corpus, k):
+    """Loop-level reference: sort each query's rows by (score descending, row ascending)."""
+    rows, scores = [], []
+    for query in queries:
+        score = corpus.astype(np.float64) @ query.astype(np.float64)
+        order = sorted(range(len(corpus)), key=lambda row: (-score[row], row))[:k]
+        rows.append(order)
+        scores.append(score[order])
+    return np.array(rows, np.int32), np.array(scores, np.float32)
+
+
+@settings(max_examples=30)
+@given(
+    n=st.sampled_from([3, 8, 13, 37]),
+    k=st.sampled_from([1, 3]),
+    data=st.data(),
+)
+def test_sharded_equals_unsharded_equals_reference(n, k, data):
+    # Small integers make every inner product exact in float32, and make ties frequent.
+    values = st.integers(-2, 2)
+    corpus = np.array(
+        data.draw(st.lists(st.lists(values, min_size=4, max_size=4), min_size=n, max_size=n)),
+        np.float32,
+    )
+    queries = np.array(
+        data.draw(st.lists(st.lists(values, min_size=4, max_size=4), min_size=1, max_size=5)),
+        np.float32,
+    )
+    want_rows, want_scores = reference_top_k(queries, corpus, k)
+    single = TopKIndex(corpus)
+    sharded = TopKIndex(corpus, mesh=MESH)
+    assert not single.sharded and sharded.sharded
+    for index in (single, sharded):
+        rows, scores = index.search(queries, k)
+        assert rows.dtype == np.int32 and scores.dtype == np.float32
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_ties_go_to_the_lower_row_on_every_shard_layout():
+    corpus = np.ones((21, 2), np.float32)
+    queries = np.ones((2, 2), np.float32)
+    for index in (TopKIndex(corpus), TopKIndex(corpus, mesh=MESH)):
+        rows, _ = index.search(queries, 3)
+        np.testing.assert_array_equal(rows, [[0, 1, 2], [0, 1, 2]])
+
+
+def test_index_errors():
+    index = TopKIndex(np.eye(4, dtype=np.float32))
+    with pytest.raises(RetrievalError, match="k=5"):
+        index.search(np.ones((1, 4), np.float32), 5)
+    with pytest.raises(RetrievalError, match="no queries"):
+        index.search(np.zeros((0, 4), np.float32), 1)
+    with pytest.raises(RetrievalError, match=r"float32\[q, 4\]"):
+        index.search(np.ones((1, 3), np.float32), 1)
+    with pytest.raises(RetrievalError, match="empty corpus"):
+        TopKIndex(np.zeros((0, 4), np.float32))
+
+
+def test_hashing_embedder_is_deterministic_and_normalised():
+    embedder = HashingEmbedder()
+    assert isinstance(embedder, Embedder)
+    texts = ["Tovi Brask works for Quillex.", "", "the logo of Quillex"]
+    first, second = embedder.embed_texts(texts), HashingEmbedder().embed_texts(texts)
+    assert first.dtype == np.float32 and first.shape == (3, 256)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), [1, 0, 1], atol=1e-6)
+    # Word order matters: the subject of a relation is not its object.
+    query = embedder.embed_texts(["Tovi Brask was mentored by whom?"])[0]
+    gold, swapped = embedder.embed_texts(
+        ["Tovi Brask was mentored by Ada Lunn.", "Ada Lunn was mentored by Tovi Brask."]
+    )
+    assert query @ gold > query @ swapped
+
+
+# -- the on-disk store ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build(SyntheticConfig(num_entities=24, num_questions=40, seed=5))
+
+
+@pytest.fixture(scope="module")
+def store_dir(world, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("store"))
+    store = CorpusStore.build(world[0], directory)
+    assert not store.reused
+    return directory
+
+
+def test_store_round_trip_and_memory_map(world, store_dir):
+    items = world[0]
+    store = CorpusStore.open(store_dir)
+    assert len(store) == len(items)
+    assert isinstance(store.embeddings, np.memmap)
+    np.testing.assert_array_equal(store.embeddings, HashingEmbedder().embed_items(items))
+    for item in items:
+        info = store.item(item.item_id)
+        assert (info.modality, info.title, info.text, info.timestamps) == (
+            item.modality,
+            item.title,
+            item.text,
+            item.timestamps,
+        )
+        if item.modality == "image":
+            np.testing.assert_array_equal(store.load_visual(item.item_id), item.pixels)
+        elif item.modality == "video":
+            for frame in range(item.num_frames):
+                loaded = store.load_visual(item.item_id, frame)
+                assert loaded.dtype == np.uint8
+                np.testing.assert_array_equal(loaded, item.pixels[frame])
+            np.testing.assert_array_equal(store.load_item(item.item_id).pixels, item.pixels)
+
+
+def test_rebuild_is_skipped_for_the_same_corpus(world, store_dir):
+    stamp = {
+        name: os.stat(os.path.join(store_dir, name)).st_mtime_ns for name in os.listdir(store_dir)
+    }
+    store = CorpusStore.build(world[0], store_dir)
+    assert store.reused
+    assert stamp == {
+        n: os.stat(os.path.join(store_dir, n)).st_mtime_ns for n in os.listdir(store_dir)
+    }
+
+
+def test_changed_corpus_is_rebuilt(world, tmp_path):
+    directory = str(tmp_path / "store")
+    first = CorpusStore.build(world[0][:20], directory)
+    second = CorpusStore.build(world[0][:21], directory)
+    assert not second.reused and len(second) == 21 and first.fingerprint != second.fingerprint
+    assert CorpusStore.open(directory).fingerprint == second.fingerprint
+
+
+def test_search_finds_the_item_and_sharding_changes_nothing(world, store_dir):
+    items, questions = world
+    store = CorpusStore.open(store_dir)
+    sharded = CorpusStore.open(store_dir, mesh=MESH)
+    queries = [hop_query(hop) for q in questions for hop in q.chain]
+    ids, scores = store.search(queries, k=3)
+    assert ids.shape == scores.shape == (len(queries), 3)
+    assert ids.dtype == np.int32 and scores.dtype == np.float32
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    sharded_ids, sharded_scores = sharded.search(queries, k=3)
+    np.testing.assert_array_equal(ids, sharded_ids)
+    np.testing.assert_allclose(scores, sharded_scores, rtol=1e-6)
+    exact, _ = store.search([items[7].text], k=1)
+    assert exact[0, 0] == 7
+
+
+def test_expert_hop_queries_recall_at_3():
+    """Over every hop of 300 questions of the default world (measured: 1.000)."""
+    items, questions = build(SyntheticConfig(num_questions=300))
+    embedder = HashingEmbedder()
+    index = TopKIndex(embedder.embed_items(items))
+    hops = [hop for q in questions for hop in q.chain]
+    rows, _ = index.search(embedder.embed_texts([hop_query(hop) for hop in hops]), 3)
+    recall = np.mean([hop.evidence_id in row for hop, row in zip(hops, rows, strict=True)])
+    assert recall >= 0.97, recall
+
+
+def test_request_errors(store_dir):
+    store = CorpusStore.open(store_dir)
+    with pytest.raises(RetrievalError, match="at least one query"):
+        store.search([])
+    with pytest.raises(RetrievalError, match="query 1 is empty"):
+        store.search(["logo", "   "])
+    with pytest.raises(RetrievalError, match="single string"):
+        store.search("logo")
+    with pytest.raises(RetrievalError, match=f"k={len(store) + 1}"):
+        store.search(["logo"], k=len(store) + 1)
+    with pytest.raises(RetrievalError, match="item id 999999"):
+        store.item(999999)
+    text_id = next(info.item_id for info in store if info.modality == "text")
+    with pytest.raises(RetrievalError, match="no pixels"):
+        store.load_visual(text_id)
+    image_id = next(info.item_id for info in store if info.modality == "image")
+    with pytest.raises(RetrievalError, match="frame 1 is out of range"):
+        store.load_visual(image_id, 1)
+
+
+def test_build_errors(world, tmp_path):
+    with pytest.raises(RetrievalError, match="empty corpus"):
+        CorpusStore.build([], str(tmp_path / "empty"))
+    twice = [world[0][0], world[0][0]]
+    with pytest.raises(RetrievalError, match="appears twice"):
+        CorpusStore.build(twice, str(tmp_path / "dup"))
+    with pytest.raises(ValueError, match="pixels must be uint8"):
+        CorpusItem(0, "image", "x", "a caption", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="modality"):
+        CorpusItem(0, "audio", "x", "a caption")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "manifest", "absent"])
+def test_damaged_store_is_rejected(store_dir, tmp_path, damage):
+    directory = str(tmp_path / "copy")
+    shutil.copytree(store_dir, directory)
+    if damage == "missing":
+        os.remove(os.path.join(directory, "embeddings.npy"))
+        match = "embeddings.npy is missing"
+    elif damage == "truncated":
+        path = os.path.join(directory, "pixels.array_record")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        match = "pixels.array_record has"
+    elif damage == "manifest":
+        with open(os.path.join(directory, "manifest.json"), "w") as f:
+            f.write("{not json")
+        match = "corrupt corpus store manifest"
+    else:
+        shutil.rmtree(directory)
+        match = "manifest.json is missing"
+    with pytest.raises(RetrievalError, match=match):
+        CorpusStore.open(directory)
+
+
+def test_open_refuses_a_different_embedder(store_dir):
+    with pytest.raises(RetrievalError, match="not with the given embedder"):
+        CorpusStore.open(store_dir, HashingEmbedder(dim=128))
+    manifest = json.load(open(os.path.join(store_dir, "manifest.json")))
+    assert manifest["embedder"]["kind"] == "hashing"
