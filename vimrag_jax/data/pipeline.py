@@ -1,0 +1,365 @@
+"""The learner's grain input pipeline: rollout shards in, segment-major batches out.
+
+`SegmentBatches` is a grain ``IterDataset`` whose iterator reads this process's shards
+(`shards.ShardSource`) record by record, decodes them (msgpack, no pickle), assembles each
+group of G consecutive rollouts (the records.py contract), drops stale and incomplete groups,
+computes group advantages, flattens the trajectories into segment rows and stacks them into
+padded batches (`segments.stack_rows`). Its state is the `shards.Ledger` of the last row it
+returned, so ``get_state()`` / ``set_state()`` resume without repeating or skipping a
+segment, even when a trajectory's segments straddle batches.
+
+`make_pipeline` adds the optional visual stage (`vision.VisualInputs`) and grain's thread
+prefetch. Everything runs in threads of the learner process (no grain worker processes, the
+equivalent of ``worker_count=0``): decoding is cheap next to a learner step, and the
+iterator's ledger is not sliceable across processes.
+
+Following a directory: when no unread shard exists, the iterator polls every
+``poll_interval_s``; after ``idle_timeout_s`` without progress it returns the partial batch
+it holds, or raises ``StopIteration`` when it holds nothing. Calling ``next`` again later
+resumes the polling (the learner checks for shutdown in between). A finite timeout also
+bounds how long closing a prefetching iterator can take.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from vimrag_jax.data.segments import ADVANTAGE_MODES, record_advantages, segment_row, stack_rows
+from vimrag_jax.data.shards import COUNTERS, Cursor, Ledger, ShardSource, default_process
+from vimrag_jax.rollout.records import RecordDims, RecordError, ShardReader, decode_record
+
+log = logging.getLogger(__name__)
+
+
+class PolicyVersion:
+    """The learner's current policy version, settable from the training loop (thread-safe)."""
+
+    def __init__(self, version: int = 0):
+        self._version = int(version)
+        self._lock = threading.Lock()
+
+    def set(self, version: int) -> None:
+        with self._lock:
+            self._version = int(version)
+
+    def __call__(self) -> int:
+        with self._lock:
+            return self._version
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """Settings of `SegmentBatches` (see the module docstring for following and timeouts).
+
+    ``max_policy_lag``: drop a group whose oldest record has ``policy_version`` more than
+    this many versions behind ``current_version()`` (None keeps everything). ``advantage``:
+    ``"group"`` (GGPO / GSPO) or ``"one"`` (SFT). ``process_index`` / ``process_count``
+    default to ``jax.process_index()`` / ``jax.process_count()``.
+    """
+
+    directory: str | Path
+    dims: RecordDims
+    batch_segments: int
+    follow: bool = True
+    poll_interval_s: float = 0.5
+    idle_timeout_s: float | None = 30.0
+    max_policy_lag: int | None = None
+    current_version: Callable[[], int] | None = None
+    advantage: str = "group"
+    process_index: int | None = None
+    process_count: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.dims, RecordDims):
+            raise TypeError(f"dims must be a RecordDims, got {type(self.dims).__name__}")
+        if self.batch_segments < 1:
+            raise ValueError(f"batch_segments must be >= 1, got {self.batch_segments}")
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if self.idle_timeout_s is not None and self.idle_timeout_s < 0:
+            raise ValueError(f"idle_timeout_s must be >= 0 or None, got {self.idle_timeout_s}")
+        if self.max_policy_lag is not None:
+            if self.max_policy_lag < 0:
+                raise ValueError(f"max_policy_lag must be >= 0, got {self.max_policy_lag}")
+            if self.current_version is None:
+                raise ValueError("max_policy_lag needs current_version (e.g. a PolicyVersion)")
+        if self.advantage not in ADVANTAGE_MODES:
+            raise ValueError(f"advantage must be one of {ADVANTAGE_MODES}, got {self.advantage!r}")
+        if (self.process_index is None) != (self.process_count is None):
+            raise ValueError("set both process_index and process_count, or neither")
+
+
+def pipeline_metrics(state: dict[str, Any]) -> dict[str, int]:
+    """The drop / progress counters of a pipeline state (from ``iterator.get_state()``)."""
+    return {key: int(state["counters"][key]) for key in COUNTERS}
+
+
+class SegmentBatches(grain.IterDataset):
+    """grain dataset of segment-major batches read from trajectory shards."""
+
+    def __init__(self, options: PipelineOptions):
+        super().__init__()
+        self.options = options
+
+    def __iter__(self) -> _SegmentBatchIterator:
+        return _SegmentBatchIterator(self.options)
+
+    def __str__(self) -> str:
+        return f"SegmentBatches(directory={self.options.directory!s})"
+
+
+@dataclasses.dataclass
+class _Row:
+    fields: dict[str, Any]
+    ledger: Ledger  # the state once this row has been emitted
+
+
+class _SegmentBatchIterator(grain.DatasetIterator):
+    """Reads groups in ledger order and hands out batches; see `SegmentBatches`."""
+
+    def __init__(self, options: PipelineOptions):
+        super().__init__()
+        self._opt = options
+        if options.process_index is None:
+            index, count = default_process()
+        else:
+            index, count = options.process_index, options.process_count
+        self._source = ShardSource(
+            options.directory, process_index=index, process_count=count, follow=options.follow
+        )
+        self._live = Ledger()  # position of everything read so far
+        self._emitted = self._live  # position of the rows already handed out
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._reader: ShardReader | None = None
+        self._position = 0  # next record of the open shard
+        self._resume: tuple[int, int] | None = None  # skip rows before (record, segment)
+        self._peeked: tuple[int, dict[str, Any] | None] | None = None
+
+    # -- grain iterator API ----------------------------------------------------------
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        opt = self._opt
+        idle_since: float | None = None
+        while len(self._pending) < opt.batch_segments:
+            if self._advance():
+                idle_since = None
+                continue
+            if not opt.follow:
+                break
+            now = time.monotonic()
+            idle_since = now if idle_since is None else idle_since
+            if opt.idle_timeout_s is not None and now - idle_since >= opt.idle_timeout_s:
+                break
+            time.sleep(opt.poll_interval_s)
+        if not self._pending:
+            self._emitted = self._live  # drops after the last row are consumed too
+            raise StopIteration
+        take = min(opt.batch_segments, len(self._pending))
+        rows = [self._pending.popleft() for _ in range(take)]
+        # With nothing left pending, whatever was read after the last row was dropped.
+        self._emitted = self._live if not self._pending else rows[-1].ledger
+        return stack_rows([row.fields for row in rows], opt.batch_segments, opt.dims)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._emitted.to_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        ledger = Ledger.from_state(state)
+        self._close_reader()
+        self._pending.clear()
+        self._live = self._emitted = ledger
+        self._resume = None
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _count(self, **increments: int) -> None:
+        counters = dict(self._live.counters)
+        for key, value in increments.items():
+            counters[key] += value
+        self._live = dataclasses.replace(self._live, counters=counters)
+
+    def _move(self, cursor: Cursor | None) -> None:
+        self._live = dataclasses.replace(self._live, cursor=cursor)
+
+    def _close_reader(self) -> None:
+        self._peeked = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _advance(self) -> bool:
+        """Processes one step (open a shard, one group, or a shard's end); False if idle."""
+        if self._reader is None:
+            return self._open_shard()
+        if self._position >= self._reader.num_records:
+            self._finish_shard(self._live.cursor.shard)
+        else:
+            self._read_group()
+        return True
+
+    def _open_shard(self) -> bool:
+        cursor = self._live.cursor
+        if cursor is None:
+            name = self._source.next_shard(self._live.done)
+            if name is None:
+                return False
+            cursor = Cursor(name, 0, 0, 0)
+            self._move(cursor)
+        else:  # resuming inside a shard: replay its group, skipping the rows already emitted
+            self._resume = (cursor.record, cursor.segment)
+        try:
+            self._reader = ShardReader(self._source.path(cursor.shard))
+        except (RecordError, OSError) as err:
+            log.error("skipping unreadable shard %s: %s", cursor.shard, err)
+            self._count(corrupt_shards=1)
+            self._finish_shard(cursor.shard)
+            return True
+        self._position = cursor.group_start
+        return True
+
+    def _finish_shard(self, name: str) -> None:
+        self._close_reader()
+        self._resume = None
+        self._live = dataclasses.replace(self._live, done=self._live.done | {name}, cursor=None)
+        self._count(shards_done=1)
+
+    def _decode(self, index: int) -> dict[str, Any] | None:
+        """Record ``index`` of the open shard, None (logged once) when it is corrupt."""
+        if self._peeked is not None and self._peeked[0] == index:
+            return self._peeked[1]  # the look-ahead that ended the previous group
+        try:
+            record = decode_record(self._reader.read(index), self._opt.dims)
+        except RecordError as err:
+            log.error("skipping corrupt record %d of %s: %s", index, self._reader.path, err)
+            record = None
+        self._peeked = (index, record)
+        return record
+
+    def _read_group(self) -> None:
+        """Reads the group starting at the current position and emits or drops it."""
+        shard, start, reader = self._live.cursor.shard, self._position, self._reader
+        group: list[tuple[int, dict[str, Any]]] = []
+        index = start
+        while index < reader.num_records:
+            record = self._decode(index)
+            if record is None:
+                if group:  # the group ends before the damaged record, which is counted next
+                    break
+                self._count(corrupt_records=1)
+                index += 1
+                self._set_position(shard, index)
+                return
+            if group and record["group_id"] != group[0][1]["group_id"]:
+                break
+            group.append((index, record))
+            index += 1
+            if len(group) == group[0][1]["group_size"]:
+                break
+        resume, self._resume = self._resume, None
+        resumed = resume is not None and resume != (start, 0)
+        records = [record for _, record in group]
+        size = records[0]["group_size"]
+        if len(records) != size or any(r["group_size"] != size for r in records):
+            log.warning("dropping incomplete group %r of %s", records[0]["group_id"], shard)
+            self._count(incomplete_groups=1, incomplete_records=len(records))
+        elif not resumed and self._stale(records):
+            self._count(stale_groups=1, stale_records=len(records))
+        else:
+            self._emit(shard, start, group, resume)
+        self._set_position(shard, index)
+
+    def _set_position(self, shard: str, index: int) -> None:
+        self._position = index
+        self._move(Cursor(shard, index, index, 0))
+
+    def _stale(self, records: list[dict[str, Any]]) -> bool:
+        opt = self._opt
+        if opt.max_policy_lag is None:
+            return False
+        oldest = min(record["policy_version"] for record in records)
+        return opt.current_version() - oldest > opt.max_policy_lag
+
+    def _emit(
+        self,
+        shard: str,
+        start: int,
+        group: list[tuple[int, dict[str, Any]]],
+        resume: tuple[int, int] | None,
+    ) -> None:
+        advantages = record_advantages([record for _, record in group], self._opt.advantage)
+        for (index, record), advantage in zip(group, advantages, strict=True):
+            segments = np.flatnonzero(record["segment_valid"])
+            if resume is not None and index < resume[0]:
+                continue  # consumed before the state was saved
+            if segments.size == 0:
+                self._count(records_consumed=1)
+                continue
+            for segment in segments.tolist():
+                if resume is not None and (index, segment) < resume:
+                    continue
+                last = segment == segments[-1]
+                self._count(segments_emitted=1, records_consumed=int(last))
+                self._move(Cursor(shard, start, index, segment + 1))
+                fields = segment_row(record, segment, float(advantage))
+                self._pending.append(_Row(fields, self._live))
+
+
+def make_pipeline(
+    options: PipelineOptions,
+    *,
+    visual_inputs: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """The learner's input: `SegmentBatches`, then pixels (only for a policy with a vision
+    tower: pass a `vision.VisualInputs`), then ``prefetch`` batches prepared in a thread.
+
+    ``iter(dataset)`` gives an iterator with grain's ``get_state()`` / ``set_state()``;
+    the prefetching iterator reports the state of the last batch it returned.
+    """
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    dataset: grain.IterDataset = SegmentBatches(options)
+    if visual_inputs is not None:
+        dataset = dataset.map(visual_inputs)
+    if prefetch:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(
+            dataset, prefetch_buffer_size=prefetch
+        )
+    return dataset
+
+
+def options_from_config(
+    cfg: Any,
+    directory: str | Path,
+    dims: RecordDims,
+    *,
+    current_version: Callable[[], int] | None = None,
+    follow: bool = True,
+    advantage: str = "group",
+) -> PipelineOptions:
+    """`PipelineOptions` from the experiment config (``data.batch_segments``,
+    ``rollout.max_policy_lag``); the lag applies only with ``current_version``."""
+    lag = int(cfg.rollout.max_policy_lag) if current_version is not None else None
+    return PipelineOptions(
+        directory=directory,
+        dims=dims,
+        batch_segments=int(cfg.data.batch_segments),
+        follow=follow,
+        max_policy_lag=lag,
+        current_version=current_version,
+        advantage=advantage,
+    )
