@@ -2,20 +2,35 @@
 
 Presets are chosen after a colon, overrides with ``--config.KEY=VALUE``::
 
-    python -m vimrag_jax.train --config=configs/ggpo.py                # tiny, one CPU machine
-    python -m vimrag_jax.train --config=configs/ggpo.py:qwen3vl_8b \
+    python -m vimrag_jax.train --config=configs/ggpo.py --workdir=/tmp/run   # tiny, one CPU
+    python -m vimrag_jax.train --config=configs/ggpo.py:qwen3vl_8b --workdir=/mnt/shared/run \
         --config.model.path=/ckpt/Qwen3-VL-8B-Instruct --config.mesh.fsdp=8
 
 ``tiny`` (the default) runs end to end on one CPU machine with a small
 Qwen3-architecture policy and the synthetic multimodal corpus. The ``qwen3vl_*``
 presets are the paper's policies (SPEC §8) and need ``model.path`` set to a
 local Hugging Face checkpoint directory.
+
+This file is also the base of the other experiment files (``gspo.py``, ``grpo.py``,
+``sft.py``): config files are imported by path through ``ml_collections.config_flags``,
+not as a package, so each of them loads this file with importlib from its own
+directory and changes only the algorithm. ``config.algorithm`` names the preset the
+``loss`` block started from (``vimrag_jax.rl.losses.LossConfig.for_algorithm``); the
+``loss`` block is what the learner trains with, and ``config_checks`` rejects a loss
+block whose ``name`` or ``ggpo_mask`` contradicts ``algorithm``. Nothing here depends on
+the workdir: empty paths mean "the default place under ``--workdir``".
 """
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
 
+import ml_collections
+from ml_collections import config_dict
+
+from vimrag_jax.rl.losses import LossConfig
+
+ALGORITHM = "ggpo"
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_4b", "qwen3vl_8b")
 
 
@@ -23,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Settings shared by every preset (the paper's method constants included)."""
     c = ml_collections.ConfigDict()
     c.preset = "tiny"
+    c.algorithm = ALGORITHM  # ggpo | gspo | gspo_token | grpo (the loss preset) | sft
     c.seed = 0
     c.step = "pjit"  # pjit (jit over NamedSharding) | pmap (data parallel only)
 
@@ -54,20 +70,31 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Policy objective (SPEC §4): GSPO sequence ratios with the GGPO mask. The
     # baselines are the same block with other values (vimrag_jax.rl.losses.LossConfig).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "gspo"
-    c.loss.ggpo_mask = True
-    c.loss.clip_low = 3e-4
-    c.loss.clip_high = 4e-4
-    c.loss.positive_threshold = 1.0
-    c.loss.kl_coef = 0.0
+    c.loss = loss_block(ALGORITHM)
 
+    # vimrag_jax.optim: AdamW, warmup + cosine; steps count optimizer updates, each over
+    # accumulate_steps micro-batches of data.batch_segments segments.
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-6
+    c.optim.schedule = "warmup_cosine"  # warmup_cosine | warmup_constant
     c.optim.warmup_steps = 10
     c.optim.total_steps = 200
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip = 1.0
+    c.optim.final_lr_ratio = 0.1  # cosine decays to learning_rate * final_lr_ratio
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01  # on kernels and embeddings, not on norms and biases
+    c.optim.grad_clip = 1.0  # global norm; 0 disables
+    c.optim.accumulate_steps = 1
+
+    # Optional supervised warm start on scripted-expert trajectories (configs/sft.py runs it
+    # alone). sft.steps = 0 skips it.
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0
+    c.sft.learning_rate = 1e-5
+    c.sft.warmup_steps = 10
+    c.sft.data = ""  # shard directory of expert trajectories; empty: generate with the env
+    c.sft.num_trajectories = 256  # generated when sft.data is empty
 
     # Rollouts (SPEC §1, §7).
     c.rollout = ml_collections.ConfigDict()
@@ -76,29 +103,72 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.retrieval_top_k = 3
     c.rollout.max_policy_lag = 2
     c.rollout.embedded_workers = 1  # local worker processes the trainer starts (0 on pods)
+    c.rollout.backend = "embedded"  # embedded (JAX KV-cache sampler) | openai (vLLM / SGLang)
+    c.rollout.server_url = ""  # openai backend: e.g. http://host:8000/v1
+    c.rollout.server_model = ""  # openai backend: the served model name
+    c.rollout.connect_timeout_s = 10.0
+    c.rollout.request_timeout_s = 300.0
+    c.rollout.max_retries = 3
 
     # Learner batches of segments (one model call = one segment).
     c.data = ml_collections.ConfigDict()
     c.data.batch_segments = 32
     c.data.max_segment_tokens = 1024
     c.data.corpus = ""  # empty: the synthetic multimodal corpus
+    c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
+    c.data.prefetch = 2  # batches prepared ahead of the step
+    c.data.worker_count = 0  # grain worker processes; 0 reads in the learner process
 
-    c.checkpoint = ml_collections.ConfigDict({"every_steps": 50, "keep": 3})
+    # vimrag_jax.checkpointing: orbax, one folder per step under WORKDIR/checkpoints.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50  # in step calls (TrainState.step)
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True  # save in the background while training goes on
+
+    # vimrag_jax.publish: policy weights for the rollout workers under WORKDIR/policy.
+    c.publish = ml_collections.ConfigDict()
+    c.publish.every_steps = 1  # optimizer updates between published versions
+    c.publish.keep = 3  # versions kept on disk (workers may still be reading older ones)
+
+    # vimrag_jax.metrics: TensorBoard + WORKDIR/metrics.jsonl every step; console line below.
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.every_steps = 10  # console progress line interval
+
+    # vimrag_jax.distributed: multi-host JAX. enabled=None detects SLURM / TPU pod /
+    # JAX_COORDINATOR_ADDRESS; True forces jax.distributed.initialize(), False never calls it.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = config_dict.placeholder(bool)
+    c.distributed.coordinator_address = ""  # host:port; empty: from the cluster environment
+    c.distributed.num_processes = -1  # -1: from the cluster environment
+    c.distributed.process_id = -1  # -1: from the cluster environment
+    c.distributed.initialization_timeout_s = 300
     return c
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config for a preset (``tiny`` when none is given)."""
-    preset = arg or "tiny"
+def loss_block(algorithm: str) -> ml_collections.ConfigDict:
+    """The ``loss`` block of an algorithm preset (``LossConfig.for_algorithm``)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(LossConfig.for_algorithm(algorithm)))
+
+
+def with_algorithm(c: ml_collections.ConfigDict, algorithm: str) -> ml_collections.ConfigDict:
+    """``c`` switched to another RL algorithm: ``algorithm`` and its loss preset."""
+    c.algorithm = algorithm
+    c.loss = loss_block(algorithm)
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """Sizes ``c`` for ``preset`` (one of ``PRESETS``) in place and returns it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    c = base_config()
     c.preset = preset
     if preset == "tiny":
         c.optim.learning_rate = 3e-4
+        c.sft.learning_rate = 1e-3
         c.rollout.group_size = 4
         c.data.batch_segments = 16
         c.data.max_segment_tokens = 256
+        c.checkpoint.every_steps = 20
         return c
     size = preset.removeprefix("qwen3vl_")
     c.model.name = "hf"
@@ -107,7 +177,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.embedded_workers = 0
     c.data.max_segment_tokens = 8192
     c.data.batch_segments = {"2b": 256, "4b": 256, "8b": 512}[size]
+    c.data.worker_count = 4
     c.mesh.fsdp = -1
     c.mesh.data = 1
     c.mesh.tensor = {"2b": 1, "4b": 1, "8b": 2}[size]
     return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config for a preset (``tiny`` when none is given)."""
+    return apply_preset(base_config(), arg or "tiny")

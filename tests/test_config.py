@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from vimrag_jax import config_checks
+from vimrag_jax.rl.losses import LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,3 +96,126 @@ def test_train_validates_then_says_what_is_missing():
     bad = _train("--config=configs/ggpo.py", "--config.memory.top_k=0")
     assert bad.returncode == 2
     assert "config.memory.top_k must be a positive integer" in bad.stderr
+
+
+# --- experiment files, new blocks and their checks ----------------------------------------
+
+CONFIG_FILES = ("ggpo", "gspo", "grpo", "sft")
+
+
+def _load(name: str, arg: str | None = None, *overrides: str):
+    """Loads configs/<name>.py[:arg] through config_flags, as the CLIs do."""
+    spec = f"configs/{name}.py" + (f":{arg}" if arg else "")
+    argv = ["prog", f"--config={ROOT / spec}", *overrides]
+    flag_values = flags.FlagValues()
+    # config_flags defines the --config.KEY flags from the argv it is given at definition.
+    config_flags.DEFINE_config_file(
+        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
+    return flag_values.config
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("preset", ggpo.PRESETS)
+def test_every_config_file_and_preset_validates(name, preset, tmp_path):
+    cfg = _load(name, preset)
+    assert cfg.preset == preset
+    if cfg.model.name == "hf":
+        (tmp_path / "config.json").write_text("{}")
+        cfg.model.path = str(tmp_path)
+    assert config_checks.find_problems(cfg, 1 if preset == "tiny" else 8) == []
+
+
+@pytest.mark.parametrize("name", ["ggpo", "gspo", "grpo"])
+def test_loss_block_is_the_algorithm_preset(name):
+    cfg = _load(name)
+    assert cfg.algorithm == name
+    assert LossConfig.from_config(cfg.loss) == LossConfig.for_algorithm(name)
+    assert (cfg.loss.clip_low, cfg.loss.clip_high) == (
+        (0.2, 0.2) if name == "grpo" else (3e-4, 4e-4)
+    )
+
+
+def test_sft_file_trains_only_the_supervised_phase():
+    cfg = _load("sft")
+    assert cfg.algorithm == "sft" and cfg.sft.steps > 0 and cfg.rollout.embedded_workers == 0
+    cfg.sft.steps = 0
+    assert any("config.sft.steps must be an integer >= 1" in p for p in _problems(cfg))
+
+
+def test_command_line_overrides_reach_the_new_blocks():
+    cfg = _load(
+        "gspo",
+        "tiny",
+        "--config.distributed.enabled=True",
+        "--config.checkpoint.async_save=False",
+        "--config.optim.accumulate_steps=4",
+        "--config.rollout.backend=openai",
+        "--config.rollout.server_url=http://h:8000/v1",
+        "--config.rollout.server_model=policy",
+        "--config.loss.clip_high=0.001",
+    )
+    assert cfg.distributed.enabled is True and cfg.checkpoint.async_save is False
+    assert cfg.optim.accumulate_steps == 4 and cfg.loss.clip_high == 0.001
+    assert _problems(cfg) == []
+    with pytest.raises(AttributeError):  # locked: a typo cannot add a key
+        _load("ggpo", None, "--config.optim.acumulate_steps=2")
+
+
+def _problems(cfg) -> list[str]:
+    return config_checks.find_problems(cfg, 1)
+
+
+def test_new_keys_report_every_problem_with_its_key():
+    cfg = ggpo.get_config()
+    cfg.optim.accumulate_steps = 0
+    cfg.optim.schedule = "linear"
+    cfg.optim.warmup_steps = 500
+    cfg.optim.b2 = 1.0
+    cfg.sft.learning_rate = 0.0
+    cfg.rollout.backend = "openai"
+    cfg.rollout.request_timeout_s = 0.0
+    cfg.data.prefetch = -1
+    cfg.checkpoint.keep = 0
+    cfg.metrics.every_steps = 0
+    cfg.distributed.coordinator_address = "nohost"
+    cfg.distributed.num_processes, cfg.distributed.process_id = 2, 2
+    problems = _problems(cfg)
+    for key in (
+        "config.optim.accumulate_steps",
+        "config.optim.schedule",
+        "config.optim.warmup_steps=500 exceeds config.optim.total_steps=200",
+        "config.optim.b2",
+        "config.sft.learning_rate",
+        "config.rollout.server_url",
+        "config.rollout.server_model",
+        "config.rollout.request_timeout_s",
+        "config.data.prefetch",
+        "config.checkpoint.keep",
+        "config.metrics.every_steps",
+        "config.distributed.coordinator_address must be HOST:PORT",
+        "config.distributed.process_id=2 must be below config.distributed.num_processes=2",
+    ):
+        assert sum(key in p for p in problems) == 1, (key, problems)
+    assert len(problems) == 13
+
+
+def test_algorithm_must_agree_with_the_loss_block():
+    cfg = ggpo.get_config()
+    cfg.algorithm = "gspo"  # the loss block still has the GGPO mask
+    (problem,) = _problems(cfg)
+    assert "config.loss.ggpo_mask=True contradicts config.algorithm='gspo'" in problem
+    cfg.algorithm = "ppo"
+    assert any("config.algorithm must be one of" in p for p in _problems(cfg))
+    cfg = ggpo.with_algorithm(ggpo.get_config(), "grpo")
+    cfg.loss.clip_low = 0.1  # clip values may be tuned freely
+    assert _problems(cfg) == []
+
+
+def test_a_config_missing_a_block_says_which():
+    cfg = ggpo.get_config()
+    del cfg["distributed"]
+    assert _problems(cfg) == [
+        "config.distributed is missing; start from configs/ggpo.py, which defines every key"
+    ]

@@ -18,6 +18,14 @@ from vimrag_jax.rl.losses import LossConfig
 BUDGET_MODES = ("energy", "averaged")
 STEP_KINDS = ("pjit", "pmap")
 DTYPES = ("float32", "bfloat16")
+RL_ALGORITHMS = ("ggpo", "gspo", "gspo_token", "grpo")
+ALGORITHMS = (*RL_ALGORITHMS, "sft")
+SCHEDULES = ("warmup_cosine", "warmup_constant")
+ROLLOUT_BACKENDS = ("embedded", "openai")
+REQUIRED_BLOCKS = (
+    "algorithm", "loss", "mesh", "model", "graph", "memory", "rollout", "data", "optim", "sft",
+    "checkpoint", "publish", "metrics", "distributed",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -35,14 +43,146 @@ def _check_positive(problems: list[str], block: ml_collections.ConfigDict, prefi
             problems.append(f"{prefix}.{key} must be a positive integer, got {value!r}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_at_least(problems: list[str], block, prefix: str, minimum: float, *keys, integer=True):
+    for key in keys:
+        value = block[key]
+        ok = _is_int(value) if integer else _is_number(value)
+        if not ok or value < minimum:
+            kind = "an integer" if integer else "a number"
+            problems.append(f"{prefix}.{key} must be {kind} >= {minimum}, got {value!r}")
+
+
+def _check_algorithm(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
+    algorithm = cfg.algorithm
+    if algorithm not in ALGORITHMS:
+        problems.append(f"config.algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        return
+    try:
+        loss = LossConfig.from_config(cfg.loss)
+    except (TypeError, ValueError) as err:
+        problems.append(f"config.loss: {err}")
+        return
+    if algorithm not in RL_ALGORITHMS:
+        return
+    preset = LossConfig.for_algorithm(algorithm)
+    for key in ("name", "ggpo_mask"):
+        if getattr(loss, key) != getattr(preset, key):
+            problems.append(
+                f"config.loss.{key}={getattr(loss, key)!r} contradicts "
+                f"config.algorithm={algorithm!r} (its preset has {getattr(preset, key)!r}); "
+                f"use configs/{algorithm}.py, or set config.algorithm to match the loss block"
+            )
+
+
+def _check_optim(problems: list[str], optim: ml_collections.ConfigDict) -> None:
+    _check_positive(problems, optim, "config.optim", "total_steps", "accumulate_steps")
+    if not (_is_number(optim.learning_rate) and optim.learning_rate > 0):
+        problems.append(f"config.optim.learning_rate must be > 0, got {optim.learning_rate!r}")
+    if optim.schedule not in SCHEDULES:
+        problems.append(f"config.optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
+    _check_at_least(problems, optim, "config.optim", 0, "warmup_steps")
+    if _is_int(optim.warmup_steps) and _is_int(optim.total_steps):
+        if optim.warmup_steps > optim.total_steps:
+            problems.append(
+                f"config.optim.warmup_steps={optim.warmup_steps} exceeds "
+                f"config.optim.total_steps={optim.total_steps}"
+            )
+    if not (_is_number(optim.final_lr_ratio) and 0 <= optim.final_lr_ratio <= 1):
+        problems.append(
+            f"config.optim.final_lr_ratio must be in [0, 1], got {optim.final_lr_ratio!r}"
+        )
+    for key in ("b1", "b2"):
+        if not (_is_number(optim[key]) and 0 <= optim[key] < 1):
+            problems.append(f"config.optim.{key} must be in [0, 1), got {optim[key]!r}")
+    if not (_is_number(optim.eps) and optim.eps > 0):
+        problems.append(f"config.optim.eps must be > 0, got {optim.eps!r}")
+    _check_at_least(problems, optim, "config.optim", 0, "weight_decay", "grad_clip", integer=False)
+
+
+def _check_sft(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
+    sft = cfg.sft
+    minimum = 1 if cfg.algorithm == "sft" else 0
+    if not _is_int(sft.steps) or sft.steps < minimum:
+        why = " (config.algorithm='sft' trains only this phase)" if minimum else ""
+        problems.append(f"config.sft.steps must be an integer >= {minimum}{why}, got {sft.steps!r}")
+    if not (_is_number(sft.learning_rate) and sft.learning_rate > 0):
+        problems.append(f"config.sft.learning_rate must be > 0, got {sft.learning_rate!r}")
+    _check_at_least(problems, sft, "config.sft", 0, "warmup_steps")
+    _check_positive(problems, sft, "config.sft", "num_trajectories")
+    if sft.data and not os.path.isdir(sft.data):
+        problems.append(f"config.sft.data={sft.data!r} is not a directory")
+
+
+def _check_rollout_backend(problems: list[str], rollout: ml_collections.ConfigDict) -> None:
+    if rollout.backend not in ROLLOUT_BACKENDS:
+        problems.append(
+            f"config.rollout.backend must be one of {ROLLOUT_BACKENDS}, got {rollout.backend!r}"
+        )
+    elif rollout.backend == "openai":
+        if not rollout.server_url.startswith(("http://", "https://")):
+            problems.append(
+                "config.rollout.backend='openai' needs config.rollout.server_url, an http(s) URL "
+                f"of an OpenAI-compatible server (e.g. http://host:8000/v1), got "
+                f"{rollout.server_url!r}"
+            )
+        if not rollout.server_model:
+            problems.append(
+                "config.rollout.backend='openai' needs config.rollout.server_model, the name "
+                "the server serves the policy under"
+            )
+    for key in ("connect_timeout_s", "request_timeout_s"):
+        if not (_is_number(rollout[key]) and rollout[key] > 0):
+            problems.append(f"config.rollout.{key} must be > 0 seconds, got {rollout[key]!r}")
+    _check_at_least(problems, rollout, "config.rollout", 0, "max_retries", "embedded_workers")
+
+
+def _check_distributed(problems: list[str], dist: ml_collections.ConfigDict) -> None:
+    if dist.enabled not in (None, True, False):
+        problems.append(
+            f"config.distributed.enabled must be True, False or None (detect), got {dist.enabled!r}"
+        )
+    address = dist.coordinator_address
+    if address:
+        host, sep, port = address.rpartition(":")
+        if not (sep and host and port.isdigit()):
+            problems.append(
+                f"config.distributed.coordinator_address must be HOST:PORT, got {address!r}"
+            )
+    for key in ("num_processes", "process_id"):
+        value = dist[key]
+        if not _is_int(value) or (value != -1 and value < (1 if key == "num_processes" else 0)):
+            problems.append(
+                f"config.distributed.{key} must be -1 (from the environment) or "
+                f"{'>= 1' if key == 'num_processes' else '>= 0'}, got {value!r}"
+            )
+    if _is_int(dist.num_processes) and _is_int(dist.process_id) and dist.num_processes > 0:
+        if dist.process_id >= dist.num_processes:
+            problems.append(
+                f"config.distributed.process_id={dist.process_id} must be below "
+                f"config.distributed.num_processes={dist.num_processes}"
+            )
+    _check_positive(problems, dist, "config.distributed", "initialization_timeout_s")
+
+
 def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     """Every problem with ``cfg`` on a job of ``num_devices`` devices (empty when fine)."""
     problems: list[str] = []
+    missing = [name for name in REQUIRED_BLOCKS if name not in cfg]
+    if missing:
+        return [
+            f"config.{name} is missing; start from configs/ggpo.py, which defines every key"
+            for name in missing
+        ]
 
-    try:
-        LossConfig.from_config(cfg.loss)
-    except (TypeError, ValueError) as err:
-        problems.append(f"config.loss: {err}")
+    _check_algorithm(problems, cfg)
     if cfg.step not in STEP_KINDS:
         problems.append(f"config.step must be one of {STEP_KINDS}, got {cfg.step!r}")
 
@@ -109,10 +249,20 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
     if rollout.max_policy_lag < 0:
         problems.append(f"config.rollout.max_policy_lag must be >= 0, got {rollout.max_policy_lag}")
 
+    _check_rollout_backend(problems, rollout)
+
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
-    _check_positive(problems, cfg.optim, "config.optim", "total_steps")
-    if not cfg.optim.learning_rate > 0:
-        problems.append(f"config.optim.learning_rate must be > 0, got {cfg.optim.learning_rate}")
+    _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "worker_count")
+    _check_optim(problems, cfg.optim)
+    _check_sft(problems, cfg)
+    _check_positive(problems, cfg.checkpoint, "config.checkpoint", "every_steps", "keep")
+    if not isinstance(cfg.checkpoint.async_save, bool):
+        problems.append(
+            f"config.checkpoint.async_save must be True or False, got {cfg.checkpoint.async_save!r}"
+        )
+    _check_positive(problems, cfg.publish, "config.publish", "every_steps", "keep")
+    _check_positive(problems, cfg.metrics, "config.metrics", "every_steps")
+    _check_distributed(problems, cfg.distributed)
 
     if cfg.model.dtype not in DTYPES:
         problems.append(f"config.model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")

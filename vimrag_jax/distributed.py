@@ -1,0 +1,130 @@
+"""Multi-host start-up: decides whether to call ``jax.distributed.initialize()`` and does it.
+
+A learner spanning several hosts (TPU pod slices, multi-node GPU jobs) must connect its
+processes before JAX touches a device; a single-host run must not try. ``config.distributed``:
+
+- ``enabled``: True forces the call, False never makes it, None (default) detects a
+  multi-process launch from the environment: SLURM with more than one task, an explicit
+  ``JAX_COORDINATOR_ADDRESS``, a TPU pod (several ``TPU_WORKER_HOSTNAMES``), or Open MPI with
+  more than one rank. These are the environments JAX's own cluster detection understands, so
+  the call itself needs no arguments there.
+- ``coordinator_address`` / ``num_processes`` / ``process_id``: explicit values for a cluster
+  JAX cannot detect (empty / -1: leave them to the environment).
+
+Call ``maybe_initialize(config)`` first thing in ``main``, before any other JAX call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+from absl import logging
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """The ``config.distributed`` block as a typed value."""
+
+    enabled: bool | None = None
+    coordinator_address: str = ""
+    num_processes: int = -1
+    process_id: int = -1
+    initialization_timeout_s: int = 300
+
+    @classmethod
+    def from_config(cls, block: Any) -> DistributedConfig:
+        """From a ConfigDict / mapping with these field names; unknown fields are an error."""
+        values = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown config.distributed fields {unknown}; known: {sorted(fields)}"
+            )
+        return cls(**values)
+
+
+class Decision(NamedTuple):
+    """Whether to initialise, and why (logged, so a hung start-up is easy to explain)."""
+
+    initialize: bool
+    reason: str
+
+
+def _int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name, "0"))
+    except ValueError:
+        return 0
+
+
+def decide(config: DistributedConfig, environ: Mapping[str, str]) -> Decision:
+    """The decision for ``config`` in the environment ``environ`` (pure, for tests)."""
+    if config.enabled is True:
+        return Decision(True, "config.distributed.enabled=True")
+    if config.enabled is False:
+        return Decision(False, "config.distributed.enabled=False")
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        address = environ["JAX_COORDINATOR_ADDRESS"]
+        return Decision(True, f"JAX_COORDINATOR_ADDRESS={address} is set")
+    if environ.get("SLURM_JOB_ID") and _int(environ, "SLURM_NTASKS") > 1:
+        return Decision(True, f"SLURM job {environ['SLURM_JOB_ID']} with "
+                        f"{environ['SLURM_NTASKS']} tasks")  # fmt: skip
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(hosts) > 1:
+        return Decision(True, f"TPU pod with {len(hosts)} worker hosts (TPU_WORKER_HOSTNAMES)")
+    if _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+        return Decision(True, f"Open MPI with {environ['OMPI_COMM_WORLD_SIZE']} ranks")
+    return Decision(False, "single process (no multi-host launcher detected)")
+
+
+def _initialize_kwargs(config: DistributedConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes != -1:
+        kwargs["num_processes"] = config.num_processes
+    if config.process_id != -1:
+        kwargs["process_id"] = config.process_id
+    kwargs["initialization_timeout"] = config.initialization_timeout_s
+    return kwargs
+
+
+def maybe_initialize(
+    config: Any,
+    *,
+    environ: Mapping[str, str] | None = None,
+    initialize: Callable[..., None] = jax.distributed.initialize,
+) -> bool:
+    """Initialises multi-host JAX when ``config`` or the environment asks for it.
+
+    ``config`` is the whole run config, its ``distributed`` block, or a ``DistributedConfig``.
+    Returns whether ``initialize`` was called. Errors from it are re-raised with the reason.
+    """
+    if not isinstance(config, DistributedConfig):
+        block = config.distributed if "distributed" in config else config
+        config = DistributedConfig.from_config(block)
+    decision = decide(config, os.environ if environ is None else environ)
+    if not decision.initialize:
+        logging.info("jax.distributed not initialised: %s", decision.reason)
+        return False
+    kwargs = _initialize_kwargs(config)
+    logging.info("jax.distributed.initialize(%s): %s", kwargs, decision.reason)
+    try:
+        initialize(**kwargs)
+    except Exception as err:
+        raise RuntimeError(
+            f"jax.distributed.initialize failed ({decision.reason}): {err}. Check that every "
+            "process was started, the coordinator address is reachable, or set "
+            "config.distributed.enabled=False for a single-host run."
+        ) from err
+    return True
+
+
+def is_main_process() -> bool:
+    """True on the process that writes metrics, policy files and logs (process 0)."""
+    return jax.process_index() == 0

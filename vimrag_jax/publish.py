@@ -1,0 +1,181 @@
+"""Policy weights for the rollout workers: versioned, atomically published safetensors files.
+
+The learner publishes its parameters every few updates; workers (other processes, other hosts
+on a shared filesystem) poll for the newest version and reload. Layout::
+
+    WORKDIR/policy/
+      LATEST                      "12\\n": the newest complete version
+      v00000012/params.safetensors   one tensor per parameter, named by its pytree path
+      v00000012/policy.json          {"version": 12, "dtypes": {...}, "created": ...}
+
+A version is written into a hidden temporary directory and renamed into place, and ``LATEST`` is
+replaced atomically after that, so a reader never sees a partial version: a publisher that dies
+mid-write leaves only a ``.tmp-*`` directory, which readers ignore and the next publish removes.
+Versions only go up. Old versions are pruned, keeping the newest ``keep`` (a worker may still be
+reading one it picked a moment ago).
+
+Safetensors: a flat name → tensor file, no code inside (no pickle), memory-mappable and readable
+from any language. bfloat16, which numpy cannot hold natively, is stored as its raw 16 bits and
+named in ``policy.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors.numpy import load_file, save_file
+
+POLICY_DIR = "policy"
+LATEST = "LATEST"
+PARAMS_FILE = "params.safetensors"
+INFO_FILE = "policy.json"
+_VERSION_DIR = re.compile(r"^v(\d{8,})$")
+_RAW_DTYPES = {"bfloat16": (ml_dtypes.bfloat16, np.uint16)}
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten_params(params: Any) -> tuple[list[str], list[Any], Any]:
+    """``(names, leaves, treedef)``: each leaf named by its pytree path joined with ``/``."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = ["/".join(_key_name(k) for k in path) for path, _ in leaves_with_paths]
+    if len(set(names)) != len(names):
+        raise ValueError("parameter paths are not unique after joining with '/'")
+    return names, [leaf for _, leaf in leaves_with_paths], treedef
+
+
+def _to_host(leaf: Any) -> np.ndarray:
+    """The whole array on this host, gathering shards other processes hold."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def version_dir(workdir: str | os.PathLike, version: int) -> Path:
+    """The directory version ``version`` is (or would be) published to."""
+    return Path(workdir) / POLICY_DIR / f"v{int(version):08d}"
+
+
+def published_versions(workdir: str | os.PathLike) -> list[int]:
+    """Complete published versions on disk, oldest first."""
+    root = Path(workdir) / POLICY_DIR
+    if not root.is_dir():
+        return []
+    found = (_VERSION_DIR.match(p.name) for p in root.iterdir() if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def latest_policy(workdir: str | os.PathLike) -> tuple[int, Path] | None:
+    """``(version, path)`` of the newest complete published version, or None.
+
+    Reads ``LATEST``; when it is missing or names a pruned version, falls back to the newest
+    complete version directory.
+    """
+    root = Path(workdir) / POLICY_DIR
+    try:
+        version = int((root / LATEST).read_text().strip())
+    except (OSError, ValueError):
+        version = None
+    if version is not None and (version_dir(workdir, version) / INFO_FILE).is_file():
+        return version, version_dir(workdir, version)
+    versions = published_versions(workdir)
+    if not versions:
+        return None
+    return versions[-1], version_dir(workdir, versions[-1])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish_policy(
+    params: Any, workdir: str | os.PathLike, version: int, *, keep: int = 3
+) -> Path | None:
+    """Publishes ``params`` as ``version``; returns its directory on process 0, else None.
+
+    Call it on every process: sharded parameters are gathered collectively, then only
+    process 0 writes. ``version`` must exceed every version already published.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
+    names, leaves, _ = flatten_params(params)
+    arrays = [_to_host(leaf) for leaf in leaves]
+    if jax.process_index() != 0:
+        return None
+
+    root = Path(workdir) / POLICY_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    existing = published_versions(workdir)
+    if existing and version <= existing[-1]:
+        raise ValueError(
+            f"policy version {version} is not newer than the published version {existing[-1]} "
+            f"in {root}; versions must increase"
+        )
+    for stale in root.glob(".tmp-*"):  # left by a publisher that died mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tensors, dtypes = {}, {}
+    for name, array in zip(names, arrays, strict=True):
+        dtypes[name] = array.dtype.name
+        if array.dtype.name in _RAW_DTYPES:
+            array = array.view(_RAW_DTYPES[array.dtype.name][1])
+        tensors[name] = np.ascontiguousarray(array)
+    tmp = root / f".tmp-v{int(version):08d}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    save_file(tensors, str(tmp / PARAMS_FILE))
+    info = {"version": int(version), "dtypes": dtypes, "created": time.time()}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+    final = version_dir(workdir, version)
+    os.rename(tmp, final)
+    _write_atomically(root / LATEST, f"{int(version)}\n")
+
+    for old in published_versions(workdir)[:-keep]:
+        shutil.rmtree(version_dir(workdir, old), ignore_errors=True)
+    return final
+
+
+def load_policy(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """The parameters of a published version, in the structure of ``abstract_params``.
+
+    ``abstract_params`` is the parameter tree (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+    ``nnx.eval_shape``). A leaf with a ``sharding`` is placed with it; others become host
+    arrays. Raises ValueError naming the parameters that are missing or have another shape.
+    """
+    path = Path(path)
+    info = json.loads((path / INFO_FILE).read_text())
+    tensors = load_file(str(path / PARAMS_FILE))
+    names, leaves, treedef = flatten_params(abstract_params)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks parameters {missing[:5]} (of {len(missing)} missing)")
+    values = []
+    for name, leaf in zip(names, leaves, strict=True):
+        array = tensors[name]
+        dtype = info["dtypes"].get(name, array.dtype.name)
+        if dtype in _RAW_DTYPES:
+            array = array.view(_RAW_DTYPES[dtype][0])
+        if tuple(array.shape) != tuple(leaf.shape):
+            raise ValueError(
+                f"{path}: parameter {name} has shape {array.shape}, expected {tuple(leaf.shape)}"
+            )
+        sharding = getattr(leaf, "sharding", None)
+        values.append(array if sharding is None else jax.device_put(array, sharding))
+    return jax.tree_util.tree_unflatten(treedef, values)
