@@ -1,0 +1,540 @@
+"""Qwen3-VL (`Qwen3VLForConditionalGeneration`) in Flax NNX, with Hugging Face checkpoint import.
+
+The text decoder is the Qwen3 decoder (`vimrag_jax.models.qwen3.DecoderLayer`) with interleaved
+multimodal rotary positions (`vimrag_jax.models.mrope`) and DeepStack: the vision tower's
+intermediate features are added to the visual token positions after each of the first decoder
+layers. The vision tower lives in `vimrag_jax.models.qwen3_vl_vision`.
+
+Inputs are named and laid out as transformers' processor returns them, so its output can be fed
+as is: `model(input_ids, pixel_values=..., image_grid_thw=..., mm_token_type_ids=...,
+attention_mask=...)`. Grid sizes are data that decide index tables, so the call has a host part
+and a jit-able part:
+
+- `prepare_inputs` (host, NumPy): checks the inputs, builds the vision tables from the grids and
+  the MRoPE `position_ids[3, B, L]` (left padding via `attention_mask`).
+- the forward pass proper (jit-able): takes the prepared tables and position ids; its shapes
+  depend only on `[B, L]` and the number of patch rows.
+
+Calling the model eagerly with grids runs both. Under `jax.jit`/`nnx.jit`, run `prepare_inputs`
+outside and pass its dict in: `jitted(model, prepare_inputs(model.config, **processor_out))`.
+Text-only calls need no host part (positions are `cumsum(attention_mask) - 1`).
+
+HF config fields read: top level `image_token_id`, `video_token_id`, `vision_start_token_id`,
+`vision_end_token_id`, `tie_word_embeddings`; `text_config`: `vocab_size`, `hidden_size`,
+`intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
+`head_dim`, `rms_norm_eps`, `max_position_embeddings`, `hidden_act`, `attention_bias`,
+`rope_parameters` (or `rope_scaling` + `rope_theta`): `rope_type`, `rope_theta`,
+`mrope_section`; `vision_config`: `depth`, `hidden_size`, `intermediate_size`, `num_heads`,
+`out_hidden_size`, `num_position_embeddings`, `deepstack_visual_indexes`, `in_channels`,
+`patch_size`, `temporal_patch_size`, `spatial_merge_size`, `hidden_act`, `rope_parameters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vimrag_jax.models.hf import Target, fill_from_checkpoint, identity, read_config, transposed
+from vimrag_jax.models.mrope import IMAGE, TEXT, VIDEO, mrope_cos_sin, rope_index
+from vimrag_jax.models.qwen3 import (
+    DecoderLayer,
+    Qwen3Config,
+    RMSNorm,
+    _dense_init,
+    _param,
+    default_positions,
+)
+from vimrag_jax.models.qwen3_vl_vision import (
+    Qwen3VLVisionConfig,
+    VisionTables,
+    VisionTower,
+    check_grid_thw,
+    vision_tables,
+)
+
+_DEFAULT_TEXT_THETA = 500_000.0  # transformers' Qwen3VLTextConfig.default_theta
+_DEFAULT_MROPE_SECTION = (24, 20, 20)  # transformers' fallback when the config has none
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLConfig:
+    """A Qwen3-VL model: text decoder sizes, vision tower sizes, MRoPE split and special tokens."""
+
+    text: Qwen3Config
+    vision: Qwen3VLVisionConfig
+    mrope_section: tuple[int, int, int] = _DEFAULT_MROPE_SECTION
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.text.head_dim // 2:
+            raise ValueError(
+                f"mrope_section={self.mrope_section} must be three numbers summing to "
+                f"head_dim / 2 = {self.text.head_dim // 2}."
+            )
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(
+                f"vision out_hidden_size={self.vision.out_hidden_size} differs from the text "
+                f"hidden_size={self.text.hidden_size}."
+            )
+        if self.text.dtype != self.vision.dtype:
+            raise ValueError(f"text dtype {self.text.dtype} != vision dtype {self.vision.dtype}.")
+
+    @property
+    def dtype(self) -> str:
+        return self.text.dtype
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, dtype: str = "float32") -> Qwen3VLConfig:
+        """Reads a `model_type: qwen3_vl` config.json dict (transformers 4.5x or 5.x layout).
+
+        Raises NotImplementedError for RoPE types other than "default" and for the text
+        features `Qwen3Config.from_hf` refuses.
+        """
+        if "text_config" not in hf or "vision_config" not in hf:
+            raise ValueError("A qwen3_vl config needs both `text_config` and `vision_config`.")
+        text_hf = hf["text_config"]
+        rope = dict(text_hf.get("rope_parameters") or text_hf.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise NotImplementedError(f"Qwen3-VL text RoPE type {rope_type!r} unsupported.")
+        theta = float(rope.get("rope_theta", text_hf.get("rope_theta", _DEFAULT_TEXT_THETA)))
+        section = tuple(rope.get("mrope_section") or _DEFAULT_MROPE_SECTION)
+        tie = hf.get("tie_word_embeddings", text_hf.get("tie_word_embeddings", False))
+        # Qwen3Config.from_hf validates the decoder; MRoPE keys are handled here instead.
+        plain = {k: v for k, v in text_hf.items() if k not in ("rope_parameters", "rope_scaling")}
+        text = Qwen3Config.from_hf(plain, dtype=dtype)
+        text = dataclasses.replace(text, rope_theta=theta, tie_word_embeddings=bool(tie))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(
+            text=text,
+            vision=Qwen3VLVisionConfig.from_hf(hf["vision_config"], dtype=dtype),
+            mrope_section=section,
+            **{
+                key: int(hf.get(key, defaults[key]))
+                for key in (
+                    "image_token_id",
+                    "video_token_id",
+                    "vision_start_token_id",
+                    "vision_end_token_id",
+                )
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: checks, vision tables and MRoPE positions.
+
+
+def _host(name: str, value: Any) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is traced: images/videos need host-side preparation. Call "
+            "`prepare_inputs(model.config, ...)` outside jit and pass its dict to the jitted call."
+        )
+    return np.asarray(value)
+
+
+def _visual_inputs(
+    config: Qwen3VLConfig, ids: np.ndarray, pixels: Any, grid: Any, modality: str
+) -> tuple[np.ndarray | None, VisionTables | None]:
+    pixels = _host(f"pixel_values ({modality})", pixels)
+    token_id = config.image_token_id if modality == "image" else config.video_token_id
+    grid_name = f"{modality}_grid_thw"
+    placeholders = int(np.sum(ids == token_id))
+    if pixels is None:
+        if grid is not None:
+            raise ValueError(f"{grid_name} was given without its pixel values.")
+        if placeholders:
+            raise ValueError(
+                f"input_ids hold {placeholders} {modality} placeholder tokens (id {token_id}) "
+                f"but no {modality} pixel values were given."
+            )
+        return None, None
+    if grid is None:
+        raise ValueError(f"{modality} pixel values were given without {grid_name}.")
+    grid = check_grid_thw(grid, config.vision, grid_name)
+    patches = int(np.prod(grid, axis=-1).sum())
+    if pixels.shape != (patches, config.vision.patch_dim):
+        raise ValueError(
+            f"{modality} pixel values have shape {pixels.shape} but {grid_name}={grid.tolist()} "
+            f"needs ({patches}, {config.vision.patch_dim})."
+        )
+    tokens = patches // config.vision.merge_unit
+    if placeholders != tokens:
+        raise ValueError(
+            f"input_ids hold {placeholders} {modality} placeholder tokens (id {token_id}) but "
+            f"{grid_name}={grid.tolist()} gives {tokens} visual tokens."
+        )
+    return pixels, vision_tables(grid, config.vision)
+
+
+def prepare_inputs(
+    config: Qwen3VLConfig,
+    input_ids: Any,
+    pixel_values: Any = None,
+    image_grid_thw: Any = None,
+    pixel_values_videos: Any = None,
+    video_grid_thw: Any = None,
+    mm_token_type_ids: Any = None,
+    attention_mask: Any = None,
+    position_ids: Any = None,
+) -> dict[str, Any]:
+    """Host-side half of the forward pass: checks the processor outputs and builds the tables.
+
+    Returns the keyword arguments of the jit-able call: `input_ids`, `attention_mask`,
+    `position_ids` (`int32[3, B, L]`, from `rope_index` unless given), `pixel_values`,
+    `image_tables`, `pixel_values_videos`, `video_tables` (NumPy arrays, or None when absent).
+    `mm_token_type_ids` defaults to the types implied by the image/video token ids, as the
+    processor derives them. Raises ValueError for inconsistent inputs (placeholder counts vs.
+    grids, pixel shapes, grids that are not multiples of the merge size), TypeError for traced
+    inputs.
+    """
+    ids = _host("input_ids", input_ids)
+    if ids is None or ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got {getattr(ids, 'shape', None)}.")
+    mask = _host("attention_mask", attention_mask)
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}.")
+    pixels, image_tables = _visual_inputs(config, ids, pixel_values, image_grid_thw, "image")
+    videos, video_tables = _visual_inputs(config, ids, pixel_values_videos, video_grid_thw, "video")
+    if position_ids is None:
+        types = _host("mm_token_type_ids", mm_token_type_ids)
+        if types is None:
+            types = np.full(ids.shape, TEXT, np.int64)
+            types[ids == config.image_token_id] = IMAGE
+            types[ids == config.video_token_id] = VIDEO
+        positions, _ = rope_index(
+            ids,
+            types,
+            None if pixels is None else image_grid_thw,
+            None if videos is None else video_grid_thw,
+            mask,
+            spatial_merge_size=config.vision.spatial_merge_size,
+        )
+        position_ids = positions.astype(np.int32)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "pixel_values": pixels,
+        "image_tables": image_tables,
+        "pixel_values_videos": videos,
+        "video_tables": video_tables,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Device side.
+
+
+def _placement(input_ids: jax.Array, token_id: int) -> tuple[jax.Array, jax.Array]:
+    """Placeholder mask `bool[B, L]` and, per token, its row among the visual features: the
+    number of earlier placeholders in row-major order (the order of torch's masked_scatter)."""
+    mask_bl = input_ids == token_id
+    rank = jnp.cumsum(mask_bl.reshape(-1).astype(jnp.int32)) - 1
+    return mask_bl, jnp.maximum(rank, 0).reshape(mask_bl.shape)
+
+
+def _features_at(rows_md: jax.Array, mask_bl: jax.Array, rank_bl: jax.Array) -> jax.Array:
+    # Static-shape scatter: every token gathers "its" feature row, non-placeholders get 0. A
+    # rank past the last row is clipped by jnp.take's default mode; prepare_inputs rules that out.
+    gathered = jnp.take(rows_md, rank_bl, axis=0, mode="clip")
+    return jnp.where(mask_bl[..., None], gathered, jnp.zeros((), rows_md.dtype))
+
+
+def _normalize_positions(position_ids: Any, b: int, length: int) -> jax.Array:
+    position_ids = jnp.asarray(position_ids)
+    if position_ids.ndim == 2:
+        position_ids = jnp.broadcast_to(position_ids[None], (3, *position_ids.shape))
+    elif position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        position_ids = position_ids[1:]  # transformers' [text; T; H; W] layout
+    if position_ids.shape != (3, b, length):
+        raise ValueError(
+            f"position_ids must be [3, {b}, {length}] (or [B, L] / [4, B, L]), got "
+            f"{position_ids.shape}."
+        )
+    return position_ids
+
+
+class Qwen3VLForConditionalGeneration(nnx.Module):
+    """Qwen3-VL: vision tower + Qwen3 decoder with MRoPE and DeepStack; logits float32[B, L, V]."""
+
+    def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        text = config.text
+        d, v = text.hidden_size, text.vocab_size
+        self.visual = VisionTower(config.vision, rngs=rngs)
+        self.embed_vd = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(text, rngs=rngs) for _ in range(text.num_hidden_layers)]
+        )
+        self.final_norm = RMSNorm(d, "embed", text.rms_norm_eps, rngs=rngs)
+        self.lm_head_dv = (
+            None
+            if text.tie_word_embeddings
+            else _param(rngs, _dense_init((0,), (1,)), (d, v), ("embed", "vocab"))
+        )
+
+    def __call__(
+        self,
+        input_ids: Any,
+        pixel_values: Any = None,
+        image_grid_thw: Any = None,
+        pixel_values_videos: Any = None,
+        video_grid_thw: Any = None,
+        mm_token_type_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        *,
+        image_tables: VisionTables | None = None,
+        video_tables: VisionTables | None = None,
+    ) -> jax.Array:
+        """Logits `float32[B, L, V]` for processor-style inputs (see the module docstring).
+
+        `attention_mask[B, L]` (1 real, 0 padding, any side) hides padded keys; logits at padded
+        positions are meaningless. `position_ids` may be `[3, B, L]`, `[4, B, L]` or `[B, L]`.
+        Visual inputs without `image_tables` / `video_tables`, or without `position_ids`, run
+        `prepare_inputs` first, which needs concrete (non-traced) arrays.
+        """
+        has_visuals = pixel_values is not None or pixel_values_videos is not None
+        needs_host = (
+            (pixel_values is not None and image_tables is None)
+            or (pixel_values_videos is not None and video_tables is None)
+            or (has_visuals and position_ids is None)
+        )
+        if needs_host:
+            prepared = prepare_inputs(
+                self.config,
+                input_ids,
+                pixel_values,
+                image_grid_thw,
+                pixel_values_videos,
+                video_grid_thw,
+                mm_token_type_ids,
+                attention_mask,
+                position_ids,
+            )
+            return self(**prepared)
+        return self._forward(
+            jnp.asarray(input_ids),
+            pixel_values,
+            image_tables,
+            pixel_values_videos,
+            video_tables,
+            attention_mask,
+            position_ids,
+        )
+
+    def _forward(
+        self,
+        input_ids: jax.Array,
+        pixel_values: Any,
+        image_tables: VisionTables | None,
+        pixel_values_videos: Any,
+        video_tables: VisionTables | None,
+        attention_mask: Any,
+        position_ids: Any,
+    ) -> jax.Array:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        b, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, length), dtype=jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask)
+        position_ids = _normalize_positions(position_ids, b, length)
+
+        x_bld = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
+        # (mask, rank, deepstack rows) per modality present, for the DeepStack additions below.
+        placed = []
+        for pixels, tables, token_id in (
+            (pixel_values, image_tables, c.image_token_id),
+            (pixel_values_videos, video_tables, c.video_token_id),
+        ):
+            if pixels is None:
+                continue
+            merged_md, deepstack_kmd = self.visual(jnp.asarray(pixels), tables)
+            mask_bl, rank_bl = _placement(input_ids, token_id)
+            rows_bld = jnp.take(merged_md.astype(dtype), rank_bl, axis=0, mode="clip")
+            x_bld = jnp.where(mask_bl[..., None], rows_bld, x_bld)
+            placed.append((mask_bl, rank_bl, deepstack_kmd.astype(dtype)))
+
+        key_valid_bm = attention_mask.astype(bool)
+        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+        allowed_bqm = causal_qm[None] & key_valid_bm[:, None, :]
+        cos_blk, sin_blk = mrope_cos_sin(
+            position_ids, c.text.head_dim, c.text.rope_theta, c.mrope_section
+        )
+        for i, layer in enumerate(self.layers):
+            x_bld = layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+            for mask_bl, rank_bl, deepstack_kmd in placed:
+                if i < deepstack_kmd.shape[0]:
+                    x_bld = x_bld + _features_at(deepstack_kmd[i], mask_bl, rank_bl)
+        x_bld = self.final_norm(x_bld)
+        if self.lm_head_dv is None:
+            logits_blv = jnp.einsum("bld,vd->blv", x_bld, self.embed_vd[...].astype(dtype))
+        else:
+            logits_blv = x_bld @ self.lm_head_dv[...].astype(dtype)
+        return logits_blv.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint import.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshaped:
+    """Converter: a checkpoint tensor reshaped (not transposed) to our layout; `inverse` undoes
+    it for export."""
+
+    shape: tuple[int, ...]
+    checkpoint_shape: tuple[int, ...]
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(self.shape)
+
+    def inverse(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(self.checkpoint_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvAsMatmul:
+    """Converter: a stride == kernel Conv3d weight `[out, C, T, P, P]` to the matmul kernel
+    `[C*T*P*P, out]`; `inverse` gives the Conv3d weight back."""
+
+    checkpoint_shape: tuple[int, ...]
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return w.reshape(w.shape[0], -1).T
+
+    def inverse(self, w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(self.checkpoint_shape)
+
+
+def _linear_targets(name: str, kernel: nnx.Param, bias: nnx.Param) -> dict[str, Target]:
+    d_in, d_out = kernel.shape
+    return {
+        name + ".weight": (kernel, (d_out, d_in), transposed((d_in, d_out))),
+        name + ".bias": (bias, (d_out,), identity),
+    }
+
+
+def _norm_targets(name: str, norm: Any) -> dict[str, Target]:
+    (dim,) = norm.scale.shape
+    return {
+        name + ".weight": (norm.scale, (dim,), identity),
+        name + ".bias": (norm.bias, (dim,), identity),
+    }
+
+
+def _vision_targets(tower: VisionTower, prefix: str) -> dict[str, Target]:
+    c = tower.config
+    d, h, k = c.hidden_size, c.num_heads, c.head_dim
+    conv_shape = (d, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+    targets: dict[str, Target] = {
+        prefix + "patch_embed.proj.weight": (
+            tower.patch_kernel,
+            conv_shape,
+            ConvAsMatmul(conv_shape),
+        ),
+        prefix + "patch_embed.proj.bias": (tower.patch_bias, (d,), identity),
+        prefix + "pos_embed.weight": (tower.pos_embed, (c.num_position_embeddings, d), identity),
+    }
+    for i, block in enumerate(tower.blocks):
+        p = f"{prefix}blocks.{i}."
+        attn = block.attn
+        targets |= _norm_targets(p + "norm1", block.norm1)
+        targets |= _norm_targets(p + "norm2", block.norm2)
+        targets |= {
+            p + "attn.qkv.weight": (attn.qkv_d3hk, (3 * d, d), transposed((d, 3, h, k))),
+            p + "attn.qkv.bias": (attn.qkv_bias_3hk, (3 * d,), Reshaped((3, h, k), (3 * d,))),
+            p + "attn.proj.weight": (attn.proj_hkd, (d, d), transposed((h, k, d))),
+            p + "attn.proj.bias": (attn.proj_bias, (d,), identity),
+        }
+        targets |= _linear_targets(p + "mlp.linear_fc1", block.mlp.fc1_df, block.mlp.fc1_bias)
+        targets |= _linear_targets(p + "mlp.linear_fc2", block.mlp.fc2_fd, block.mlp.fc2_bias)
+    mergers = [(prefix + "merger.", tower.merger)] + [
+        (f"{prefix}deepstack_merger_list.{j}.", m) for j, m in enumerate(tower.deepstack_mergers)
+    ]
+    for p, merger in mergers:
+        targets |= _norm_targets(p + "norm", merger.norm)
+        targets |= _linear_targets(p + "linear_fc1", merger.fc1_ww, merger.fc1_bias)
+        targets |= _linear_targets(p + "linear_fc2", merger.fc2_we, merger.fc2_bias)
+    return targets
+
+
+def _text_targets(model: Qwen3VLForConditionalGeneration, prefix: str) -> dict[str, Target]:
+    c = model.config.text
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    targets: dict[str, Target] = {
+        prefix + "embed_tokens.weight": (model.embed_vd, (v, d), identity),
+        prefix + "norm.weight": (model.final_norm.scale, (d,), identity),
+    }
+    for i, layer in enumerate(model.layers):
+        p = f"{prefix}layers.{i}."
+        attn, mlp = layer.attn, layer.mlp
+        targets |= {
+            p + "input_layernorm.weight": (layer.input_norm.scale, (d,), identity),
+            p + "post_attention_layernorm.weight": (layer.post_attn_norm.scale, (d,), identity),
+            p + "self_attn.q_proj.weight": (attn.q_dhk, (h * k, d), transposed((d, h, k))),
+            p + "self_attn.k_proj.weight": (attn.k_dgk, (g * k, d), transposed((d, g, k))),
+            p + "self_attn.v_proj.weight": (attn.v_dgk, (g * k, d), transposed((d, g, k))),
+            p + "self_attn.o_proj.weight": (attn.o_hkd, (d, h * k), transposed((h, k, d))),
+            p + "self_attn.q_norm.weight": (attn.q_norm.scale, (k,), identity),
+            p + "self_attn.k_norm.weight": (attn.k_norm.scale, (k,), identity),
+            p + "mlp.gate_proj.weight": (mlp.gate_df, (f, d), transposed((d, f))),
+            p + "mlp.up_proj.weight": (mlp.up_df, (f, d), transposed((d, f))),
+            p + "mlp.down_proj.weight": (mlp.down_fd, (d, f), transposed((f, d))),
+        }
+    return targets
+
+
+def qwen3_vl_targets(model: Qwen3VLForConditionalGeneration) -> dict[str, Target]:
+    """Checkpoint tensor name -> (parameter, checkpoint shape, converter), transformers 5 names.
+
+    Converters are `identity`, `transposed(shape)`, or `Reshaped` / `ConvAsMatmul`, which carry
+    an `inverse` for export.
+    """
+    targets = _text_targets(model, "model.language_model.")
+    targets |= _vision_targets(model.visual, "model.visual.")
+    if model.lm_head_dv is not None:
+        c = model.config.text
+        d, v = c.hidden_size, c.vocab_size
+        targets["lm_head.weight"] = (model.lm_head_dv, (v, d), transposed((d, v)))
+    return targets
+
+
+def load_qwen3_vl(
+    path: str | os.PathLike, *, dtype: str = "float32"
+) -> Qwen3VLForConditionalGeneration:
+    """Loads a `Qwen3VLForConditionalGeneration` checkpoint directory (float32 parameters).
+
+    `dtype` is the compute dtype. Raises FileNotFoundError for a missing directory, config.json
+    or safetensors files, and ValueError naming the tensor for a missing, unexpected or
+    misshapen one.
+    """
+    path = Path(path)
+    config = Qwen3VLConfig.from_hf(read_config(path), dtype=dtype)
+    model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    tied_head = config.text.tie_word_embeddings
+    fill_from_checkpoint(
+        model,
+        qwen3_vl_targets(model),
+        path,
+        ignore=lambda name: tied_head and name == "lm_head.weight",
+    )
+    return model
