@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
     c.data.prefetch = 2  # batches prepared ahead of the step
     c.data.worker_count = 0  # grain worker processes; 0 reads in the learner process
+    c.data.max_wait_s = 600.0  # the learner gives up (exit 3) after this long without rollouts
 
     # vimrag_jax.checkpointing: orbax, one folder per step under WORKDIR/checkpoints.
     c.checkpoint = ml_collections.ConfigDict()

@@ -497,3 +497,24 @@ def test_group_advantages_equal_fractional_rewards_are_exactly_zero():
         got = np.asarray(advantages_jit(rewards, groups, valid))
         assert got[:10].tolist() == [0.0] * 10, value
         np.testing.assert_allclose(got[10:], [-1.0, 1.0], rtol=1e-5)
+
+
+def test_sft_loss_is_segment_mean_token_nll():
+    logp = np.array([[-1.0, -2.0, -4.0], [-3.0, -9.0, -0.5]], np.float32)
+    mask = np.array([[True, True, False], [False, False, True]])
+    old = np.zeros_like(logp)
+    loss, metrics = losses.get_policy_loss("sft")(
+        jnp.asarray(logp), jnp.asarray(old), jnp.asarray(mask), jnp.ones(2), jnp.ones(2, bool)
+    )
+    # segment 0: mean(1, 2) = 1.5; segment 1: 0.5; divided by S = 2.
+    np.testing.assert_allclose(float(loss), (1.5 + 0.5) / 2, rtol=1e-6)
+    assert losses.LossConfig.for_algorithm("sft").name == "sft"
+    # A dropped segment still counts in S but adds nothing.
+    loss_kept, _ = losses.get_policy_loss("sft")(
+        jnp.asarray(logp),
+        jnp.asarray(old),
+        jnp.asarray(mask),
+        jnp.ones(2),
+        jnp.array([True, False]),
+    )
+    np.testing.assert_allclose(float(loss_kept), 1.5 / 2, rtol=1e-6)

@@ -231,3 +231,14 @@ def test_error_observation_and_bad_sizes():
         retrieval_observation([RetrievedItem(1, "video", "", 32, 32, ())])
     with pytest.raises(ValueError, match="role"):
         render_chat([Message("tool", "x")])  # type: ignore[arg-type]
+
+
+def test_compact_system_prompt_names_every_tool_and_is_short():
+    compact = system_prompt("compact")
+    for tool in ("add_search_node", "summarize_and_memorize", "add_answer_node"):
+        assert tool in compact
+    assert len(compact) < len(system_prompt()) / 3
+    rendered = step_prompt("Q?", [], style="compact")
+    assert compact in rendered.text
+    with pytest.raises(ValueError, match="prompt style"):
+        system_prompt("verbose")

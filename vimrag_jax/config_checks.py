@@ -253,6 +253,8 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
     _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "worker_count")
+    if not (_is_number(cfg.data.max_wait_s) and cfg.data.max_wait_s > 0):
+        problems.append(f"config.data.max_wait_s must be > 0, got {cfg.data.max_wait_s!r}")
     _check_optim(problems, cfg.optim)
     _check_sft(problems, cfg)
     _check_positive(problems, cfg.checkpoint, "config.checkpoint", "every_steps", "keep")

@@ -1,35 +1,341 @@
 """The learner: ``python -m vimrag_jax.train --config=configs/ggpo.py --workdir=DIR``.
 
-This build validates the config against the devices it runs on, builds the
-mesh, and reports which parts of the training loop are not in the package yet.
-The loop itself (grain input from the rollout workers' shards, the sharded GGPO
-update around the Qwen3 / Qwen3-VL policy, orbax checkpoints) lands with the
-learner work; until then the command exits with status 1 after saying so.
+Reads top to bottom: config → distributed start → mesh → experiment (world, tokenizer,
+initial policy) → checkpoints and metrics → optional supervised warm start on scripted-expert
+trajectories (``sft.steps``) → RL (GGPO by default; the ``loss`` block picks GSPO / GRPO) on
+the rollout workers' shards, publishing policy weights every ``publish.every_steps`` updates.
+With ``rollout.embedded_workers > 0`` (the CPU default) the trainer runs its own rollout worker
+processes; on pods ``launch/`` starts them elsewhere.
+
+Restarting with the same ``--workdir`` resumes: the newest orbax checkpoint gives the train
+state, the phase, the policy version and the input pipeline's ledger, so no trajectory is read
+twice or skipped. ``WORKDIR/phase.json`` records that the RL phase has begun.
+
+Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import jax
+import ml_collections
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from vimrag_jax import config_checks
+from vimrag_jax import config_checks, distributed, optim, publish
+from vimrag_jax.checkpointing import Checkpointer, run_metadata
+from vimrag_jax.data.pipeline import PolicyVersion, make_pipeline, options_from_config
+from vimrag_jax.data.pipeline import pipeline_metrics as read_pipeline_counters
+from vimrag_jax.learner import Learner, batch_token_counts
+from vimrag_jax.metrics import MetricWriter
 from vimrag_jax.parallel.mesh import mesh_from_config
 from vimrag_jax.rl.losses import LossConfig
+from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and rollouts.")
 
-# What the package still lacks before `train` can run the loop, in build order.
-MISSING = (
-    "Qwen3-VL, the KV-cache sampler and sharded checkpoint loading (vimrag_jax.models)",
-    "the VimRAG agent, synthetic environment and rollout worker (vimrag_jax.agent, .rollout)",
-    "the grain pipeline from rollout shards, the training loop and orbax checkpoints",
-)
+PHASE_FILE = "phase.json"
+ROLLOUT_DIR = "rollouts"
+SFT_DATA_DIR = "sft_data"
+EXIT_BAD_CONFIG = 2
+EXIT_NO_DATA = 3
+
+
+class NoRolloutData(RuntimeError):
+    """No trajectory arrived for ``data.max_wait_s`` seconds."""
+
+
+def _main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _read_phase(workdir: Path) -> dict[str, Any]:
+    path = workdir / PHASE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"phase": "sft"}
+
+
+def _write_phase(workdir: Path, phase: dict[str, Any]) -> None:
+    if not _main_process():
+        return
+    tmp = workdir / f".{PHASE_FILE}.tmp"
+    tmp.write_text(json.dumps(phase))
+    os.replace(tmp, workdir / PHASE_FILE)
+
+
+def _model_fn(experiment):
+    """A builder of the policy's shapes and seeded initial values (jit-able)."""
+    cfg = experiment.cfg
+    if cfg.model.name != "hf":
+        return experiment.initial_model
+    # A checkpoint's shapes are those of a model built from its config.json; the weights
+    # are loaded on the host afterwards (`_initial_params`) and placed into the shards.
+    from flax import nnx
+
+    from vimrag_jax.models.hf import read_config
+    from vimrag_jax.models.presets import init_model
+
+    hf = read_config(Path(cfg.model.path))
+    return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=cfg.model.dtype)
+
+
+def _initial_params(experiment):
+    """None (initialise from `model_fn`) or the Hugging Face checkpoint's parameters."""
+    if experiment.cfg.model.name != "hf":
+        return None
+    from flax import nnx
+
+    return nnx.state(experiment.initial_model(), nnx.Param)
+
+
+class Trainer:
+    """Runs the phases of one training run (see the module docstring)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, config_flags: list[str]):
+        from vimrag_jax.experiment import Experiment  # imports the agent stack; keep --help fast
+
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_flags = config_flags
+        self.mesh = mesh_from_config(cfg.mesh, jax.devices())
+        self.experiment = Experiment.from_config(cfg, self.workdir)
+        self.dims = self.experiment.rollout_config().dims
+        self.pad_id = int(self.experiment.tokenizer.pad_token_id or 0)
+        self.model_fn = _model_fn(self.experiment)
+        self.checkpointer = Checkpointer.from_config(self.workdir, cfg.checkpoint)
+        self.micro = int(cfg.optim.accumulate_steps)  # step calls per optimizer update
+        self.sft_calls = int(cfg.sft.steps) * self.micro
+        self.rl_calls = 0 if cfg.algorithm == "sft" else int(cfg.optim.total_steps) * self.micro
+        self.writer = MetricWriter(
+            self.workdir,
+            total_steps=self.sft_calls + self.rl_calls,
+            log_every=int(cfg.metrics.every_steps),
+        )
+        logging.info(
+            "mesh %s over %d %s device(s); phases: sft %d steps, rl %d steps (%s)",
+            dict(self.mesh.shape), self.mesh.size, jax.devices()[0].platform,
+            self.sft_calls, self.rl_calls, cfg.algorithm,
+        )  # fmt: skip
+
+    # --- shared pieces ----------------------------------------------------------------
+
+    def _batches(self, options, data_state: dict | None):
+        dataset = make_pipeline(options, prefetch=int(self.cfg.data.prefetch))
+        iterator = iter(dataset)
+        if data_state:
+            iterator.set_state(data_state)
+        return iterator
+
+    def _log(
+        self, global_step: int, metrics: dict[str, float], batch, data_wait_s: float, prefix=""
+    ):
+        tokens, trained = batch_token_counts(batch, self.pad_id)
+        metrics = {
+            **metrics,
+            "tokens_per_s": tokens / max(metrics["step_time_s"], 1e-9),
+            "trained_tokens": float(trained),
+            "data_wait_s": data_wait_s,
+        }
+        self.writer.write(global_step, {prefix + key: value for key, value in metrics.items()})
+
+    # --- supervised warm start --------------------------------------------------------
+
+    def _sft_data(self) -> Path:
+        if self.cfg.sft.data:
+            return Path(self.cfg.sft.data)
+        directory = self.workdir / SFT_DATA_DIR
+        if _main_process() and not any(directory.glob("*.array_record")):
+            logging.info(
+                "writing %d scripted-expert trajectories for the warm start to %s",
+                self.cfg.sft.num_trajectories, directory,
+            )  # fmt: skip
+            expert = LocalWorkers(
+                self.config_flags,
+                self.workdir,
+                count=1,
+                extra_flags=[
+                    "--policy=scripted_expert",
+                    f"--max_trajectories={int(self.cfg.sft.num_trajectories)}",
+                    f"--shard_dir={directory}",
+                ],
+            )
+            code = expert.run_once("expert")
+            if code != 0:
+                raise RuntimeError(
+                    f"the scripted-expert worker failed (status {code}); see "
+                    f"{self.workdir / 'logs' / 'expert.log'}"
+                )
+        _sync("sft_data")
+        return directory
+
+    def run_sft(self) -> Any:
+        """The warm start; returns the parameters it ends with."""
+        learner = Learner(
+            self.model_fn,
+            optim.make_optimizer(optim.sft_optim_config(self.cfg)),
+            LossConfig.for_algorithm("sft"),
+            self.mesh,
+            step_kind=self.cfg.step,
+        )
+        restored = learner.restore(self.checkpointer)
+        data_state: dict = {}
+        if restored is None:
+            learner.initialize(_initial_params(self.experiment))
+        else:
+            data_state = restored[0]
+            logging.info("resumed the warm start at step %d", learner.step)
+        directory = self._sft_data()
+        options = options_from_config(self.cfg, directory, self.dims, follow=False, advantage="one")
+        epoch = int(data_state.get("epoch", 0))
+        iterator = self._batches(options, data_state.get("iterator"))
+        while learner.step < self.sft_calls:
+            began = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:  # one pass over the expert data done
+                epoch += 1
+                iterator = self._batches(options, None)
+                continue
+            wait = time.perf_counter() - began
+            metrics = learner.train_step(batch)
+            metrics["epoch"] = float(epoch)
+            metrics["learning_rate"] = optim.learning_rate_at(
+                optim.sft_optim_config(self.cfg), learner.step - 1
+            )
+            self._log(learner.step, metrics, batch, wait, prefix="sft/")
+            learner.save(
+                self.checkpointer,
+                learner.step,
+                data_state={"epoch": epoch, "iterator": iterator.get_state()},
+                metadata=run_metadata(self.cfg, 0, phase="sft"),
+                force=learner.step == self.sft_calls,
+            )
+        return learner.params()
+
+    # --- reinforcement learning --------------------------------------------------------
+
+    def run_rl(self, start_params: Any | None) -> None:
+        cfg = self.cfg
+        learner = Learner(
+            self.model_fn,
+            optim.make_optimizer(cfg.optim),
+            LossConfig.from_config(cfg.loss),
+            self.mesh,
+            step_kind=cfg.step,
+        )
+        data_state: dict = {}
+        version = 0
+        self.checkpointer.wait()  # the warm start's last save may still be in flight
+        restored = learner.restore(self.checkpointer)
+        if restored is not None and restored[1].get("phase") == "rl":
+            data_state, metadata = restored
+            version = int(metadata.get("policy_version", 0))
+            logging.info("resumed RL at step %d, policy version %d", learner.step, version)
+        else:
+            # From the warm start (just run, or its last checkpoint) or from scratch.
+            params = start_params
+            if params is None and restored is not None:
+                params = learner.params()
+            if params is None:
+                params = _initial_params(self.experiment)
+            learner.initialize(params)
+        offset = self.sft_calls  # checkpoint steps continue after the warm start's
+        _write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})
+
+        latest = publish.latest_policy(self.workdir)
+        if latest is None or latest[0] < version:
+            publish.publish_policy(learner.params(), self.workdir, version, keep=cfg.publish.keep)
+        current = PolicyVersion(version)
+        directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
+        directory.mkdir(parents=True, exist_ok=True)
+        options = options_from_config(cfg, directory, self.dims, current_version=current)
+        workers = LocalWorkers(
+            self.config_flags,
+            self.workdir,
+            count=int(cfg.rollout.embedded_workers) if _main_process() else 0,
+        )
+        workers.start()
+        try:
+            iterator = self._batches(options, data_state)
+            last_data = time.monotonic()
+            while learner.step < self.rl_calls:
+                began = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:  # nothing new within data.idle timeout; keep waiting
+                    workers.check()
+                    waited = time.monotonic() - last_data
+                    if waited > float(cfg.data.max_wait_s):
+                        raise NoRolloutData(
+                            f"no rollout shard arrived in {directory} for {waited:.0f} s "
+                            "(data.max_wait_s); are the rollout workers running?"
+                        ) from None
+                    logging.info("waiting for rollouts in %s (%.0f s)", directory, waited)
+                    continue
+                last_data = time.monotonic()
+                wait = time.perf_counter() - began
+                metrics = learner.train_step(batch)
+                if learner.step % self.micro == 0:
+                    updates = learner.step // self.micro
+                    if updates % int(cfg.publish.every_steps) == 0:
+                        version += 1
+                        publish.publish_policy(
+                            learner.params(), self.workdir, version, keep=cfg.publish.keep
+                        )
+                        current.set(version)
+                valid = np.asarray(batch["segment_valid"], bool)
+                if valid.any():
+                    lag = version - np.asarray(batch["policy_version"])[valid].mean()
+                    metrics["policy_lag"] = float(lag)
+                metrics["policy_version"] = float(version)
+                metrics["learning_rate"] = optim.learning_rate_at(cfg.optim, learner.step - 1)
+                counters = read_pipeline_counters(iterator.get_state())
+                metrics.update({f"data/{k}": float(v) for k, v in counters.items()})
+                metrics["workers_restarted"] = float(workers.restarts)
+                self._log(offset + learner.step, metrics, batch, wait)
+                learner.save(
+                    self.checkpointer,
+                    offset + learner.step,
+                    data_state=iterator.get_state(),
+                    metadata=run_metadata(cfg, version, phase="rl"),
+                    force=learner.step == self.rl_calls,
+                )
+                workers.check()
+        finally:
+            workers.stop()
+
+    def run(self) -> int:
+        phase = _read_phase(self.workdir)
+        params = None
+        try:
+            if phase["phase"] != "rl" and self.sft_calls > 0:
+                params = self.run_sft()
+            if self.rl_calls > 0:
+                self.run_rl(params)
+        except NoRolloutData as err:
+            logging.error("%s", err)
+            return EXIT_NO_DATA
+        finally:
+            self.checkpointer.close()
+            self.writer.close()
+        logging.info("training done; checkpoints in %s", self.checkpointer.directory)
+        return 0
 
 
 def main(argv: list[str]) -> int:
@@ -38,22 +344,16 @@ def main(argv: list[str]) -> int:
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/ggpo.py")
-    devices = jax.devices()
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (checkpoints, metrics and rollouts go there)")
+    distributed.maybe_initialize(cfg)
     try:
-        config_checks.validate(cfg, len(devices))
+        config_checks.validate(cfg, len(jax.devices()))
     except config_checks.ConfigError as err:
         print(err, file=sys.stderr)
-        return 2
-    mesh = mesh_from_config(cfg.mesh, devices)
-    loss = LossConfig.from_config(cfg.loss)
-    print(f"config ok: preset={cfg.preset} loss={loss} model={cfg.model.name}")
-    print(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} device(s)")
-    if _WORKDIR.value:
-        logging.info("workdir: %s", _WORKDIR.value)
-    print("\nThe training loop cannot run yet; this build still lacks:", file=sys.stderr)
-    for item in MISSING:
-        print(f"  - {item}", file=sys.stderr)
-    return 1
+        return EXIT_BAD_CONFIG
+    trainer = Trainer(cfg, _WORKDIR.value, config_flags_from_argv(sys.argv[1:]))
+    return trainer.run()
 
 
 if __name__ == "__main__":

@@ -261,8 +261,32 @@ _MEMORIZE_STEP = (
 )
 
 
-def system_prompt() -> str:
-    """The system prompt: the task, the memory-graph workflow and the three tool schemas."""
+_COMPACT_SYSTEM = """\
+Answer the question by searching a corpus of passages, pictures and videos, keeping a memory \
+graph that starts at node "{root}". Search with add_search_node, then record the results with \
+summarize_and_memorize (every item, by its label), then search again or answer with \
+add_answer_node. End each turn with one tool call: {open}{{"name": ..., "arguments": ...}}{close}
+Tools:
+add_search_node(id: str, parent_ids: [str], query: str)
+summarize_and_memorize(summarize: str, memorize: [{{information_id: str, is_useful: bool, \
+priority_score: 1-5, key_timestamp: [float]}}])
+add_answer_node(parent_ids: [str], answer: str)"""
+
+PROMPT_STYLES = ("full", "compact")
+
+
+def system_prompt(style: str = "full") -> str:
+    """The system prompt: the task, the memory-graph workflow and the three tools.
+
+    ``"full"`` explains the workflow and lists the tools as JSON schemas (for real models);
+    ``"compact"`` states the same protocol in a few lines with one-line tool signatures, so a
+    tiny model trained from scratch does not spend most of each segment on the system prompt
+    (~1,000 vs ~150 tokens with the tiny tokenizer).
+    """
+    if style == "compact":
+        return _COMPACT_SYSTEM.format(root=ROOT_ID, open=TOOL_CALL_OPEN, close=TOOL_CALL_CLOSE)
+    if style != "full":
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     tools = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in TOOLS)
     return _SYSTEM.format(root=ROOT_ID, open=TOOL_CALL_OPEN, close=TOOL_CALL_CLOSE, tools=tools)
 
@@ -381,17 +405,25 @@ def render_chat(messages: Sequence[Message], *, add_generation_prompt: bool = Tr
 
 
 def step_prompt(
-    question: str, nodes: Sequence[NodeView], turns: Sequence[Message] = ()
+    question: str,
+    nodes: Sequence[NodeView],
+    turns: Sequence[Message] = (),
+    *,
+    style: str = "full",
 ) -> Rendered:
     """The full prompt of one model call: system, graph turn, then ``turns`` (e.g. the search
     call and its ``retrieval_observation``, or an invalid turn and its ``error_observation``),
-    ending with the assistant generation prompt."""
-    messages = [Message("system", system_prompt()), Message("user", graph_prompt(question, nodes))]
+    ending with the assistant generation prompt. ``style`` picks the system prompt."""
+    messages = [
+        Message("system", system_prompt(style)),
+        Message("user", graph_prompt(question, nodes)),
+    ]
     return render_chat([*messages, *turns])
 
 
 __all__ = [
     "MAX_VIDEO_FRAMES",
+    "PROMPT_STYLES",
     "SPECIAL_TOKENS",
     "VIDEO_FPS",
     "MemoryItemView",

@@ -219,6 +219,37 @@ def grpo_loss(
     return _token_ratio_loss(ratio_sl, seg, clip_low, clip_high)
 
 
+@register_policy_loss("sft")
+def sft_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    token_mask: jax.Array,
+    advantages: jax.Array,
+    segment_keep: jax.Array,
+    *,
+    clip_low: float = 0.0,
+    clip_high: float = 0.0,
+    num_segments: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Supervised warm start: token negative log-likelihood of the policy tokens.
+
+    Each kept segment contributes ``−A_s · mean_t logp`` and the sum is divided by ``S``, the
+    same normalisation as the RL losses; with the SFT pipeline's ``advantage = 1`` this is the
+    per-segment mean cross-entropy. ``old_logp`` and the clip range are unused (accepted so the
+    loss shares the registry's signature); the ratio metrics still report the gap to them.
+    """
+    del clip_low, clip_high
+    seg = _segments(token_mask, advantages, segment_keep, num_segments)
+    nll_s = -_masked_mean(jnp.where(seg.train, jnp.asarray(logp, jnp.float32), 0.0), seg.train)
+    loss = _kept_sum(seg.advantage * nll_s, seg)
+    metrics = {
+        "nll": Mean.of(jnp.where(seg.keep, nll_s, 0.0), seg.keep),
+        "kept_fraction": Mean.of(seg.keep, seg.valid),
+        **_sequence_ratio_stats(logp, old_logp, seg),
+    }
+    return loss, metrics
+
+
 def ggpo_loss(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -355,6 +386,7 @@ _PRESETS = {
     "gspo": LossConfig(name="gspo", ggpo_mask=False),
     "gspo_token": LossConfig(name="gspo_token", ggpo_mask=False),
     "grpo": LossConfig(name="grpo", ggpo_mask=False, clip_low=0.2, clip_high=0.2),
+    "sft": LossConfig(name="sft", ggpo_mask=False, clip_low=0.0, clip_high=0.0),
 }
 
 

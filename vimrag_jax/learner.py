@@ -1,0 +1,200 @@
+"""The learner's state machine: train state on the mesh, the pjit or pmap step, checkpoints.
+
+`Learner` owns everything one training phase needs: the policy's graphdef and `TrainState`
+(created sharded, or restored from the newest orbax checkpoint), the jitted update of
+`vimrag_jax.parallel.step` (pjit over the config's mesh, or pmap over the local devices; both
+wrap the same pure `update`), batch placement, and conversion of a host batch from the grain
+pipeline into the arrays the loss reads. `vimrag_jax.train` drives phases with it.
+
+Checkpoints always hold the mesh-layout state (a pmap learner saves device 0's copy and
+replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"` on resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from vimrag_jax.checkpointing import Checkpointer, abstract_train_state
+from vimrag_jax.parallel import step as step_lib
+from vimrag_jax.parallel.sharding import batch_shardings
+from vimrag_jax.rl.losses import LossConfig
+
+# The host batch keys the update reads; the pipeline's extra keys (segment index, policy
+# version, visual references) stay on the host.
+LOSS_KEYS = (
+    "tokens",
+    "loss_mask",
+    "behavior_logprobs",
+    "segment_valid",
+    "segment_node",
+    "advantage",
+    "reward",
+    "answer_node",
+    "adjacency",
+    "node_valid",
+    "relevant",
+)
+
+
+def loss_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a pipeline batch the loss reads (a KeyError names a missing one)."""
+    missing = [key for key in LOSS_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"the input batch lacks {missing}; it has {sorted(batch)}")
+    return {key: np.asarray(batch[key]) for key in LOSS_KEYS}
+
+
+def batch_token_counts(batch: Mapping[str, np.ndarray], pad_token_id: int) -> tuple[int, int]:
+    """(tokens of valid segments that are not padding, policy tokens trained on)."""
+    valid = np.asarray(batch["segment_valid"], bool)[:, None]
+    tokens = int(np.sum((np.asarray(batch["tokens"]) != pad_token_id) & valid))
+    trained = int(np.sum(np.asarray(batch["loss_mask"], bool) & valid))
+    return tokens, trained
+
+
+class Learner:
+    """One phase's train state and step (see the module docstring).
+
+    Args:
+      model_fn: builds the policy with seeded Rngs; traced abstractly for shapes and, for a
+        fresh start, jitted into the mesh shards (never materialised on one device).
+      optimizer: the phase's optax transformation.
+      loss_config: the phase's objective (static in the step).
+      mesh: the device mesh (pjit layout; pmap uses its devices along one axis).
+      step_kind: ``"pjit"`` or ``"pmap"``.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nnx.Module],
+        optimizer: optax.GradientTransformation,
+        loss_config: LossConfig,
+        mesh: Mesh,
+        *,
+        step_kind: str = "pjit",
+    ):
+        if step_kind not in ("pjit", "pmap"):
+            raise ValueError(f"step must be 'pjit' or 'pmap', got {step_kind!r}")
+        self.model_fn = model_fn
+        self.optimizer = optimizer
+        self.loss_config = loss_config
+        self.mesh = mesh
+        self.step_kind = step_kind
+        self.abstract = abstract_train_state(model_fn, optimizer, mesh)
+        self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
+        with nnx.use_eager_sharding(False):
+            self.graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+        self.state: step_lib.TrainState | None = None
+        self._step_fn: Callable | None = None
+        self._batch_shardings: Any = None
+
+    # --- state ----------------------------------------------------------------------
+
+    def initialize(self, params: Any | None = None) -> None:
+        """A fresh state: new parameters from `model_fn`, or `params` (e.g. the previous
+        phase's) with a new optimizer state."""
+        if params is None:
+            _, state, _ = step_lib.create_train_state(self.model_fn, self.optimizer, self.mesh)
+        else:
+            params = jax.device_put(params, self.shardings.params)
+            opt_state = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)(params)
+            step = jax.device_put(np.zeros((), np.int32), self.shardings.step)
+            state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
+        self._set_state(state)
+
+    def restore(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
+        """Loads the newest checkpoint; returns `(data_state, metadata)` or None."""
+        restored = checkpointer.restore_latest(self.abstract)
+        if restored is None:
+            return None
+        self._set_state(restored.state)
+        return restored.data_state, restored.metadata
+
+    def save(
+        self,
+        checkpointer: Checkpointer,
+        step: int,
+        *,
+        data_state: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        force: bool = False,
+    ) -> bool:
+        """Saves the mesh-layout state at checkpoint `step` (when the interval says so)."""
+        return checkpointer.save(
+            step, self.mesh_state(), data_state=data_state, metadata=metadata, force=force
+        )
+
+    def mesh_state(self) -> step_lib.TrainState:
+        """The state in the mesh layout (device 0's copy for a pmap learner)."""
+        if self.state is None:
+            raise RuntimeError("the learner has no state yet: call initialize() or restore()")
+        if self.step_kind == "pjit":
+            return self.state
+        return jax.device_put(step_lib.unreplicate(self.state), self.shardings)
+
+    def params(self) -> nnx.State:
+        """The policy parameters in the mesh layout."""
+        return self.mesh_state().params
+
+    def model(self) -> nnx.Module:
+        """The policy as an NNX module over the current parameters (for evaluation)."""
+        return nnx.merge(self.graphdef, self.params())
+
+    @property
+    def step(self) -> int:
+        """Update calls applied in this phase (`TrainState.step`)."""
+        step = self.state.step if self.step_kind == "pjit" else self.state.step[0]
+        return int(jax.device_get(step))
+
+    def _set_state(self, state: step_lib.TrainState) -> None:
+        if self.step_kind == "pmap":
+            devices = self.mesh.devices.reshape(-1).tolist()
+            state = step_lib.replicate_for_pmap(jax.device_get(state), devices)
+        self.state = state
+
+    # --- the update -----------------------------------------------------------------
+
+    def _compile(self, batch: Mapping[str, np.ndarray]) -> None:
+        kwargs = dict(
+            graphdef=self.graphdef, optimizer=self.optimizer, loss_config=self.loss_config
+        )
+        if self.step_kind == "pjit":
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+            self._batch_shardings = batch_shardings(abstract, self.mesh)
+            self._step_fn = step_lib.make_pjit_step(
+                **kwargs,
+                mesh=self.mesh,
+                state_shardings=self.shardings,
+                batch_shardings=self._batch_shardings,
+            )
+        else:
+            devices = self.mesh.devices.reshape(-1).tolist()
+            self._devices = devices
+            self._step_fn = step_lib.make_pmap_step(**kwargs, devices=devices)
+
+    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """One update on a host batch; returns host float metrics incl. `step_time_s`."""
+        if self.state is None:
+            raise RuntimeError("the learner has no state yet: call initialize() or restore()")
+        inputs = loss_inputs(batch)
+        if self._step_fn is None:
+            self._compile(inputs)
+        began = time.perf_counter()
+        if self.step_kind == "pjit":
+            placed = jax.device_put(inputs, self._batch_shardings)
+            self.state, metrics = self._step_fn(self.state, placed)
+        else:
+            placed = step_lib.shard_batch_for_pmap(inputs, self._devices)
+            self.state, metrics = self._step_fn(self.state, placed)
+            metrics = step_lib.unreplicate(metrics)
+        metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+        metrics["step_time_s"] = time.perf_counter() - began
+        return metrics
