@@ -1,0 +1,329 @@
+"""The VimRAG agent loop: scripted expert and noisy policies, invalid actions of every kind, a tiny
+random Qwen3 through the embedded sampler, records, and batching independence."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vimrag_jax.agent import prompts
+from vimrag_jax.agent.loop import RolloutConfig, VimRAGAgent
+from vimrag_jax.agent.protocol import format_tool_call, parse_action
+from vimrag_jax.agent.scripted_sampler import (
+    ScriptedSampler,
+    expert_factory,
+    labelled,
+    noisy_factory,
+)
+from vimrag_jax.agent.tokenizer import build_tokenizer
+from vimrag_jax.envs import scripted
+from vimrag_jax.envs.synthetic import SyntheticConfig, build, entity_kinds
+from vimrag_jax.experiment import tokenizer_texts
+from vimrag_jax.models.presets import init_model, preset_config
+from vimrag_jax.retrieval.corpus import CorpusStore
+from vimrag_jax.rl.ggpo import node_keep_mask
+from vimrag_jax.rollout.records import ShardWriter, read_shard, validate_record
+from vimrag_jax.sampling.sampler import Completion, Sampler
+
+CONFIG = RolloutConfig(max_segment_tokens=2048, max_new_tokens=320, group_size=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    items, questions = build(SyntheticConfig(num_entities=24, num_questions=16, seed=3))
+    store = CorpusStore.build(items, str(tmp_path_factory.mktemp("corpus")))
+    tokenizer = build_tokenizer(tokenizer_texts(items, questions))
+    return items, questions, store, tokenizer
+
+
+@pytest.fixture(scope="module")
+def expert_run(world):
+    _, questions, store, tokenizer = world
+    agent = VimRAGAgent(store, tokenizer, ScriptedSampler(tokenizer, expert_factory()), CONFIG)
+    return agent.run(questions[:4], seed=5)
+
+
+def _without_time(record):
+    return {k: v for k, v in record.items() if k != "created_at"}
+
+
+def _assert_records_equal(a, b):
+    a, b = _without_time(a), _without_time(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_expert_through_the_loop_is_correct_and_clean(world, expert_run, tmp_path):
+    _, questions, store, tokenizer = world
+    searcher = scripted.store_searcher(store, k=CONFIG.retrieval_top_k)
+    labeller = VimRAGAgent(store, tokenizer, None, CONFIG)
+    assert expert_run.stats.invalid_actions == 0
+    for question, episode, record in zip(
+        questions[:4], expert_run.episodes, expert_run.records, strict=True
+    ):
+        intended = scripted.run_episode(scripted.ExpertPolicy(question), searcher)
+        assert record["reward"] == 1.0 and episode.end_reason == "answered"
+        assert record["prediction"] == question.answer
+        # The loop's graph is the one the expert meant: same nodes, parents and answer parents.
+        final = intended.views[-1]
+        assert episode.node_ids[:-1] == list(final.node_ids)
+        assert episode.node_parents[:-1] == list(final.node_parents)
+        assert episode.node_parents[-1] == intended.answer_parents
+        n = len(episode.node_ids)
+        assert record["node_valid"].sum() == n and record["answer_node"] == n - 1
+        assert list(record["node_kind"][:n]) == [0] + [1] * (n - 2) + [2]
+        for j, parents in enumerate(episode.node_parents):
+            rows = np.flatnonzero(record["adjacency"][:, j])
+            assert [episode.node_ids[i] for i in rows] == sorted(
+                parents, key=episode.node_ids.index
+            )
+        # Every node whose retrieval found gold evidence is relevant (the expert finds all).
+        assert record["relevant"][1 : n - 1].all()
+        # Segments: loss only on sampled tokens, which decode to the scripted action.
+        assert record["num_segments"] == len(intended.actions)
+        for s, ((tool, arguments), view) in enumerate(
+            zip(intended.actions, intended.views, strict=True)
+        ):
+            tokens, mask = record["tokens"][s], record["loss_mask"][s]
+            segment = episode.segments[s]
+            p, g = len(segment.prompt), len(segment.sampled)
+            assert mask.sum() == g and mask[p : p + g].all()
+            np.testing.assert_array_equal(tokens[:p], segment.prompt)
+            action = parse_action(tokenizer.decode(tokens[mask].tolist()))
+            assert action.tool_name == tool
+            pending = [store.item(item.item_id) for item in view.pending]
+            labels = prompts.item_labels(labeller.observation_items(pending))
+            mapping = {str(i.item_id): lab for i, lab in zip(pending, labels, strict=True)}
+            expected = labelled(tool, arguments, mapping)
+            assert action.arguments == parse_action(format_tool_call(tool, expected)).arguments
+            assert np.all(record["behavior_logprobs"][s][~mask] == 0)
+        assert np.all(record["segment_node"][: n * 2] < n)
+    # Records validate and round-trip through a shard.
+    with ShardWriter(tmp_path, name="expert-00000000", dims=CONFIG.dims) as writer:
+        for record in expert_run.records:
+            writer.write(record)
+    (path,) = list(tmp_path.glob("*.array_record"))
+    for original, decoded in zip(expert_run.records, read_shard(path), strict=True):
+        _assert_records_equal(validate_record(original), decoded)
+
+
+def test_visual_memory_is_shown_and_referenced(expert_run):
+    # A question whose chain has a picture: the memorize prompt shows it and the records say so.
+    rows = [
+        (s, r)
+        for r in expert_run.records
+        for s in range(r["num_segments"])
+        if r["segment_visual_valid"][s].any()
+    ]
+    assert rows
+    for s, record in rows:
+        refs = record["segment_visuals"][s][record["segment_visual_valid"][s]]
+        assert np.all(refs[:, 2:] % 32 == 0) and np.all(refs[:, 2:] > 0)
+
+
+@pytest.fixture(scope="module")
+def noisy_runs(world):
+    items, questions, store, tokenizer = world
+    kinds = entity_kinds(items)
+    noise = scripted.NoiseConfig(redundant_prob=0.5, dead_end_prob=0.6, wrong_answer_prob=0.3)
+
+    def run(batch):
+        backend = ScriptedSampler(tokenizer, noisy_factory(kinds, noise=noise))
+        agent = VimRAGAgent(store, tokenizer, backend, CONFIG)
+        return agent.run(batch, seed=1, group_ids=[q.question_id for q in batch])
+
+    together = run(questions[:8])
+    apart = run(questions[:4]).records + run(questions[4:8]).records
+    return together, apart
+
+
+def test_noisy_dead_ends_are_masked_by_ggpo_on_positive_trajectories(noisy_runs):
+    together, _ = noisy_runs
+    assert together.stats.invalid_actions == 0
+    masked_dead_ends = 0
+    for record in together.records:
+        keep = np.asarray(
+            node_keep_mask(
+                jnp.asarray(record["adjacency"]),
+                jnp.asarray(record["node_valid"]),
+                record["answer_node"],
+                record["reward"],
+                jnp.asarray(record["relevant"]),
+            )
+        )
+        if record["reward"] == 1.0:
+            assert keep[record["answer_node"]] and keep[0]
+            masked_dead_ends += int((record["node_valid"] & ~keep).sum())
+    assert masked_dead_ends > 0
+    assert any(r["reward"] == 0.0 for r in together.records)  # some wrong answers too
+
+
+def test_batched_equals_smaller_batches(noisy_runs):
+    together, apart = noisy_runs
+    assert len(together.records) == len(apart) == 8
+    for a, b in zip(together.records, apart, strict=True):
+        _assert_records_equal(a, b)
+
+
+# --- invalid actions -------------------------------------------------------------------------
+
+
+class Puppet:
+    """A backend that plays a fixed script per episode key; ``"MEMORIZE_ALL"`` memorizes every
+    pending item, ``"MEMORIZE_FIRST"`` only the first, ``"MEMORIZE_EXTRA"`` one that was not
+    retrieved too."""
+
+    wants_contexts = True
+
+    def __init__(self, tokenizer, scripts):
+        self.tokenizer, self.scripts = tokenizer, scripts
+
+    def _text(self, context):
+        script = self.scripts[context.key.split("/")[0]]
+        text = script[min(context.view.step, len(script) - 1)]
+        if text.startswith("MEMORIZE"):
+            labels = list(context.labels.values())
+            keep = {"MEMORIZE_ALL": labels, "MEMORIZE_FIRST": labels[:1]}.get(
+                text, [*labels, "Video 9"]
+            )
+            entries = [
+                {"information_id": label, "is_useful": True, "priority_score": 3} for label in keep
+            ]
+            text = format_tool_call(
+                "summarize_and_memorize", {"summarize": "notes", "memorize": entries}
+            )
+        return text + "<|im_end|>"
+
+    def generate(self, prompts_, *, contexts, **_):
+        out = []
+        for context in contexts:
+            tokens = self.tokenizer.encode(self._text(context), add_special_tokens=False)
+            out.append(Completion(tokens, [-0.5] * len(tokens), "stop"))
+        return out
+
+
+def _search(node_id, parents=("root",), query="badge"):
+    return format_tool_call(
+        "add_search_node", {"id": node_id, "parent_ids": list(parents), "query": query}
+    )
+
+
+_ANSWER = format_tool_call("add_answer_node", {"parent_ids": ["root"], "answer": "red"})
+# name -> (script, error message, node of the invalid segment)
+_CASES = {
+    "bad_json": (['<tool_call>{"name": oops</tool_call>', _ANSWER], "not valid JSON", 0),
+    "unknown_parent": ([_search("a", ["nope"]), _ANSWER], 'unknown parent id "nope"', 0),
+    "search_twice": (
+        [_search("a"), _search("b"), "MEMORIZE_ALL", _ANSWER],
+        "must be followed",
+        1,
+    ),
+    "memorize_first": (["MEMORIZE_ALL", _ANSWER], "no search results to memorize", 0),
+    "missing_items": ([_search("a"), "MEMORIZE_FIRST", "MEMORIZE_ALL", _ANSWER], "missing", 1),
+    "root_id": ([_search("root"), _ANSWER], 'node id "root" already exists', 0),
+    "unknown_item": (
+        [_search("a"), "MEMORIZE_EXTRA", "MEMORIZE_ALL", _ANSWER],
+        'unknown information_id "Video 9"',
+        1,
+    ),
+    "answer_pending": (
+        [_search("a"), _ANSWER, "MEMORIZE_ALL", _ANSWER],
+        "before answering",
+        1,
+    ),
+}
+
+
+def _run_puppet(world, scripts, config):
+    _, questions, store, tokenizer = world
+    batch = [dataclasses.replace(questions[0], question_id=name) for name in scripts]
+    agent = VimRAGAgent(store, tokenizer, Puppet(tokenizer, scripts), config)
+    return agent.run(batch, group_ids=list(scripts))
+
+
+def test_each_invalid_action_gets_its_error_and_the_episode_continues(world):
+    _, _, _, tokenizer = world
+    scripts = {name: script for name, (script, _, _) in _CASES.items()}
+    out = _run_puppet(world, scripts, CONFIG)
+    for (name, (_, message, node)), episode, record in zip(
+        _CASES.items(), out.episodes, out.records, strict=True
+    ):
+        validate_record(record)
+        errors = [t for t, turn in enumerate(episode.turns) if turn.error]
+        assert len(errors) == 1 and message in episode.turns[errors[0]].error, name
+        assert record["num_invalid_actions"] == 1
+        t = errors[0]
+        # The invalid segment belongs to the newest node, and the next prompt shows the error.
+        assert record["segment_node"][t] == node, name
+        next_prompt = tokenizer.decode(episode.segments[t + 1].prompt)
+        assert message.split('"')[0] in next_prompt and "Error:" in next_prompt
+        assert episode.end_reason == "answered", name
+        np.testing.assert_allclose(
+            record["behavior_logprobs"][record["loss_mask"]], -0.5
+        )  # the backend's log-probs, on sampled tokens only
+
+
+def test_graph_full_and_max_calls(world):
+    config = dataclasses.replace(CONFIG, max_nodes=3, max_model_calls=5, max_invalid_actions=9)
+    scripts = {
+        "full": [_search("a"), "MEMORIZE_ALL", _search("b", ["a"]), _ANSWER],
+        "stubborn": ["no tool call here"],
+    }
+    full, stubborn = _run_puppet(world, scripts, config).episodes
+    assert "memory graph is full" in full.turns[2].error
+    assert full.end_reason == "answered" and full.node_ids == ["root", "a", "answer"]
+    assert stubborn.end_reason == "max_model_calls" and len(stubborn.segments) == 5
+    assert all("no tool call found" in turn.error for turn in stubborn.turns)
+
+
+def test_invalid_action_policy_end(world):
+    config = dataclasses.replace(CONFIG, invalid_action_policy="end")
+    scripts = {"bad": ["no tool call here"], "good": [_ANSWER], "g2": [_ANSWER], "g3": [_ANSWER]}
+    out = _run_puppet(world, scripts, config)  # 4 rows: the expert test's compiled shapes
+    bad, good, _, _ = out.episodes
+    assert bad.end_reason == "invalid_action" and len(bad.segments) == 1
+    assert out.records[0]["answer_node"] == -1 and out.records[0]["reward"] == 0.0
+    assert good.end_reason == "answered"
+
+
+def test_prompt_that_does_not_fit_ends_the_episode(world):
+    config = dataclasses.replace(CONFIG, max_segment_tokens=1024, max_new_tokens=64)
+    out = _run_puppet(world, {"long": [_ANSWER]}, config)
+    assert out.episodes[0].end_reason == "prompt_too_long"
+    assert out.records[0]["num_segments"] == 0
+    validate_record(out.records[0])
+
+
+# --- a tiny random model --------------------------------------------------------------------
+
+
+def test_tiny_random_qwen3_runs_batched_episodes(world):
+    _, questions, store, tokenizer = world
+    hf = preset_config("tiny")
+    model = init_model(hf, rngs=nnx.Rngs(0))
+    config = dataclasses.replace(CONFIG, max_new_tokens=16, max_model_calls=2, group_size=2)
+    sampler = Sampler(
+        model,
+        max_prompt_len=config.max_prompt_tokens,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        batch_buckets=(4,),
+        length_buckets=(config.max_prompt_tokens,),
+    )
+    out = VimRAGAgent(store, tokenizer, sampler, config).run(questions[:2], seed=0)
+    assert len(out.records) == 4 and out.stats.model_calls >= 4
+    assert out.stats.invalid_actions >= 1
+    for record in out.records:
+        validate_record(record)
+        assert record["group_size"] == 2
+        mask = record["loss_mask"]
+        logprobs = record["behavior_logprobs"]
+        assert np.all(logprobs[mask] < 0) and np.all(logprobs[~mask] == 0)
+    assert [r["group_id"] for r in out.records][::2] == [r["group_id"] for r in out.records][1::2]

@@ -1,0 +1,246 @@
+"""Experiment bootstrap shared by the rollout worker and the learner: world, tokenizer, policy.
+
+``Experiment.from_config(cfg, workdir)`` gives every process of a run the same:
+
+- **corpus and questions**: with ``data.corpus == ""`` the synthetic world
+  (``envs.synthetic.build``, deterministic in ``env.*`` and ``seed``) and its ``CorpusStore``
+  under ``WORKDIR/corpus/``; the last ``env.eval_questions`` questions are the eval split;
+- **tokenizer**: for the tiny model a byte-level BPE trained on the world's texts plus the
+  agent's prompt templates (so the system prompt costs ~1k tokens, not ~3k), saved under
+  ``WORKDIR/tokenizer/``; for ``model.name == "hf"`` the tokenizer of ``model.path``;
+- **initial policy**: a seeded random preset model (vocab sized to the tokenizer) or the
+  Hugging Face checkpoint, and the newest published weights on top (``publish``).
+
+Building happens once per workdir under a lock file (``WORKDIR/.experiment.lock``), so two
+processes starting together do not race; later starts reuse what is on disk (the store checks its
+fingerprint, the tokenizer directory is published by an atomic rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vimrag_jax.agent import prompts
+from vimrag_jax.agent.loop import RolloutConfig
+from vimrag_jax.envs import synthetic
+from vimrag_jax.retrieval.corpus import CorpusStore
+
+CORPUS_DIR = "corpus"
+TOKENIZER_DIR = "tokenizer"
+LOCK_FILE = ".experiment.lock"
+DEFAULT_VOCAB = 2048
+DEFAULT_EVAL_QUESTIONS = 20
+
+
+def _get(block: Any, key: str, default: Any) -> Any:
+    if block is None:
+        return default
+    return block[key] if key in block else default
+
+
+def synthetic_config(cfg: Any) -> synthetic.SyntheticConfig:
+    """``SyntheticConfig`` from the ``env`` block (every field optional; seed from ``seed``)."""
+    env = cfg.get("env")
+    fields = {}
+    for field in dataclasses.fields(synthetic.SyntheticConfig):
+        default = cfg.get("seed", 0) if field.name == "seed" else field.default
+        fields[field.name] = _get(env, field.name, default)
+    return synthetic.SyntheticConfig(**fields)
+
+
+def tokenizer_texts(items, questions) -> list[str]:
+    """What the tiny tokenizer is trained on: the world's texts and the prompt templates.
+
+    The templates (system prompt with the tool schemas, observation cues) are repeated so BPE
+    learns their words (it merges only pairs seen at least twice).
+    """
+    templates = [
+        prompts.system_prompt(),
+        prompts.error_observation("the tool call is not valid JSON"),
+        prompts.retrieval_observation([]).text,
+        prompts.graph_prompt("", []).text,
+    ]
+    return synthetic.corpus_texts(items, questions) + templates * 4
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``WORKDIR/.experiment.lock`` (released on exit or death)."""
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _load_or_build_tokenizer(directory: Path, texts_fn, vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    from vimrag_jax.agent.tokenizer import build_tokenizer
+
+    if not directory.is_dir():
+        tokenizer = build_tokenizer(texts_fn(), vocab_size=vocab_size)
+        staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
+        tokenizer.save_pretrained(str(staging))
+        try:
+            os.rename(staging, directory)
+        except OSError:  # someone else published it first (shared filesystem without flock)
+            shutil.rmtree(staging, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a worker or learner builds from the config before its loop starts."""
+
+    cfg: Any
+    workdir: Path
+    store: CorpusStore
+    tokenizer: Any
+    train_questions: list[synthetic.Question]
+    eval_questions: list[synthetic.Question]
+    entities: dict[str, str]
+    vocab_size: int
+    env_name: str = "synthetic"
+
+    @classmethod
+    def from_config(cls, cfg: Any, workdir: str | os.PathLike) -> Experiment:
+        """Builds (first start) or reopens (later starts) the world and tokenizer in
+        ``workdir``; safe when several processes start at once."""
+        workdir = Path(workdir)
+        corpus = _get(cfg.get("data"), "corpus", "")
+        if corpus:
+            raise NotImplementedError(
+                f"data.corpus={corpus!r}: only the built-in synthetic corpus (data.corpus = '') "
+                "is wired into the experiment bootstrap so far"
+            )
+        env = synthetic_config(cfg)
+        items, questions = synthetic.build(env)
+        n_eval = int(_get(cfg.get("env"), "eval_questions", DEFAULT_EVAL_QUESTIONS))
+        if not 0 <= n_eval < len(questions):
+            raise ValueError(
+                f"env.eval_questions={n_eval} must leave training questions out of {len(questions)}"
+            )
+        vocab = int(_get(cfg.get("env"), "tokenizer_vocab_size", DEFAULT_VOCAB))
+        model = cfg.get("model")
+        with workdir_lock(workdir):
+            store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
+            if _get(model, "name", "tiny") == "hf":
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
+                vocab = len(tokenizer)
+            else:
+                tokenizer = _load_or_build_tokenizer(
+                    workdir / TOKENIZER_DIR, lambda: tokenizer_texts(items, questions), vocab
+                )
+        split = len(questions) - n_eval
+        return cls(
+            cfg=cfg,
+            workdir=workdir,
+            store=store,
+            tokenizer=tokenizer,
+            train_questions=questions[:split],
+            eval_questions=questions[split:],
+            entities=synthetic.entity_kinds(items),
+            vocab_size=vocab,
+        )
+
+    def rollout_config(self, *, evaluation: bool = False) -> RolloutConfig:
+        return RolloutConfig.from_config(self.cfg, evaluation=evaluation)
+
+    def initial_model(self):
+        """The version-0 policy: ``model.path`` for ``model.name == "hf"``, else a randomly
+        initialised preset (seeded by ``seed``) with its vocabulary sized to the tokenizer."""
+        from flax import nnx
+
+        model_cfg = self.cfg.model
+        dtype = _get(model_cfg, "dtype", "float32")
+        if model_cfg.name == "hf":
+            from vimrag_jax.models.hf import from_pretrained
+
+            return from_pretrained(model_cfg.path, dtype=dtype)
+        from vimrag_jax.models.presets import init_model, preset_config
+
+        hf = preset_config(model_cfg.name)
+        target = hf["text_config"] if "text_config" in hf else hf
+        target["vocab_size"] = self.vocab_size
+        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.get("seed", 0))), dtype=dtype)
+
+    def load_latest(self, model, *, newer_than: int = -1) -> int | None:
+        """Loads the newest published weights into ``model`` if newer than ``newer_than``;
+        returns their version, or None when there is nothing newer.
+
+        Published parameters are ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` trees.
+        """
+        from flax import nnx
+
+        from vimrag_jax import publish
+
+        found = publish.latest_policy(self.workdir)
+        if found is None or found[0] <= newer_than:
+            return None
+        version, path = found
+        state = nnx.state(model, nnx.Param)
+        params = publish.load_policy(path, nnx.to_pure_dict(state))
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(model, state)
+        return version
+
+    def stop_token_ids(self) -> list[int]:
+        """End-of-turn ids: the tokenizer's eos (``<|im_end|>``)."""
+        return [int(self.tokenizer.eos_token_id)]
+
+    def make_backend(self, model=None):
+        """The generation backend of ``rollout.backend``: the embedded KV-cache sampler over
+        ``model``, or an OpenAI-compatible server (imported only when selected)."""
+        rollout = self.cfg.get("rollout")
+        backend = _get(rollout, "backend", "embedded")
+        rc = self.rollout_config()
+        if backend == "openai":
+            from vimrag_jax.sampling.openai_api import OpenAICompletionsSampler
+
+            return OpenAICompletionsSampler(
+                rollout.server_url,
+                _get(rollout, "server_model", "") or "default",
+                timeout_s=float(_get(rollout, "request_timeout_s", 300.0)),
+                max_retries=int(_get(rollout, "max_retries", 3)),
+            )
+        if backend != "embedded":
+            raise ValueError(f"rollout.backend must be 'embedded' or 'openai', got {backend!r}")
+        from vimrag_jax.sampling.sampler import Sampler
+
+        if model is None:
+            raise ValueError("the embedded backend needs the policy model")
+        rows = rc.group_size * rc.questions_per_batch
+        buckets = sorted({1 << i for i in range(rows.bit_length() + 1) if 1 << i <= rows} | {rows})
+        pad = self.tokenizer.pad_token_id
+        return Sampler(
+            model,
+            max_prompt_len=rc.max_prompt_tokens,
+            max_new_tokens=rc.max_new_tokens,
+            eos_token_ids=self.stop_token_ids(),
+            pad_token_id=int(0 if pad is None else pad),
+            batch_buckets=tuple(buckets),
+        )
+
+
+__all__ = [
+    "CORPUS_DIR",
+    "TOKENIZER_DIR",
+    "Experiment",
+    "synthetic_config",
+    "tokenizer_texts",
+    "workdir_lock",
+]

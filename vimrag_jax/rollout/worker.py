@@ -1,0 +1,219 @@
+"""The rollout worker: writes trajectory shards for the learner from the newest policy.
+
+    python -m vimrag_jax.rollout.worker --config=configs/ggpo.py --workdir=DIR
+
+Loop, one batch at a time:
+
+1. pick up the newest published policy (``publish.latest_policy``; none: the config's initial
+   policy as version 0) and hand it to the sampler (``set_weights``);
+2. take ``rollout.questions_per_batch`` questions from the training split, cycling through it in
+   an order fixed by the seed and ``--worker_id`` (a restart resumes at the position after the
+   shards already written, so it neither repeats nor skips questions);
+3. run ``rollout.group_size`` rollouts of each through the agent (``rollout.agent``);
+4. write the records to one ArrayRecord shard ``DIR/rollouts/{worker_id}-{seq:08d}`` (atomic:
+   readers never see a partial shard; each group's rollouts consecutive in it);
+5. log throughput: trajectories/s, generated tokens/s, invalid-action rate, mean reward.
+
+SIGTERM (and SIGINT) set a flag: the worker finishes the batch and shard in flight, then exits 0.
+On restart the shard sequence continues after the highest one on disk for this worker id.
+``--policy=scripted_expert|scripted_noisy`` swaps the model for a scripted policy (SFT data).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (policy/, rollouts/, corpus/).")
+_MAX_TRAJECTORIES = flags.DEFINE_integer(
+    "max_trajectories", 0, "Stop after writing at least this many trajectories (0: run forever)."
+)
+_WORKER_ID = flags.DEFINE_string("worker_id", "w0", "Name of this worker (shard name prefix).")
+_POLICY = flags.DEFINE_enum(
+    "policy", "model", ["model", "scripted_expert", "scripted_noisy"], "Who acts."
+)
+_SHARD_DIR = flags.DEFINE_string("shard_dir", "", "Where shards go (default: data.shard_dir).")
+
+ROLLOUT_DIR = "rollouts"
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checks it between batches."""
+
+    def __init__(self):
+        self.stop = False
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.info("signal %d: stopping after the current shard", signum)
+        self.stop = True
+
+
+def next_sequence(directory: Path, worker_id: str) -> int:
+    """The shard sequence number after this worker's highest published shard (0 if none)."""
+    from vimrag_jax.rollout.records import SHARD_SUFFIX, list_shards
+
+    pattern = re.compile(rf"^{re.escape(worker_id)}-(\d+){re.escape(SHARD_SUFFIX)}$")
+    found = [pattern.match(p.name) for p in list_shards(directory)]
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
+def question_order(num_questions: int, worker_id: str, seed: int, epoch: int) -> np.ndarray:
+    """The train-split order of one pass for this worker (deterministic)."""
+    key = zlib.crc32(worker_id.encode())
+    return np.random.default_rng([seed, key, epoch]).permutation(num_questions)
+
+
+def questions_for_batch(questions, worker_id: str, seed: int, start: int, count: int) -> list:
+    """``count`` questions from position ``start`` of this worker's endless question stream."""
+    n = len(questions)
+    out = []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, n)
+        out.append(questions[int(question_order(n, worker_id, seed, epoch)[offset])])
+    return out
+
+
+def build_agent(experiment, policy: str):
+    """(agent, model or None) for ``policy`` and the config's ``rollout.agent``."""
+    from vimrag_jax.agent import baselines, scripted_sampler
+
+    rc = experiment.rollout_config()
+    model = None
+    if policy == "model":
+        model = experiment.initial_model()
+        backend = experiment.make_backend(model)
+    elif policy == "scripted_expert":
+        factory = scripted_sampler.expert_factory(max_calls=rc.max_model_calls)
+        backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
+    else:
+        factory = scripted_sampler.noisy_factory(experiment.entities, max_calls=rc.max_model_calls)
+        backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
+    agent = baselines.make_agent(
+        rc,
+        experiment.store,
+        experiment.tokenizer,
+        backend,
+        stop_token_ids=experiment.stop_token_ids(),
+    )
+    return agent, model
+
+
+def run_worker(
+    cfg,
+    workdir: str,
+    *,
+    worker_id: str,
+    policy: str,
+    max_trajectories: int,
+    shard_dir: str = "",
+    stop: StopFlag | None = None,
+) -> int:
+    """The worker loop (see the module docstring); returns the trajectories written."""
+    from vimrag_jax.experiment import Experiment
+    from vimrag_jax.rollout.records import ShardWriter, shard_name
+
+    stop = stop or StopFlag()
+    experiment = Experiment.from_config(cfg, workdir)
+    rc = experiment.rollout_config()
+    directory = Path(shard_dir or cfg.data.get("shard_dir", "") or Path(workdir) / ROLLOUT_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    agent, model = build_agent(experiment, policy)
+    version = 0
+    seed = int(cfg.get("seed", 0))
+    sequence = next_sequence(directory, worker_id)
+    written = 0
+    logging.info(
+        "worker %s: policy=%s agent=%s shards from #%d in %s",
+        worker_id,
+        policy,
+        rc.agent,
+        sequence,
+        directory,
+    )
+    while not stop.stop and (max_trajectories <= 0 or written < max_trajectories):
+        if model is not None:
+            newer = experiment.load_latest(model, newer_than=version)
+            if newer is not None:
+                agent.backend.set_weights(model)
+                version = newer
+                logging.info("worker %s: policy version %d", worker_id, version)
+        count = rc.questions_per_batch
+        if max_trajectories > 0:
+            count = min(count, -(-(max_trajectories - written) // rc.group_size))
+        start = sequence * rc.questions_per_batch
+        questions = questions_for_batch(experiment.train_questions, worker_id, seed, start, count)
+        group_ids = [f"{worker_id}-{sequence:08d}-{i}" for i in range(count)]
+        began = time.perf_counter()
+        out = agent.run(
+            questions,
+            group_size=rc.group_size,
+            policy_version=version,
+            seed=_batch_seed(seed, worker_id, sequence),
+            group_ids=group_ids,
+            env_name=experiment.env_name,
+            worker_id=worker_id,
+        )
+        with ShardWriter(directory, name=shard_name(worker_id, sequence), dims=rc.dims) as writer:
+            for record in out.records:
+                writer.write(record)
+        elapsed = time.perf_counter() - began
+        written += len(out.records)
+        stats = out.stats
+        logging.info(
+            "worker %s shard %d: %d trajectories (%.2f/s), %.1f generated tokens/s, "
+            "invalid-action rate %.3f, mean reward %.3f, policy v%d, %.0f%% outside the model",
+            worker_id,
+            sequence,
+            len(out.records),
+            len(out.records) / elapsed,
+            stats.generated_tokens / elapsed,
+            stats.invalid_rate,
+            stats.mean_reward,
+            version,
+            100 * stats.outside_model_share,
+        )
+        sequence += 1
+    logging.info("worker %s: stopped after %d trajectories", worker_id, written)
+    return written
+
+
+def _batch_seed(seed: int, worker_id: str, sequence: int) -> int:
+    return zlib.crc32(f"{seed}/{worker_id}/{sequence}".encode()) & 0x7FFFFFFF
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    stop = StopFlag().install()
+    run_worker(
+        _CONFIG.value,
+        _WORKDIR.value,
+        worker_id=_WORKER_ID.value,
+        policy=_POLICY.value,
+        max_trajectories=_MAX_TRAJECTORIES.value,
+        shard_dir=_SHARD_DIR.value,
+        stop=stop,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
