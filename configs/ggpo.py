@@ -109,6 +109,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.connect_timeout_s = 10.0
     c.rollout.request_timeout_s = 300.0
     c.rollout.max_retries = 3
+    # The agent (vimrag_jax.agent.loop.RolloutConfig reads these).
+    c.rollout.agent = "vimrag"  # vimrag | react | summary | mem1 (the paper's baselines)
+    c.rollout.questions_per_batch = 4  # questions per worker batch (x group_size episodes)
+    c.rollout.max_new_tokens = 256  # per model call
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.invalid_action_policy = "continue"  # continue | end
+    c.rollout.max_invalid_actions = 5
+    c.rollout.max_visuals = 64  # visual inputs per segment prompt
+    c.rollout.reward_metric = "em"  # em | f1 (reward 1 when the metric passes the threshold)
+    c.rollout.reward_threshold = 0.5
+    c.rollout.prompt_style = "full"  # full (tool JSON schemas) | compact (tiny models)
+
+    # The built-in synthetic multimodal world (vimrag_jax.envs.synthetic.SyntheticConfig);
+    # its seed is config.seed. Used when data.corpus is empty.
+    c.env = ml_collections.ConfigDict()
+    c.env.num_entities = 48
+    c.env.num_questions = 200
+    c.env.eval_questions = 20  # held out of the worker's question stream
+    c.env.tokenizer_vocab_size = 2048  # the tiny model's BPE tokenizer
 
     # Learner batches of segments (one model call = one segment).
     c.data = ml_collections.ConfigDict()
@@ -168,7 +188,12 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.sft.learning_rate = 1e-3
         c.rollout.group_size = 4
         c.data.batch_segments = 16
-        c.data.max_segment_tokens = 256
+        # A text-only tiny model sees pictures only as placeholder tokens: keep them few
+        # (4 tokens per picture at the top-K budget) and the system prompt short.
+        c.memory.total_pixels = 5 * 4 * 32 * 32
+        c.rollout.prompt_style = "compact"
+        c.rollout.max_new_tokens = 192
+        c.data.max_segment_tokens = 1024
         c.checkpoint.every_steps = 20
         return c
     size = preset.removeprefix("qwen3vl_")

@@ -85,6 +85,7 @@ class RolloutConfig:
     ``rollout.max_new_tokens``, ``rollout.temperature``, ``rollout.top_p``,
     ``rollout.invalid_action_policy``, ``rollout.max_invalid_actions``,
     ``rollout.max_visuals``, ``rollout.reward_metric``, ``rollout.reward_threshold``,
+    ``rollout.prompt_style`` (``"full"`` or ``"compact"``, see ``prompts.system_prompt``),
     ``data.max_segment_tokens``, ``graph.*``, ``memory.*`` (``rollout_budget`` or, for
     evaluation, ``eval_budget``).
     """
@@ -102,6 +103,7 @@ class RolloutConfig:
     max_visuals: int = 64
     reward_metric: str = "em"
     reward_threshold: float = 0.5
+    prompt_style: str = "full"
     max_segment_tokens: int = 2048
     max_nodes: int = 16
     max_items: int = 3
@@ -121,6 +123,11 @@ class RolloutConfig:
             raise ValueError(
                 f"rollout.invalid_action_policy must be one of {INVALID_POLICIES}, "
                 f"got {self.invalid_action_policy!r}"
+            )
+        if self.prompt_style not in prompts.PROMPT_STYLES:
+            raise ValueError(
+                f"rollout.prompt_style must be one of {prompts.PROMPT_STYLES}, "
+                f"got {self.prompt_style!r}"
             )
         if self.budget not in ("averaged", "energy"):
             raise ValueError(f"memory budget must be 'averaged' or 'energy', got {self.budget!r}")
@@ -159,6 +166,7 @@ class RolloutConfig:
                 "max_visuals",
                 "reward_metric",
                 "reward_threshold",
+                "prompt_style",
             )
         }
         fields["max_segment_tokens"] = _get(cfg.get("data"), "max_segment_tokens", 2048)
@@ -510,7 +518,9 @@ class VimRAGAgent:
                 )
             )
         turns = episode.pending_turns + episode.error_turns
-        return prompts.step_prompt(episode.question.text, nodes, turns)
+        return prompts.step_prompt(
+            episode.question.text, nodes, turns, style=self.config.prompt_style
+        )
 
     def _memory_views(self, slots: list[MemorySlot], budget: np.ndarray):
         if not slots:
