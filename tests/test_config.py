@@ -88,14 +88,15 @@ def _train(*flags: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_validates_then_says_what_is_missing():
-    ok = _train("--config=configs/ggpo.py")
-    assert ok.returncode == 1, ok.stderr
-    assert "config ok: preset=tiny" in ok.stdout
-    assert "cannot run yet" in ok.stderr
-    bad = _train("--config=configs/ggpo.py", "--config.memory.top_k=0")
+def test_train_refuses_a_bad_config_before_building_anything(tmp_path):
+    bad = _train(
+        "--config=configs/ggpo.py", f"--workdir={tmp_path / 'run'}", "--config.memory.top_k=0"
+    )
     assert bad.returncode == 2
     assert "config.memory.top_k must be a positive integer" in bad.stderr
+    assert not (tmp_path / "run").exists()  # refused before the workdir was touched
+    no_workdir = _train("--config=configs/ggpo.py")
+    assert no_workdir.returncode != 0 and "--workdir is required" in no_workdir.stderr
 
 
 # --- experiment files, new blocks and their checks ----------------------------------------
@@ -219,3 +220,10 @@ def test_a_config_missing_a_block_says_which():
     assert _problems(cfg) == [
         "config.distributed is missing; start from configs/ggpo.py, which defines every key"
     ]
+
+
+def test_agent_cross_checks_are_reported():
+    cfg = ggpo.get_config()
+    cfg.rollout.max_new_tokens = cfg.data.max_segment_tokens
+    with pytest.raises(config_checks.ConfigError, match="leaves no room for a prompt"):
+        config_checks.validate(cfg, 8)

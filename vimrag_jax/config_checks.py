@@ -250,12 +250,6 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
         problems.append(f"config.rollout.max_policy_lag must be >= 0, got {rollout.max_policy_lag}")
 
     _check_rollout_backend(problems, rollout)
-    try:  # the agent's own settings check (prompt fits the segment, known agent, ...)
-        from vimrag_jax.agent.loop import RolloutConfig
-
-        RolloutConfig.from_config(cfg)
-    except (ValueError, TypeError) as err:
-        problems.append(f"config.rollout / graph / memory: {err}")
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
     _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "worker_count")
@@ -287,6 +281,13 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
         path = cfg.data[key]
         if path and not os.path.exists(path):
             problems.append(f"config.data.{key}={path!r} does not exist")
+    if not problems:  # the agent's own cross-checks (a prompt fits a segment, known agent, ...)
+        from vimrag_jax.agent.loop import RolloutConfig
+
+        try:
+            RolloutConfig.from_config(cfg)
+        except (ValueError, TypeError) as err:
+            problems.append(f"config.rollout: {err}")
     return problems
 
 
