@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 _SUPPORTED_ROPE_TYPES = ("default",)
 _DEFAULT_ROPE_THETA = 10_000.0
@@ -36,6 +36,7 @@ class Qwen3Config:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -47,7 +48,9 @@ class Qwen3Config:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, dtype: str = "float32") -> Qwen3Config:
+    def from_hf(
+        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+    ) -> Qwen3Config:
         """Reads a `config.json` dict of `model_type: qwen3` (transformers 4.x or 5.x layout).
 
         Raises NotImplementedError for features this port does not have yet: RoPE types other
@@ -77,6 +80,7 @@ class Qwen3Config:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             dtype=dtype,
+            remat=remat,
         )
 
 
@@ -146,6 +150,76 @@ def apply_rope(x_blhk: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array) -> jax
     return (x_blhk * cos + rotated * sin).astype(x_blhk.dtype)
 
 
+KVPair = tuple[jax.Array, jax.Array]  # (keys [B, T, G, K], values [B, T, G, K]) of one layer
+
+
+def attend(
+    q_blhk: jax.Array, k_bmgk: jax.Array, v_bmgk: jax.Array, allowed_bqm: jax.Array
+) -> jax.Array:
+    """Grouped-query softmax attention `[B, L, H, K]` of queries over keys `m` where allowed.
+
+    Query head h reads kv head `h // (H / G)`, as transformers' `repeat_kv` does. Scores and the
+    softmax are float32. Fully masked rows (left-padding queries) stay finite (`finfo.min`).
+    """
+    dtype = q_blhk.dtype
+    b, length, h, k = q_blhk.shape
+    g = k_bmgk.shape[2]
+    q_blgrk = q_blhk.reshape(b, length, g, h // g, k)
+    scores_bgrqm = jnp.einsum(
+        "bqgrk,bmgk->bgrqm", q_blgrk, k_bmgk, preferred_element_type=jnp.float32
+    ) * (k**-0.5)
+    scores_bgrqm = jnp.where(allowed_bqm[:, None, None], scores_bgrqm, jnp.finfo(jnp.float32).min)
+    probs_bgrqm = jax.nn.softmax(scores_bgrqm, axis=-1).astype(dtype)
+    out_bqgrk = jnp.einsum("bgrqm,bmgk->bqgrk", probs_bgrqm, v_bmgk)
+    return out_bqgrk.reshape(b, length, h, k)
+
+
+# Query block of `blocked_attend`: small enough that one block's float32 scores stay in cache-
+# friendly sizes, large enough that each block's matmuls run at full speed.
+ATTENTION_BLOCK = 256
+
+
+def blocked_attend(
+    q_blhk: jax.Array,
+    k_bmgk: jax.Array,
+    v_bmgk: jax.Array,
+    allowed_bqm: jax.Array,
+    *,
+    causal: bool,
+    block: int = ATTENTION_BLOCK,
+) -> jax.Array:
+    """`attend` over query blocks, each rematerialised, skipping future keys when `causal`.
+
+    Equals `attend(...)`. Each block of `block` queries is a `jax.checkpoint`: the backward
+    pass recomputes its scores instead of storing `[B, H, L, M]` float32 scores and
+    probabilities per layer (the flash-attention trade). With `causal` (the caller promises
+    that query i only attends to keys j <= i + M - L), block b reads only the keys up to its
+    last query, which skips about half the work of a long causal sequence.
+    """
+    b, length, h, k = q_blhk.shape
+    if length <= block:
+        return attend(q_blhk, k_bmgk, v_bmgk, allowed_bqm)
+    num_blocks = -(-length // block)
+    pad = num_blocks * block - length
+    # Padded queries see no key: finite garbage rows, sliced off below.
+    q_nbchk = jnp.pad(q_blhk, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_nbchk = q_nbchk.reshape(b, num_blocks, block, h, k).swapaxes(0, 1)
+    allowed_nbcm = jnp.pad(allowed_bqm, ((0, 0), (0, pad), (0, 0)))
+    allowed_nbcm = allowed_nbcm.reshape(b, num_blocks, block, -1).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(q_bchk, allowed_bcm):
+        return attend(q_bchk, k_bmgk, v_bmgk, allowed_bcm)
+
+    # A scan runs the blocks one after another in both passes, so only one block's scores
+    # are alive at a time (an unrolled loop lets XLA overlap them and hold them all).
+    _, out_nbchk = jax.lax.scan(
+        lambda carry, xs: (carry, one_block(*xs)), None, (q_nbchk, allowed_nbcm)
+    )
+    out_blhk = out_nbchk.swapaxes(0, 1).reshape(b, num_blocks * block, h, k)
+    return out_blhk[:, :length]
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
 
@@ -179,29 +253,39 @@ class Attention(nnx.Module):
         cos_blk: jax.Array,
         sin_blk: jax.Array,
         allowed_bqm: jax.Array,
-    ) -> jax.Array:
+        *,
+        kv_cache: KVPair | None = None,
+        cache_index: jax.Array | int = 0,
+        causal: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVPair]:
+        """`[B, L, D]`; with `kv_cache`, also the cache with this call's keys/values written.
+
+        `causal=True` promises `allowed_bqm` never lets a query see a later position, so long
+        sequences may skip those keys (see `blocked_attend`); the result is the same.
+
+        Without a cache, `allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
+        `[B, T, G, K]`, the new keys/values are written at slots `cache_index .. + L` (the same
+        slots for every row) and queries attend over all T slots: `allowed_bqm: bool[B, L, T]`.
+        """
         dtype = x_bld.dtype
         q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.q_dhk[...].astype(dtype))
         k_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.k_dgk[...].astype(dtype))
         v_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.v_dgk[...].astype(dtype))
         q_blhk = apply_rope(self.q_norm(q_blhk), cos_blk, sin_blk)
         k_blgk = apply_rope(self.k_norm(k_blgk), cos_blk, sin_blk)
-
-        b, length, h, k = q_blhk.shape
-        g = self.num_kv_heads
-        # Query head h reads kv head h // (h_total / g), as transformers' repeat_kv does.
-        q_blgrk = q_blhk.reshape(b, length, g, h // g, k)
-        scores_bgrqm = jnp.einsum(
-            "bqgrk,bmgk->bgrqm", q_blgrk, k_blgk, preferred_element_type=jnp.float32
-        ) * (k**-0.5)
-        # finfo.min instead of -inf keeps fully masked rows (left-padding queries) finite.
-        scores_bgrqm = jnp.where(
-            allowed_bqm[:, None, None], scores_bgrqm, jnp.finfo(jnp.float32).min
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_blgk = jax.lax.dynamic_update_slice(
+                kv_cache[0], k_blgk.astype(kv_cache[0].dtype), start
+            )
+            v_blgk = jax.lax.dynamic_update_slice(
+                kv_cache[1], v_blgk.astype(kv_cache[1].dtype), start
+            )
+        out_blhk = blocked_attend(
+            q_blhk, k_blgk.astype(dtype), v_blgk.astype(dtype), allowed_bqm, causal=causal
         )
-        probs_bgrqm = jax.nn.softmax(scores_bgrqm, axis=-1).astype(dtype)
-        out_bqgrk = jnp.einsum("bgrqm,bmgk->bqgrk", probs_bgrqm, v_blgk)
-        out_blhk = out_bqgrk.reshape(b, length, h, k)
-        return jnp.einsum("blhk,hkd->bld", out_blhk, self.o_hkd[...].astype(dtype))
+        out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.o_hkd[...].astype(dtype))
+        return out_bld if kv_cache is None else (out_bld, (k_blgk, v_blgk))
 
 
 class MLP(nnx.Module):
@@ -231,10 +315,60 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(
-        self, x_bld: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array, allowed_bqm: jax.Array
-    ) -> jax.Array:
-        x_bld = x_bld + self.attn(self.input_norm(x_bld), cos_blk, sin_blk, allowed_bqm)
-        return x_bld + self.mlp(self.post_attn_norm(x_bld))
+        self,
+        x_bld: jax.Array,
+        cos_blk: jax.Array,
+        sin_blk: jax.Array,
+        allowed_bqm: jax.Array,
+        *,
+        kv_cache: KVPair | None = None,
+        cache_index: jax.Array | int = 0,
+        causal: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVPair]:
+        """`[B, L, D]`; with `kv_cache`, also the updated cache (see `Attention.__call__`)."""
+        attn_out = self.attn(
+            self.input_norm(x_bld),
+            cos_blk,
+            sin_blk,
+            allowed_bqm,
+            kv_cache=kv_cache,
+            cache_index=cache_index,
+            causal=causal,
+        )
+        new_cache = None
+        if kv_cache is not None:
+            attn_out, new_cache = attn_out
+        x_bld = x_bld + attn_out
+        x_bld = x_bld + self.mlp(self.post_attn_norm(x_bld))
+        return x_bld if kv_cache is None else (x_bld, new_cache)
+
+
+def _layer_forward(layer: DecoderLayer, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
+    return layer(x_bld, cos_blk, sin_blk, allowed_bqm, causal=True)
+
+
+# Recomputes a layer's activations in the backward pass instead of keeping them.
+_remat_layer_forward = nnx.remat(_layer_forward)
+
+
+@struct.dataclass
+class KVCache:
+    """Decoding state of a causal decoder: keys/values of every layer plus bookkeeping.
+
+    Prompts are left-padded so every row writes its next token at the same slot `length`;
+    `valid_bt` marks slots holding real tokens and `next_position_b` is each row's RoPE position
+    for the next token (for a Qwen3-VL model: the text position after its MRoPE offsets).
+    """
+
+    layers: tuple[KVPair, ...]  # per layer (keys, values), each [B, T, G, K]
+    valid_bt: jax.Array  # bool[B, T]
+    next_position_b: jax.Array  # int32[B]
+    length: jax.Array  # int32[], slots filled so far (same for every row)
+
+    @property
+    def size(self) -> int:
+        """T, the number of slots."""
+        return self.valid_bt.shape[1]
 
 
 def default_positions(attention_mask_bl: jax.Array) -> jax.Array:
@@ -244,7 +378,13 @@ def default_positions(attention_mask_bl: jax.Array) -> jax.Array:
 
 
 class Qwen3ForCausalLM(nnx.Module):
-    """Qwen3 decoder with LM head; `model(input_ids) -> logits float32[B, L, V]`."""
+    """Qwen3 decoder with LM head; `model(input_ids) -> logits float32[B, L, V]`.
+
+    Besides the full forward it offers `hidden_states` (final-norm outputs, for embedders and
+    memory-lean log-probs), `head_weight`, and the decoding protocol the sampler uses:
+    `prefill(input_ids, attention_mask, cache_size=T) -> (logits_last, KVCache)` and
+    `decode_step(tokens, cache) -> (logits, KVCache)`.
+    """
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -272,23 +412,139 @@ class Qwen3ForCausalLM(nnx.Module):
         keys; `positions: int[B, L]` default to `cumsum(mask) - 1` (clipped at 0), i.e. 0..L-1
         without a mask. Logits at padded positions are meaningless.
         """
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, L, D]` in the compute dtype."""
         dtype = jnp.dtype(self.config.dtype)
+        return jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states `[B, L, D]` (after the final norm, before the LM head).
+
+        Same arguments as `__call__`; `logits(hidden_states(...))` equals `__call__(...)`. The
+        compute dtype is `config.dtype`. With `config.remat`, each layer is rematerialised.
+        """
         b, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), dtype=jnp.int32)
-        key_valid_bm = attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(attention_mask)
         causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
-        allowed_bqm = causal_qm[None] & key_valid_bm[:, None, :]
+        allowed_bqm = causal_qm[None] & attention_mask.astype(bool)[:, None, :]
         cos_blk, sin_blk = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-
-        x_bld = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
+        x_bld = self.embed(input_ids)
+        forward = _remat_layer_forward if self.config.remat else _layer_forward
         for layer in self.layers:
-            x_bld = layer(x_bld, cos_blk, sin_blk, allowed_bqm)
-        x_bld = self.final_norm(x_bld)
+            x_bld = forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm)
+        return self.final_norm(x_bld)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as `[D, V]` in the compute dtype (the transposed embedding when tied)."""
+        dtype = jnp.dtype(self.config.dtype)
         if self.lm_head_dv is None:
-            logits_blv = jnp.einsum("bld,vd->blv", x_bld, self.embed_vd[...].astype(dtype))
-        else:
-            logits_blv = x_bld @ self.lm_head_dv[...].astype(dtype)
-        return logits_blv.astype(jnp.float32)
+            return self.embed_vd[...].astype(dtype).T
+        return self.lm_head_dv[...].astype(dtype)
+
+    def logits(self, hidden_bld: jax.Array) -> jax.Array:
+        """`float32[..., V]` logits of final hidden states `[..., D]`."""
+        return (hidden_bld @ self.head_weight()).astype(jnp.float32)
+
+    def _cached_layers(
+        self,
+        x_bld: jax.Array,
+        positions_bl: jax.Array,
+        allowed_bqt: jax.Array,
+        cache_layers: tuple[KVPair, ...],
+        cache_index: jax.Array | int,
+        causal: bool,
+    ) -> tuple[jax.Array, tuple[KVPair, ...]]:
+        cos_blk, sin_blk = rope_cos_sin(positions_bl, self.config.head_dim, self.config.rope_theta)
+        new_layers = []
+        for layer, kv in zip(self.layers, cache_layers, strict=True):
+            x_bld, kv = layer(
+                x_bld,
+                cos_blk,
+                sin_blk,
+                allowed_bqt,
+                kv_cache=kv,
+                cache_index=cache_index,
+                causal=causal,
+            )
+            new_layers.append(kv)
+        return self.final_norm(x_bld), tuple(new_layers)
+
+    def init_cache(self, batch: int, cache_size: int) -> KVCache:
+        """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        shape = (batch, cache_size, c.num_key_value_heads, c.head_dim)
+        layers = tuple(
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)
+        )
+        return KVCache(
+            layers=layers,
+            valid_bt=jnp.zeros((batch, cache_size), bool),
+            next_position_b=jnp.zeros((batch,), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array, *, cache_size: int
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs left-padded prompts `int[B, P]` and returns the next-token logits and a cache.
+
+        `attention_mask: [B, P]` must be 1 on each row's last column (left padding). Returns
+        `float32[B, V]` logits at the last column and a `KVCache` of `cache_size >= P` slots with
+        the prompt in slots `0..P-1`. Positions count real tokens from 0, as in `__call__`.
+        """
+        b, length = input_ids.shape
+        if cache_size < length:
+            raise ValueError(f"cache_size={cache_size} is shorter than the prompt ({length}).")
+        valid_bl = attention_mask.astype(bool)
+        positions_bl = default_positions(valid_bl)
+        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+        allowed_bqm = causal_qm[None] & valid_bl[:, None, :]
+        prompt_cache = self.init_cache(b, length)
+        hidden_bld, layers = self._cached_layers(
+            self.embed(input_ids), positions_bl, allowed_bqm, prompt_cache.layers, 0, causal=True
+        )
+        pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
+        layers = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in layers)
+        cache = KVCache(
+            layers=layers,
+            valid_bt=jnp.pad(valid_bl, ((0, 0), (0, cache_size - length))),
+            next_position_b=positions_bl[:, -1] + valid_bl[:, -1].astype(jnp.int32),
+            length=jnp.asarray(length, jnp.int32),
+        )
+        return self.logits(hidden_bld[:, -1]), cache
+
+    def decode_step(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds one token per row; returns `float32[B, V]` next-token logits and the cache.
+
+        The token goes to slot `cache.length` at position `cache.next_position_b`; writing past
+        the last slot is the caller's error (it would be clamped and overwrite slot T-1).
+        """
+        valid_bt = jax.lax.dynamic_update_slice(
+            cache.valid_bt, jnp.ones((tokens_b.shape[0], 1), bool), (0, cache.length)
+        )
+        hidden_b1d, layers = self._cached_layers(
+            self.embed(tokens_b[:, None]),
+            cache.next_position_b[:, None],
+            valid_bt[:, None, :],
+            cache.layers,
+            cache.length,
+            causal=False,
+        )
+        new_cache = KVCache(
+            layers=layers,
+            valid_bt=valid_bt,
+            next_position_b=cache.next_position_b + 1,
+            length=cache.length + 1,
+        )
+        return self.logits(hidden_b1d[:, 0]), new_cache
