@@ -230,6 +230,11 @@ class Trainer:
 
     # --- reinforcement learning --------------------------------------------------------
 
+    def _publish(self, learner: Learner, version: int) -> None:
+        # Workers read the plain parameter tree (`Experiment.load_latest`): no Variable boxes.
+        params = learner.params().to_pure_dict()
+        publish.publish_policy(params, self.workdir, version, keep=int(self.cfg.publish.keep))
+
     def run_rl(self, start_params: Any | None) -> None:
         cfg = self.cfg
         learner = Learner(
@@ -260,7 +265,7 @@ class Trainer:
 
         latest = publish.latest_policy(self.workdir)
         if latest is None or latest[0] < version:
-            publish.publish_policy(learner.params(), self.workdir, version, keep=cfg.publish.keep)
+            self._publish(learner, version)
         current = PolicyVersion(version)
         directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
         directory.mkdir(parents=True, exist_ok=True)
@@ -295,9 +300,7 @@ class Trainer:
                     updates = learner.step // self.micro
                     if updates % int(cfg.publish.every_steps) == 0:
                         version += 1
-                        publish.publish_policy(
-                            learner.params(), self.workdir, version, keep=cfg.publish.keep
-                        )
+                        self._publish(learner, version)
                         current.set(version)
                 valid = np.asarray(batch["segment_valid"], bool)
                 if valid.any():

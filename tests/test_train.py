@@ -1,0 +1,94 @@
+"""End to end: `python -m vimrag_jax.train` with the tiny config, a real worker, a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vimrag_jax.rollout.records import list_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny preset, shrunk so a run takes about a minute on two cores: one warm-start step on
+# four expert trajectories, then RL steps on rollouts of a local worker subprocess.
+_SMALL = (
+    "--config=configs/ggpo.py",
+    "--config.sft.steps=1",
+    "--config.sft.warmup_steps=1",
+    "--config.sft.num_trajectories=4",
+    "--config.optim.warmup_steps=1",
+    "--config.rollout.group_size=2",
+    "--config.rollout.questions_per_batch=2",
+    "--config.rollout.max_model_calls=9",
+    "--config.rollout.max_new_tokens=192",
+    "--config.data.batch_segments=8",
+    "--config.data.max_wait_s=240",
+    "--config.checkpoint.every_steps=1",
+    "--config.metrics.every_steps=1",
+)
+
+
+def _train(workdir: Path, total_steps: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vimrag_jax.train",
+            *_SMALL,
+            f"--config.optim.total_steps={total_steps}",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = _train(workdir, total_steps=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+def test_warm_start_then_rl_with_a_worker(first_run):
+    workdir, _ = first_run
+    rows = _rows(workdir)
+    assert [row["step"] for row in rows if "sft/loss" in row] == [1]
+    rl = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in rl] == [2, 3]  # checkpoint steps continue after the warm start
+    assert all(row["data/segments_emitted"] > 0 for row in rl)
+    assert json.loads((workdir / "phase.json").read_text())["phase"] == "rl"
+    assert (
+        sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1]
+        == 3
+    )
+    assert list_shards(workdir / "sft_data") and list_shards(workdir / "rollouts")
+    assert (workdir / "policy" / "LATEST").read_text().strip() == "2"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_restart_resumes_rl_where_it_stopped(first_run):
+    workdir, _ = first_run
+    before = _rows(workdir)
+    consumed_before = max(row["data/records_consumed"] for row in before if "loss" in row)
+    result = _train(workdir, total_steps=3)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed RL at step 2, policy version 2" in result.stderr
+    after = _rows(workdir)[len(before) :]
+    assert [row["step"] for row in after] == [4]  # no warm start again, one more RL step
+    assert after[0]["data/records_consumed"] >= consumed_before  # the ledger moved on
+    assert (workdir / "policy" / "LATEST").read_text().strip() == "3"
