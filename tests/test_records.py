@@ -248,7 +248,10 @@ def test_dims_from_the_experiment_config():
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    dims = RecordDims.from_config(module.get_config("tiny"), visuals=5)
-    assert dims == RecordDims(nodes=16, items=3, segments=20, tokens=256, visuals=5)
+    cfg = module.get_config("tiny")
+    dims = RecordDims.from_config(cfg, visuals=5)
+    assert dims == RecordDims(
+        nodes=16, items=3, segments=20, tokens=cfg.data.max_segment_tokens, visuals=5
+    )
     with pytest.raises(ValueError, match="tokens"):
         RecordDims(nodes=1, items=1, segments=1, tokens=0, visuals=1)

@@ -98,27 +98,36 @@ def plot_runs(
     return panels
 
 
-_WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Run directory (repeat for several).")
-_OUT = flags.DEFINE_string("out", "curves.png", "Output PNG file.")
-_METRICS = flags.DEFINE_list("metrics", list(DEFAULT_METRICS), "Metrics, one panel each.")
-_SMOOTHING = flags.DEFINE_float("smoothing", 0.0, "EMA weight in [0, 1); 0 plots raw values.")
-_LABELS = flags.DEFINE_list("labels", None, "Legend label per workdir (default: dir names).")
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing plot_runs defines no global flags.
+    _FLAGS.update(
+        workdir=flags.DEFINE_multi_string("workdir", None, "Run directory (repeat for several)."),
+        out=flags.DEFINE_string("out", "curves.png", "Output PNG file."),
+        metrics=flags.DEFINE_list("metrics", list(DEFAULT_METRICS), "Metrics, one panel each."),
+        smoothing=flags.DEFINE_float("smoothing", 0.0, "EMA weight in [0, 1); 0 plots raw values."),
+        labels=flags.DEFINE_list("labels", None, "Legend label per workdir (default: dir names)."),
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIRS.value:
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    if not value["workdir"]:
         raise app.UsageError("--workdir is required (repeat it to compare runs)")
     panels = plot_runs(
-        _WORKDIRS.value,
-        _OUT.value,
-        metrics=_METRICS.value,
-        smoothing=_SMOOTHING.value,
-        labels=_LABELS.value,
+        value["workdir"],
+        value["out"],
+        metrics=value["metrics"],
+        smoothing=value["smoothing"],
+        labels=value["labels"],
     )
-    print(f"wrote {_OUT.value}: {', '.join(panels)}")
+    print(f"wrote {value['out']}: {', '.join(panels)}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -32,18 +32,34 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (policy/, rollouts/, corpus/).")
-_MAX_TRAJECTORIES = flags.DEFINE_integer(
-    "max_trajectories", 0, "Stop after writing at least this many trajectories (0: run forever)."
-)
-_WORKER_ID = flags.DEFINE_string("worker_id", "w0", "Name of this worker (shard name prefix).")
-_POLICY = flags.DEFINE_enum(
-    "policy", "model", ["model", "scripted_expert", "scripted_noisy"], "Who acts."
-)
-_SHARD_DIR = flags.DEFINE_string("shard_dir", "", "Where shards go (default: data.shard_dir).")
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program: importing `run_worker` defines no global flags.
+    _FLAGS.update(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].",
+            lock_config=True,
+        ),
+        workdir=flags.DEFINE_string(
+            "workdir", None, "Run directory (policy/, rollouts/, corpus/)."
+        ),
+        max_trajectories=flags.DEFINE_integer(
+            "max_trajectories", 0,
+            "Stop after writing at least this many trajectories (0: run forever).",
+        ),
+        worker_id=flags.DEFINE_string(
+            "worker_id", "w0", "Name of this worker (shard name prefix)."
+        ),
+        policy=flags.DEFINE_enum(
+            "policy", "model", ["model", "scripted_expert", "scripted_noisy"], "Who acts."
+        ),
+        shard_dir=flags.DEFINE_string(
+            "shard_dir", "", "Where shards go (default: data.shard_dir)."
+        ),
+    )  # fmt: skip
+
 
 ROLLOUT_DIR = "rollouts"
 
@@ -200,20 +216,22 @@ def _batch_seed(seed: int, worker_id: str, sequence: int) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    if value["config"] is None or not value["workdir"]:
         raise app.UsageError("--config and --workdir are required")
     stop = StopFlag().install()
     run_worker(
-        _CONFIG.value,
-        _WORKDIR.value,
-        worker_id=_WORKER_ID.value,
-        policy=_POLICY.value,
-        max_trajectories=_MAX_TRAJECTORIES.value,
-        shard_dir=_SHARD_DIR.value,
+        value["config"],
+        value["workdir"],
+        worker_id=value["worker_id"],
+        policy=value["policy"],
+        max_trajectories=value["max_trajectories"],
+        shard_dir=value["shard_dir"],
         stop=stop,
     )
     return 0
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))
