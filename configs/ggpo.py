@@ -155,6 +155,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.metrics = ml_collections.ConfigDict()
     c.metrics.every_steps = 10  # console progress line interval
 
+    # vimrag_jax.eval: greedy episodes on the held-out questions (energy budget).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # optimizer updates between evaluations; 0: only at the end
+    c.eval.num_questions = 0  # 0: all of env.eval_questions
+    c.eval.at_end = True
+
+    # The final policy as a Hugging Face checkpoint under WORKDIR/export (with the tokenizer).
+    c.export = ml_collections.ConfigDict()
+    c.export.hf = True
+    c.export.dtype = "bfloat16"  # bfloat16 | float32
+
     # vimrag_jax.distributed: multi-host JAX. enabled=None detects SLURM / TPU pod /
     # JAX_COORDINATOR_ADDRESS; True forces jax.distributed.initialize(), False never calls it.
     c.distributed = ml_collections.ConfigDict()

@@ -112,3 +112,18 @@ def test_loss_inputs_and_token_counts():
     del batch["advantage"]
     with pytest.raises(KeyError, match="advantage"):
         loss_inputs(batch)
+
+
+def test_kl_to_the_frozen_reference_policy(mesh):
+    loss_config = LossConfig.for_algorithm("ggpo", kl_coef=0.5)
+    learner = Learner(_model_fn, _optimizer(), loss_config, mesh, step_kind="pjit")
+    learner.initialize()
+    batch = _batch(0)
+    # At the start the policy is its own reference: k3 KL is exactly 0.
+    first = learner.train_step(batch)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    second = learner.train_step(batch)  # one update later the policy has moved away
+    assert second["kl"] > 0
+    ref = learner.reference_logprobs(batch["tokens"])
+    now = jax.device_get(learner._ref_fn(learner.params(), batch["tokens"]))
+    assert not np.allclose(ref, now)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vimrag_jax.models import from_pretrained
 from vimrag_jax.rollout.records import list_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,8 @@ _SMALL = (
     "--config.data.max_wait_s=240",
     "--config.checkpoint.every_steps=1",
     "--config.metrics.every_steps=1",
+    "--config.eval.num_questions=2",
+    "--config.export.dtype=float32",
 )
 
 
@@ -79,6 +82,12 @@ def test_warm_start_then_rl_with_a_worker(first_run):
     assert list_shards(workdir / "sft_data") and list_shards(workdir / "rollouts")
     assert (workdir / "policy" / "LATEST").read_text().strip() == "2"
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    report = json.loads((workdir / "eval" / "eval-v00000002.json").read_text())
+    assert report["episodes"] == 2 and 0.0 <= report["accuracy"] <= 1.0
+    assert any("eval/accuracy" in row for row in rows)
+    exported = from_pretrained(workdir / "export")  # the final policy as an HF checkpoint
+    assert exported.config.vocab_size >= 13
+    assert (workdir / "export" / "tokenizer.json").is_file()
 
 
 def test_restart_resumes_rl_where_it_stopped(first_run):
@@ -88,7 +97,7 @@ def test_restart_resumes_rl_where_it_stopped(first_run):
     result = _train(workdir, total_steps=3)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed RL at step 2, policy version 2" in result.stderr
-    after = _rows(workdir)[len(before) :]
+    after = [row for row in _rows(workdir)[len(before) :] if "loss" in row or "sft/loss" in row]
     assert [row["step"] for row in after] == [4]  # no warm start again, one more RL step
     assert after[0]["data/records_consumed"] >= consumed_before  # the ledger moved on
     assert (workdir / "policy" / "LATEST").read_text().strip() == "3"

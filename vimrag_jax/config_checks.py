@@ -24,7 +24,7 @@ SCHEDULES = ("warmup_cosine", "warmup_constant")
 ROLLOUT_BACKENDS = ("embedded", "openai")
 REQUIRED_BLOCKS = (
     "algorithm", "loss", "mesh", "model", "graph", "memory", "rollout", "data", "optim", "sft",
-    "checkpoint", "publish", "metrics", "distributed",
+    "checkpoint", "publish", "metrics", "eval", "export", "distributed",
 )  # fmt: skip
 
 
@@ -264,6 +264,11 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
         )
     _check_positive(problems, cfg.publish, "config.publish", "every_steps", "keep")
     _check_positive(problems, cfg.metrics, "config.metrics", "every_steps")
+    _check_at_least(problems, cfg.eval, "config.eval", 0, "every_steps", "num_questions")
+    if cfg.export.dtype not in ("bfloat16", "float32"):
+        problems.append(
+            f"config.export.dtype must be 'bfloat16' or 'float32', got {cfg.export.dtype!r}"
+        )
     _check_distributed(problems, cfg.distributed)
 
     if cfg.model.dtype not in DTYPES:

@@ -95,6 +95,14 @@ class Learner:
         self.state: step_lib.TrainState | None = None
         self._step_fn: Callable | None = None
         self._batch_shardings: Any = None
+        # The frozen reference policy of the k3 KL term (loss.kl_coef > 0): the parameters
+        # this phase started from, kept in the mesh layout.
+        self.ref_params: nnx.State | None = None
+        self._ref_fn = jax.jit(
+            lambda params, tokens: step_lib.token_logprobs(
+                nnx.merge(self.graphdef, params)(tokens), tokens
+            )
+        )
 
     # --- state ----------------------------------------------------------------------
 
@@ -109,6 +117,7 @@ class Learner:
             step = jax.device_put(np.zeros((), np.int32), self.shardings.step)
             state = step_lib.TrainState(step=step, params=params, opt_state=opt_state)
         self._set_state(state)
+        self._keep_reference()
 
     def restore(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
         """Loads the newest checkpoint; returns `(data_state, metadata)` or None."""
@@ -116,6 +125,7 @@ class Learner:
         if restored is None:
             return None
         self._set_state(restored.state)
+        self._keep_reference()
         return restored.data_state, restored.metadata
 
     def save(
@@ -154,6 +164,18 @@ class Learner:
         step = self.state.step if self.step_kind == "pjit" else self.state.step[0]
         return int(jax.device_get(step))
 
+    def _keep_reference(self) -> None:
+        # A copy, not an alias: the train state's buffers are donated to each step. A resumed
+        # run uses the restored parameters (the original start is not in the checkpoint).
+        if self.loss_config.kl_coef > 0:
+            self.ref_params = jax.tree.map(lambda x: x.copy(), self.params())
+
+    def reference_logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """`float32[B, L]` log-probs of `tokens` under the frozen reference policy."""
+        if self.ref_params is None:
+            raise RuntimeError("no reference policy: loss.kl_coef is 0")
+        return np.asarray(jax.device_get(self._ref_fn(self.ref_params, tokens)))
+
     def _set_state(self, state: step_lib.TrainState) -> None:
         if self.step_kind == "pmap":
             devices = self.mesh.devices.reshape(-1).tolist()
@@ -185,6 +207,8 @@ class Learner:
         if self.state is None:
             raise RuntimeError("the learner has no state yet: call initialize() or restore()")
         inputs = loss_inputs(batch)
+        if self.ref_params is not None:
+            inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"])
         if self._step_fn is None:
             self._compile(inputs)
         began = time.perf_counter()

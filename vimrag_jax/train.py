@@ -119,6 +119,7 @@ class Trainer:
         self.pad_id = int(self.experiment.tokenizer.pad_token_id or 0)
         self.model_fn = _model_fn(self.experiment)
         self.checkpointer = Checkpointer.from_config(self.workdir, cfg.checkpoint)
+        self._eval_backend = None
         self.micro = int(cfg.optim.accumulate_steps)  # step calls per optimizer update
         self.sft_calls = int(cfg.sft.steps) * self.micro
         self.rl_calls = 0 if cfg.algorithm == "sft" else int(cfg.optim.total_steps) * self.micro
@@ -185,7 +186,8 @@ class Trainer:
         return directory
 
     def run_sft(self) -> Any:
-        """The warm start; returns the parameters it ends with."""
+        """The warm start; returns the parameters it ends with (exported and evaluated when
+        the run is SFT only)."""
         learner = Learner(
             self.model_fn,
             optim.make_optimizer(optim.sft_optim_config(self.cfg)),
@@ -226,9 +228,49 @@ class Trainer:
                 metadata=run_metadata(self.cfg, 0, phase="sft"),
                 force=learner.step == self.sft_calls,
             )
+        if self.rl_calls == 0:
+            if self.cfg.eval.at_end:
+                self._evaluate(learner, 0, learner.step)
+            self._export(learner)
         return learner.params()
 
     # --- reinforcement learning --------------------------------------------------------
+
+    def _evaluate(self, learner: Learner, version: int, global_step: int) -> None:
+        """Greedy episodes on the held-out questions with the learner's current policy."""
+        if self.cfg.rollout.backend != "embedded" or not _main_process():
+            return  # a served policy is evaluated with `python -m vimrag_jax.eval` instead
+        from vimrag_jax import eval as eval_lib
+
+        model = learner.model()
+        if self._eval_backend is None:
+            self._eval_backend = self.experiment.make_backend(model)
+        else:
+            self._eval_backend.set_weights(model)
+        metrics = eval_lib.evaluate(
+            self.experiment,
+            self._eval_backend,
+            num_questions=int(self.cfg.eval.num_questions) or None,
+            policy_version=version,
+        )
+        eval_lib.write_report(self.workdir, version, metrics)
+        self.writer.write(global_step, {f"eval/{k}": v for k, v in metrics.items()})
+        logging.info("eval at policy v%d: %s", version, metrics)
+
+    def _export(self, learner: Learner) -> None:
+        """The final policy (and tokenizer) as a Hugging Face checkpoint in WORKDIR/export."""
+        if not self.cfg.export.hf or not _main_process():
+            return
+        from vimrag_jax.models.hf import save_pretrained
+
+        directory = self.workdir / "export"
+        try:
+            save_pretrained(learner.model(), directory, dtype=self.cfg.export.dtype)
+        except NotImplementedError as err:  # e.g. a model without an exporter yet
+            logging.warning("no Hugging Face export: %s", err)
+            return
+        self.experiment.tokenizer.save_pretrained(str(directory))
+        logging.info("exported the final policy to %s", directory)
 
     def _publish(self, learner: Learner, version: int) -> None:
         # Workers read the plain parameter tree (`Experiment.load_latest`): no Variable boxes.
@@ -302,6 +344,9 @@ class Trainer:
                         version += 1
                         self._publish(learner, version)
                         current.set(version)
+                    every = int(cfg.eval.every_steps)
+                    if every and updates % every == 0 and learner.step < self.rl_calls:
+                        self._evaluate(learner, version, offset + learner.step)
                 valid = np.asarray(batch["segment_valid"], bool)
                 if valid.any():
                     lag = version - np.asarray(batch["policy_version"])[valid].mean()
@@ -322,6 +367,9 @@ class Trainer:
                 workers.check()
         finally:
             workers.stop()
+        if cfg.eval.at_end:
+            self._evaluate(learner, version, offset + learner.step)
+        self._export(learner)
 
     def run(self) -> int:
         phase = _read_phase(self.workdir)

@@ -1,0 +1,127 @@
+"""Evaluation: greedy episodes on the held-out questions; accuracy and invalid-action rate.
+
+    python -m vimrag_jax.eval --config=configs/ggpo.py --workdir=DIR [--num_questions=N]
+        [--policy=model|scripted_expert]
+
+Runs one greedy rollout per held-out question (``env.eval_questions``) with the evaluation
+budget (``memory.eval_budget``: the energy allocation of SPEC §2, where training rollouts use
+the averaged budget), on the newest policy published in ``DIR/policy/`` (the initial policy
+when none is), and writes ``DIR/eval/eval-v<version>.json``. The learner calls `evaluate`
+itself every ``eval.every_steps`` updates and at the end of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+
+EVAL_DIR = "eval"
+
+
+def evaluate(
+    experiment: Any,
+    backend: Any,
+    *,
+    num_questions: int | None = None,
+    policy_version: int = 0,
+) -> dict[str, float]:
+    """Greedy episodes of the configured agent on the eval split; returns scalar metrics.
+
+    ``backend`` is a generation backend (e.g. ``experiment.make_backend(model)`` or a scripted
+    sampler). ``accuracy`` is the mean outcome reward (SPEC §4's judged-correct reward).
+    """
+    from vimrag_jax.agent.baselines import make_agent
+
+    config = experiment.rollout_config(evaluation=True)
+    questions = experiment.eval_questions[: num_questions or None]
+    if not questions:
+        raise ValueError("no evaluation questions: set env.eval_questions > 0")
+    agent = make_agent(
+        config,
+        experiment.store,
+        experiment.tokenizer,
+        backend,
+        stop_token_ids=experiment.stop_token_ids(),
+    )
+    began = time.perf_counter()
+    out = agent.run(questions, group_size=1, policy_version=policy_version, greedy=True, seed=0)
+    stats = out.stats
+    answered = sum(record["answer_node"] >= 0 for record in out.records)
+    return {
+        "accuracy": stats.mean_reward,
+        "answered": answered / len(out.records),
+        "invalid_action_rate": stats.invalid_rate,
+        "model_calls_per_episode": stats.model_calls / max(stats.episodes, 1),
+        "episodes": float(stats.episodes),
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def write_report(workdir: str | os.PathLike, version: int, metrics: dict[str, float]) -> Path:
+    """Writes ``WORKDIR/eval/eval-v<version>.json`` (atomically) and returns its path."""
+    directory = Path(workdir) / EVAL_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"eval-v{version:08d}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"policy_version": version, **metrics}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+    from ml_collections import config_flags
+
+    _FLAGS.update(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Experiment config file.", lock_config=True
+        ),
+        workdir=flags.DEFINE_string("workdir", None, "Run directory (policy/, corpus/)."),
+        num_questions=flags.DEFINE_integer(
+            "num_questions", 0, "Evaluate only the first N held-out questions (0: all)."
+        ),
+        policy=flags.DEFINE_enum(
+            "policy", "model", ["model", "scripted_expert"], "Who acts (scripted: a ceiling)."
+        ),
+    )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    if value["config"] is None or not value["workdir"]:
+        raise app.UsageError("--config and --workdir are required")
+    from vimrag_jax.agent import scripted_sampler
+    from vimrag_jax.experiment import Experiment
+
+    experiment = Experiment.from_config(value["config"], value["workdir"])
+    version = 0
+    if value["policy"] == "model":
+        model = experiment.initial_model()
+        version = experiment.load_latest(model) or 0
+        backend = experiment.make_backend(model)
+    else:
+        calls = experiment.rollout_config().max_model_calls
+        factory = scripted_sampler.expert_factory(max_calls=calls)
+        backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
+    metrics = evaluate(
+        experiment, backend, num_questions=value["num_questions"], policy_version=version
+    )
+    path = write_report(value["workdir"], version, metrics)
+    logging.info("policy v%d: %s (written to %s)", version, metrics, path)
+    print(json.dumps({"policy_version": version, **metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
