@@ -206,6 +206,14 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.rollout.max_new_tokens = 192
         c.data.max_segment_tokens = 1024
         c.checkpoint.every_steps = 20
+        # Warm start on scripted-expert trajectories, then a short GGPO run; one worker
+        # process on the same CPU is slower than the learner, so allow more policy lag.
+        c.sft.steps = 60
+        c.optim.total_steps = 30
+        c.optim.warmup_steps = 3
+        c.rollout.max_policy_lag = 4
+        c.eval.num_questions = 8
+        c.export.dtype = "float32"
         return c
     size = preset.removeprefix("qwen3vl_")
     c.model.name = "hf"
