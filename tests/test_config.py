@@ -186,7 +186,7 @@ def test_new_keys_report_every_problem_with_its_key():
     for key in (
         "config.optim.accumulate_steps",
         "config.optim.schedule",
-        "config.optim.warmup_steps=500 exceeds config.optim.total_steps=200",
+        f"config.optim.warmup_steps=500 exceeds config.optim.total_steps={cfg.optim.total_steps}",
         "config.optim.b2",
         "config.sft.learning_rate",
         "config.rollout.server_url",
