@@ -1,6 +1,7 @@
 """Qwen3 port: logits parity with transformers' PyTorch model, and checkpoint-import errors."""
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -13,7 +14,13 @@ import transformers
 from flax import nnx
 
 from vimrag_jax.models.hf import from_pretrained
-from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, default_positions
+from vimrag_jax.models.qwen3 import (
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    attend,
+    blocked_attend,
+    default_positions,
+)
 
 _TINY = dict(
     vocab_size=128,
@@ -196,3 +203,26 @@ def test_remat_keeps_values_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max())
     assert "remat" in str(jax.make_jaxpr(loss)(remat))
     assert "remat" not in str(jax.make_jaxpr(loss)(plain))
+
+
+def test_blocked_attention_equals_plain_values_and_gradients():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 11, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 11, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 11, 2, 8)), jnp.float32)
+    mask = np.ones((2, 11), bool)
+    mask[1, :3] = False  # left padding: fully masked query rows must stay finite
+    allowed = jnp.tril(jnp.ones((11, 11), bool))[None] & jnp.asarray(mask)[:, None, :]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, allowed)))
+
+    blocked = functools.partial(blocked_attend, block=4)  # 3 blocks, the last one padded
+    plain_value, plain_grads = jax.jit(
+        jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2))
+    )(q, k, v)
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, blocked), (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+    for a, b in zip(grads, plain_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(blocked(q, k, v, allowed))))

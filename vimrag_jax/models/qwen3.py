@@ -185,16 +185,14 @@ def blocked_attend(
     v_bmgk: jax.Array,
     allowed_bqm: jax.Array,
     *,
-    causal: bool,
     block: int = ATTENTION_BLOCK,
 ) -> jax.Array:
-    """`attend` over query blocks, each rematerialised, skipping future keys when `causal`.
+    """`attend` computed `block` queries at a time; equals `attend(...)`.
 
-    Equals `attend(...)`. Each block of `block` queries is a `jax.checkpoint`: the backward
-    pass recomputes its scores instead of storing `[B, H, L, M]` float32 scores and
-    probabilities per layer (the flash-attention trade). With `causal` (the caller promises
-    that query i only attends to keys j <= i + M - L), block b reads only the keys up to its
-    last query, which skips about half the work of a long causal sequence.
+    Each block is a `jax.checkpoint` inside a `lax.scan`: the backward pass recomputes one
+    block's scores at a time instead of storing `[B, H, L, M]` float32 scores and probabilities
+    per layer (the flash-attention trade), and the scan keeps XLA from running blocks side by
+    side. Sequences of at most `block` queries take the plain path.
     """
     b, length, h, k = q_blhk.shape
     if length <= block:
@@ -256,12 +254,8 @@ class Attention(nnx.Module):
         *,
         kv_cache: KVPair | None = None,
         cache_index: jax.Array | int = 0,
-        causal: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the cache with this call's keys/values written.
-
-        `causal=True` promises `allowed_bqm` never lets a query see a later position, so long
-        sequences may skip those keys (see `blocked_attend`); the result is the same.
 
         Without a cache, `allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
         `[B, T, G, K]`, the new keys/values are written at slots `cache_index .. + L` (the same
@@ -281,9 +275,7 @@ class Attention(nnx.Module):
             v_blgk = jax.lax.dynamic_update_slice(
                 kv_cache[1], v_blgk.astype(kv_cache[1].dtype), start
             )
-        out_blhk = blocked_attend(
-            q_blhk, k_blgk.astype(dtype), v_blgk.astype(dtype), allowed_bqm, causal=causal
-        )
+        out_blhk = blocked_attend(q_blhk, k_blgk.astype(dtype), v_blgk.astype(dtype), allowed_bqm)
         out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.o_hkd[...].astype(dtype))
         return out_bld if kv_cache is None else (out_bld, (k_blgk, v_blgk))
 
@@ -323,7 +315,6 @@ class DecoderLayer(nnx.Module):
         *,
         kv_cache: KVPair | None = None,
         cache_index: jax.Array | int = 0,
-        causal: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the updated cache (see `Attention.__call__`)."""
         attn_out = self.attn(
@@ -333,7 +324,6 @@ class DecoderLayer(nnx.Module):
             allowed_bqm,
             kv_cache=kv_cache,
             cache_index=cache_index,
-            causal=causal,
         )
         new_cache = None
         if kv_cache is not None:
@@ -344,7 +334,7 @@ class DecoderLayer(nnx.Module):
 
 
 def _layer_forward(layer: DecoderLayer, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
-    return layer(x_bld, cos_blk, sin_blk, allowed_bqm, causal=True)
+    return layer(x_bld, cos_blk, sin_blk, allowed_bqm)
 
 
 # Recomputes a layer's activations in the backward pass instead of keeping them.
@@ -462,7 +452,6 @@ class Qwen3ForCausalLM(nnx.Module):
         allowed_bqt: jax.Array,
         cache_layers: tuple[KVPair, ...],
         cache_index: jax.Array | int,
-        causal: bool,
     ) -> tuple[jax.Array, tuple[KVPair, ...]]:
         cos_blk, sin_blk = rope_cos_sin(positions_bl, self.config.head_dim, self.config.rope_theta)
         new_layers = []
@@ -474,7 +463,6 @@ class Qwen3ForCausalLM(nnx.Module):
                 allowed_bqt,
                 kv_cache=kv,
                 cache_index=cache_index,
-                causal=causal,
             )
             new_layers.append(kv)
         return self.final_norm(x_bld), tuple(new_layers)
@@ -512,7 +500,7 @@ class Qwen3ForCausalLM(nnx.Module):
         allowed_bqm = causal_qm[None] & valid_bl[:, None, :]
         prompt_cache = self.init_cache(b, length)
         hidden_bld, layers = self._cached_layers(
-            self.embed(input_ids), positions_bl, allowed_bqm, prompt_cache.layers, 0, causal=True
+            self.embed(input_ids), positions_bl, allowed_bqm, prompt_cache.layers, 0
         )
         pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
         layers = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in layers)
@@ -539,7 +527,6 @@ class Qwen3ForCausalLM(nnx.Module):
             valid_bt[:, None, :],
             cache.layers,
             cache.length,
-            causal=False,
         )
         new_cache = KVCache(
             layers=layers,
