@@ -11,6 +11,7 @@ from flax import nnx
 from vimrag_jax.agent import prompts
 from vimrag_jax.agent.loop import RolloutConfig, VimRAGAgent
 from vimrag_jax.agent.protocol import format_tool_call, parse_action
+from vimrag_jax.agent.render import memory_frames, render_record
 from vimrag_jax.agent.scripted_sampler import (
     ScriptedSampler,
     expert_factory,
@@ -21,6 +22,7 @@ from vimrag_jax.agent.tokenizer import build_tokenizer
 from vimrag_jax.envs import scripted
 from vimrag_jax.envs.synthetic import SyntheticConfig, build, entity_kinds
 from vimrag_jax.experiment import tokenizer_texts
+from vimrag_jax.memory.energy import smart_resize
 from vimrag_jax.models.presets import init_model, preset_config
 from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.rl.ggpo import node_keep_mask
@@ -104,6 +106,17 @@ def test_expert_through_the_loop_is_correct_and_clean(world, expert_run, tmp_pat
             assert action.arguments == parse_action(format_tool_call(tool, expected)).arguments
             assert np.all(record["behavior_logprobs"][s][~mask] == 0)
         assert np.all(record["segment_node"][: n * 2] < n)
+        # Node texts and memory slot ids, for pictures of the rollout.
+        pad = [""] * (CONFIG.max_nodes - n)
+        assert record["node_title"] == [*episode.node_ids, *pad]
+        assert record["node_query"] == [*episode.queries, *pad]
+        assert record["node_summary"] == [*episode.summaries, *pad]
+        kept = {(i, m.slot): m.info for i, slots in enumerate(episode.memory) for m in slots}
+        assert {tuple(ix) for ix in np.argwhere(record["item_valid"])} == set(kept)
+        assert {tuple(ix) for ix in np.argwhere(record["item_id"] >= 0)} == set(kept)
+        for (i, k), info in kept.items():
+            assert record["item_id"][i, k] == info.item_id
+            assert record["item_modality"][i, k] == {"image": 0, "video": 1}[info.modality]
     # Records validate and round-trip through a shard.
     with ShardWriter(tmp_path, name="expert-00000000", dims=CONFIG.dims) as writer:
         for record in expert_run.records:
@@ -298,6 +311,48 @@ def test_prompt_that_does_not_fit_ends_the_episode(world):
     assert out.episodes[0].end_reason == "prompt_too_long"
     assert out.records[0]["num_segments"] == 0
     validate_record(out.records[0])
+
+
+def test_loop_record_renders_with_node_texts_and_corpus_pixels(world, tmp_path):
+    items, _, store, _ = world
+    video = next(item for item in items if item.modality == "video")
+    scripts = {
+        "video": [_search("clip", query=video.text), "MEMORIZE_ALL", _ANSWER],
+        "a1": [_ANSWER],
+        "a2": [_ANSWER],
+        "a3": [_ANSWER],
+    }  # 4 rows: the expert test's compiled shapes
+    out = _run_puppet(world, scripts, CONFIG)
+    record, episode = out.records[0], out.episodes[0]
+    slots = {m.info.item_id: m for m in episode.memory[1]}
+    assert video.item_id in slots and record["node_title"][:3] == ["root", "clip", "answer"]
+    k = slots[video.item_id].slot
+    assert record["item_id"][1, k] == video.item_id and record["item_modality"][1, k] == 1
+    frames = {i: tuple(round(t) for t in m.keyframes) or (0,) for i, m in slots.items()}
+    keyframes = frames[video.item_id]
+    assert len(keyframes) > 1
+    assert memory_frames(record) == {
+        (1, m.slot): frames[i] for i, m in slots.items() if m.info.modality == "video"
+    }
+    calls = []
+
+    def load_visual(item_id, frame):
+        calls.append((item_id, frame))
+        return store.load_visual(item_id, frame)
+
+    path = tmp_path / "loop.png"
+    layout = render_record(record, path, load_visual=load_visual, budget="averaged")
+    box = layout.node(1)
+    assert box.lines[:2] == ("#1 search: clip", f"q: {video.text}")
+    thumbs = {t.item_id: t for t in box.thumbs}
+    assert set(thumbs) == set(slots) and thumbs[video.item_id].frames == keyframes
+    # A video's keyframes split its budget: each is drawn at the size of its share.
+    share = thumbs[video.item_id].pixels // len(keyframes)
+    height, width = video.pixels.shape[1:3]
+    expected = tuple(int(v) for v in smart_resize(height, width, share))
+    assert (thumbs[video.item_id].height, thumbs[video.item_id].width) == expected
+    assert sorted(calls) == sorted((i, f) for i in slots for f in frames[i])
+    assert path.stat().st_size > 0
 
 
 # --- a tiny random model --------------------------------------------------------------------

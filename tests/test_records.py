@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from vimrag_jax.rollout.records import (
     ARRAY_FIELDS,
+    NODE_TEXT_FIELDS,
+    SCHEMA_VERSION,
     RecordDims,
     RecordError,
     ShardError,
@@ -70,7 +72,13 @@ def random_record(rng: np.random.Generator, dims: RecordDims = DIMS, **fields) -
         env="synthetic",
         worker_id="w0",
         created_at=float(rng.random() * 1e9),
+        node_title=["root", *(f"n{i}-é" for i in range(1, num_nodes)), *[""] * (n - num_nodes)],
+        node_query=[f"query {i}" if i else "" for i in range(n)],
+        node_summary=["sum ✓" * int(i) for i in rng.integers(0, 3, n)],
     )
+    kept = rng.random((n, dims.items)) < 0.5
+    record["item_id"] = np.where(kept, rng.integers(0, 1000, kept.shape), -1).astype(np.int32)
+    record["item_modality"] = np.where(kept, rng.integers(0, 2, kept.shape), -1).astype(np.int8)
     record.update(fields)
     return record
 
@@ -255,3 +263,84 @@ def test_dims_from_the_experiment_config():
     )
     with pytest.raises(ValueError, match="tokens"):
         RecordDims(nodes=1, items=1, segments=1, tokens=0, visuals=1)
+
+
+def _body(record: dict) -> dict:
+    import msgpack
+
+    return msgpack.unpackb(encode_record(record))
+
+
+def _pack(body: dict) -> bytes:
+    import msgpack
+
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def test_version_1_records_decode_with_empty_node_texts_and_item_ids():
+    record = random_record(np.random.default_rng(4))
+    assert SCHEMA_VERSION == 2
+    body = _body(record)
+    for name in ("item_id", "item_modality", *NODE_TEXT_FIELDS):
+        del body[name]
+    body["schema_version"] = 1
+    decoded = decode_record(_pack(body), DIMS)
+    assert decoded["schema_version"] == 1
+    assert decoded["item_id"].dtype == np.int32 and decoded["item_modality"].dtype == np.int8
+    assert np.all(decoded["item_id"] == -1) and np.all(decoded["item_modality"] == -1)
+    assert all(decoded[name] == [""] * DIMS.nodes for name in NODE_TEXT_FIELDS)
+    np.testing.assert_array_equal(decoded["tokens"], record["tokens"])
+    again = decode_record(encode_record(decoded), DIMS)  # re-encoded as the current version
+    assert (
+        again["schema_version"] == SCHEMA_VERSION and again["node_title"] == decoded["node_title"]
+    )
+    # A version-1 body carrying version-2 fields, or a version-2 body without them, is refused.
+    with pytest.raises(RecordError, match="extra"):
+        decode_record(_pack({**_body(record), "schema_version": 1}))
+    for name in ("item_id", "node_query"):
+        broken = _body(record)
+        del broken[name]
+        with pytest.raises(RecordError, match="missing"):
+            decode_record(_pack(broken))
+    for version in (0, 3, True, 2.0, "2"):
+        with pytest.raises(RecordError, match="schema_version"):
+            decode_record(_pack({**_body(record), "schema_version": version}))
+
+
+def test_new_workers_always_write_node_texts_and_item_ids():
+    record = random_record(np.random.default_rng(5))
+    for name in ("item_id", "item_modality", *NODE_TEXT_FIELDS):
+        del record[name]
+    body = _body(record)  # defaults filled in, written anyway
+    assert body["schema_version"] == SCHEMA_VERSION
+    assert body["node_title"] == [""] * DIMS.nodes
+    decoded = decode_record(_pack(body))
+    assert np.all(decoded["item_id"] == -1)
+    assert blank_record(DIMS)["item_modality"].tolist() == [[-1] * DIMS.items] * DIMS.nodes
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"node_title": ["a"] * 4}, "5 strings"),
+        ({"node_query": "root"}, "list of 5 str"),
+        ({"node_summary": ["", "", 3, "", ""]}, r"node_summary'\[2\] must be a str"),
+        ({"item_id": np.full((5, 3), -2)}, "item_id holds -2"),
+        ({"item_modality": np.full((5, 3), 2)}, "item_modality holds"),
+        ({"item_id": np.zeros((5, 3), np.int32)}, "disagree"),
+        ({"item_modality": np.zeros((5, 3), np.float32)}, "integers"),
+    ],
+)
+def test_bad_node_texts_and_item_ids_are_refused(change, message):
+    record = random_record(np.random.default_rng(6))
+    with pytest.raises(RecordError, match=message):
+        encode_record({**record, **change})
+    body = _body(record)  # the same damage in encoded bytes is refused by the decoder too
+    for name, value in change.items():
+        if name in NODE_TEXT_FIELDS:
+            body[name] = value
+        else:
+            array = np.asarray(value).astype(ARRAY_FIELDS[name][0])
+            body[name] = {**body[name], "data": array.tobytes()}
+    with pytest.raises(RecordError):
+        decode_record(_pack(body))

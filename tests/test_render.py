@@ -193,3 +193,37 @@ def test_cli_renders_a_shard_record(tmp_path, capsys):
     Image.open(out).verify()
     with pytest.raises(SystemExit):
         main([f"--shard={shard}", "--index=5", f"--out={out}"])
+
+
+def test_video_slots_draw_their_keyframes_with_split_budgets():
+    from vimrag_jax.agent.render import memory_frames
+
+    record = make_record()
+    record["item_id"] = np.where(record["item_valid"], np.arange(N * K).reshape(N, K) + 10, -1)
+    record["item_modality"] = np.where(record["item_valid"], 0, -1)
+    record["item_modality"][1, 1] = record["item_modality"][3, 0] = 1  # two videos
+    # Segments: 0 search node 1, 1 memorize node 1, 2 search node 3 (its prompt shows node 1's
+    # memory: video 14 at frames 2 and 5, the last one repeated), 3 memorize node 3, 4 answer.
+    s, v = 5, 4
+    record["segment_node"] = np.array([1, 1, 3, 3, 4], np.int32)
+    record["segment_valid"] = np.ones(s, bool)
+    record["segment_visuals"] = np.zeros((s, v, 4), np.int32)
+    record["segment_visual_valid"] = np.zeros((s, v), bool)
+    record["segment_visuals"][2, :3] = [[10, 0, 64, 64], [14, 2, 64, 64], [14, 5, 64, 64]]
+    record["segment_visual_valid"][2, :3] = True
+    record["segment_visuals"][2, 3] = [14, 5, 64, 64]
+    record["segment_visual_valid"][2, 3] = True
+    assert memory_frames(record) == {(1, 1): (2, 5)}  # video 19 (node 3) shown by no later prompt
+    layout = graph_layout(record, native_sizes={(1, 1): (90, 160), (3, 0): (90, 160)})
+    video = next(t for t in layout.node(1).thumbs if t.slot == 1)
+    assert video.frames == (2, 5)
+    assert (video.height, video.width) == tuple(
+        int(x) for x in smart_resize(90, 160, video.pixels // 2)
+    )
+    unseen = next(t for t in layout.node(3).thumbs if t.slot == 0)
+    assert unseen.frames == (0,)
+    assert (unseen.height, unseen.width) == tuple(
+        int(x) for x in smart_resize(90, 160, unseen.pixels)
+    )
+    with pytest.raises(ValueError, match="item_modality"):
+        graph_layout({**record, "item_modality": np.zeros((N, K + 1))})

@@ -241,3 +241,120 @@ def test_open_refuses_a_different_embedder(store_dir):
         CorpusStore.open(store_dir, HashingEmbedder(dim=128))
     manifest = json.load(open(os.path.join(store_dir, "manifest.json")))
     assert manifest["embedder"]["kind"] == "hashing"
+
+
+# --- the Hugging Face embedder --------------------------------------------------------------
+
+HF_TEXTS = [
+    "The logo of Kaimlix is a red fox.",
+    "A parade video of Prerbaom.",
+    "Vorn was mentored by Ilsa in the northern city of Tarrow, long before the war began.",
+    "",
+    "river",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random Qwen3ForCausalLM saved by transformers, with a tiny tokenizer beside it."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from vimrag_jax.agent.tokenizer import build_tokenizer
+
+    directory = tmp_path_factory.mktemp("qwen3_embedding")
+    tokenizer = build_tokenizer(HF_TEXTS * 3, vocab_size=320)
+    config = Qwen3Config(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def hf_embedder(hf_checkpoint):
+    from vimrag_jax.retrieval.embedders import HFEmbedder
+
+    return HFEmbedder(hf_checkpoint[0], max_length=24, batch_size=4)
+
+
+def _torch_last_token(model, ids):
+    import torch
+
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1].double().numpy()
+    return hidden / np.linalg.norm(hidden)
+
+
+def test_hf_embedder_equals_torch_last_token_pooling(hf_checkpoint, hf_embedder):
+    from vimrag_jax.retrieval.embedders import HFEmbedder
+
+    directory, model = hf_checkpoint
+    embedder = hf_embedder
+    assert isinstance(embedder, Embedder) and embedder.dim == 32
+    got = embedder.embed_texts(HF_TEXTS)
+    assert got.shape == (len(HF_TEXTS), 32) and got.dtype == np.float32
+    for text, row in zip(HF_TEXTS, got, strict=True):
+        ids = embedder.token_ids(text)
+        assert ids[-1] == embedder.tokenizer.eos_token_id and len(ids) <= 24
+        np.testing.assert_allclose(row, _torch_last_token(model, ids), atol=1e-4, rtol=0)
+    assert len(embedder.token_ids(HF_TEXTS[2] * 4)) == 24  # cut to max_length, eos kept
+    # Vectors do not depend on batching or padding.
+    one_by_one = np.concatenate([embedder.embed_texts([t]) for t in HF_TEXTS])
+    np.testing.assert_allclose(one_by_one, got, atol=1e-5)
+    mean = HFEmbedder(directory, pooling="mean", max_length=16, batch_size=1)
+    ids = mean.token_ids(HF_TEXTS[0])
+    import torch
+
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids])).last_hidden_state[0].double().numpy().mean(0)
+    np.testing.assert_allclose(
+        mean.embed_texts(HF_TEXTS[:1])[0], hidden / np.linalg.norm(hidden), atol=1e-4
+    )
+    assert mean.spec() != embedder.spec()
+    with pytest.raises(ValueError, match="pooling"):
+        HFEmbedder(directory, pooling="cls")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        HFEmbedder(directory / "missing")
+
+
+def test_corpus_store_with_the_hf_embedder(hf_checkpoint, hf_embedder, tmp_path):
+    from vimrag_jax.retrieval.embedders import HFEmbedder
+
+    directory, _ = hf_checkpoint
+    embedder = hf_embedder
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    items = [
+        CorpusItem(7, "text", "Kaimlix", HF_TEXTS[0]),
+        CorpusItem(11, "image", "Prerbaom", HF_TEXTS[1], pixels),
+        CorpusItem(3, "text", "Vorn", HF_TEXTS[2]),
+        CorpusItem(5, "text", "Tarrow", HF_TEXTS[4]),
+    ]
+    store = CorpusStore.build(items, str(tmp_path / "store"), embedder)
+    ids, scores = store.search([item.text for item in items], k=2)
+    assert ids[:, 0].tolist() == [7, 11, 3, 5]  # each item's own text finds it first
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    vectors = embedder.embed_items(items)
+    np.testing.assert_allclose(scores[:, 1], np.sort(vectors @ vectors.T, axis=1)[:, -2], atol=1e-5)
+    # The spec names the checkpoint: reopening rebuilds it, another model is refused.
+    reopened = CorpusStore.open(str(tmp_path / "store"))
+    assert reopened.embedder.spec() == embedder.spec()
+    with pytest.raises(RetrievalError, match="embedded with"):
+        CorpusStore.open(str(tmp_path / "store"), HashingEmbedder())
+    other = tmp_path / "other"
+    shutil.copytree(directory, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(RetrievalError, match="embedded with"):
+        CorpusStore.open(str(tmp_path / "store"), HFEmbedder(other, max_length=24))

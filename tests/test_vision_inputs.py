@@ -1,16 +1,26 @@
-"""Visual inputs: our patches equal transformers' Qwen3-VL (Qwen2-VL PIL) image processor."""
+"""Visual inputs: our patches equal transformers' Qwen3-VL image and video processors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
     smart_resize,
 )
 
-from vimrag_jax.data.vision import PATCH_DIM, VisualInputs, image_patches, num_patches
+from vimrag_jax.agent import prompts
+from vimrag_jax.data.vision import (
+    PATCH_DIM,
+    VisualInputs,
+    image_patches,
+    num_patches,
+    resize_image,
+    video_inputs,
+    video_patches,
+)
 
 MIN_PIXELS = 32 * 32
 
@@ -102,3 +112,112 @@ def test_visual_inputs_rejects_overflow_and_bad_sizes():
         image_patches(np.zeros((64, 64, 3), np.float32), 64, 64)
     with pytest.raises(ValueError, match="max_patches"):
         VisualInputs(lambda item, frame: None, max_patches=0)
+
+
+# --- videos ---------------------------------------------------------------------------------
+
+
+def _normalize(image, mean, std, inplace=False):
+    """torchvision's ``functional.normalize`` (sub then div, per channel), which the video
+    processor calls; torchvision itself must not be installed (it breaks Qwen3-VL imports)."""
+    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return image.sub_(mean).div_(std) if inplace else image.sub(mean).div(std)
+
+
+def video_oracle(frames: np.ndarray, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' ``Qwen3VLVideoProcessor`` on frames already at the target size. Its only
+    torchvision call on this path (normalize) is supplied by ``_normalize``."""
+    import types
+
+    from transformers import image_processing_backends
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    shim = types.SimpleNamespace(normalize=_normalize)
+    monkeypatch.setattr(image_processing_backends, "tvF", shim, raising=False)
+    processor = Qwen3VLVideoProcessor()
+    out = processor(
+        videos=[frames],
+        do_resize=False,
+        do_convert_rgb=False,
+        do_sample_frames=False,
+        cap_pixels_per_frame=False,
+        return_tensors="np",
+    )
+    return np.asarray(out["pixel_values_videos"]), np.asarray(out["video_grid_thw"])
+
+
+def loop_reference(frames: np.ndarray) -> np.ndarray:
+    """Loop-level layout: row (t, block row, block col, y in block, x in block), column
+    (channel, frame in pair, y, x); an odd frame count repeats the last frame."""
+    frames = list(frames) + [frames[-1]] * (len(frames) % 2)
+    h, w = frames[0].shape[:2]
+    rows = []
+    for t in range(len(frames) // 2):
+        for by in range(h // 32):
+            for bx in range(w // 32):
+                for my in range(2):
+                    for mx in range(2):
+                        y0, x0 = (by * 2 + my) * 16, (bx * 2 + mx) * 16
+                        row = [
+                            (np.float32(frames[2 * t + f][y0 + y, x0 + x, c]) - np.float32(127.5))
+                            / np.float32(127.5)
+                            for c in range(3)
+                            for f in range(2)
+                            for y in range(16)
+                            for x in range(16)
+                        ]
+                        rows.append(row)
+    return np.array(rows, np.float32)
+
+
+@pytest.mark.parametrize(
+    "frames, source, size",
+    [
+        (2, (64, 64), (64, 64)),
+        (3, (90, 70), (96, 64)),  # odd: the last frame is repeated
+        (1, (50, 50), (32, 32)),
+        (4, (100, 160), (64, 128)),
+        (5, (64, 48), (128, 96)),
+    ],
+)
+def test_video_patches_equal_the_transformers_video_processor(frames, source, size, monkeypatch):
+    video = np.random.default_rng(frames).integers(0, 256, (frames, *source, 3), dtype=np.uint8)
+    height, width = size
+    values, grid = video_patches(video, height, width)
+    resized = np.stack([resize_image(frame, height, width) for frame in video])
+    expected_values, expected_grid = video_oracle(resized, monkeypatch)
+    assert values.dtype == np.float32 and values.shape[1] == PATCH_DIM
+    np.testing.assert_array_equal(values, expected_values)
+    assert list(grid) == expected_grid[0].tolist() == [(frames + 1) // 2, height // 16, width // 16]
+    if frames <= 3:
+        np.testing.assert_array_equal(values, loop_reference(resized))
+
+
+def test_video_grid_matches_the_prompt_placeholder():
+    video = np.random.default_rng(0).integers(0, 256, (8, 40, 60, 3), dtype=np.uint8)
+    loads = []
+
+    def load_visual(item, frame):
+        loads.append((item, frame))
+        return video[frame]
+
+    for count in (1, 2, 3, 4):
+        times = [float(t) for t in np.linspace(0, 7, count).round()]
+        shown = prompts.video_placeholder(5, times, 64, 96)
+        refs = np.array([ref.as_row() for ref in shown.visuals])
+        values, (grid_t, grid_h, grid_w) = video_inputs(load_visual, refs)
+        blocks = shown.text.count(" seconds>")
+        assert grid_t == blocks == (count + 1) // 2 and len(refs) == 2 * grid_t
+        tokens = shown.text.count(prompts.VIDEO_PAD)
+        assert tokens == grid_t * grid_h * grid_w // 4 == len(values) // 4
+        # The placeholder's repeated last frame gives the same patches as the processor's padding.
+        frames = video[[int(t) for t in times]]
+        np.testing.assert_array_equal(values, video_patches(frames, 64, 96)[0])
+    assert {item for item, _ in loads} == {5}
+    with pytest.raises(ValueError, match="one item and size"):
+        video_inputs(load_visual, np.array([[5, 0, 64, 96], [6, 1, 64, 96]]))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        video_patches(video[:2], 48, 64)
+    with pytest.raises(ValueError, match="F >= 1"):
+        video_patches(video[:0], 64, 64)

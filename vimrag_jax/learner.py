@@ -99,8 +99,8 @@ class Learner:
         # this phase started from, kept in the mesh layout.
         self.ref_params: nnx.State | None = None
         self._ref_fn = jax.jit(
-            lambda params, tokens: step_lib.token_logprobs(
-                nnx.merge(self.graphdef, params)(tokens), tokens
+            lambda params, tokens: step_lib.policy_logprobs(
+                nnx.merge(self.graphdef, params), tokens
             )
         )
 

@@ -37,6 +37,10 @@ answer node; invalid: the newest node, the root if none), ``segment_visuals`` th
 visual references. An episode ends at its answer, after ``max_model_calls`` calls, after
 ``max_invalid_actions`` invalid actions (or the first one with ``invalid_action_policy="end"``),
 or when a prompt does not fit.
+
+Records also carry the node texts (``node_title``: the ids the policy chose, ``"root"`` and
+``"answer"`` for the root and answer nodes; ``node_query``; ``node_summary``) and each kept memory
+slot's corpus ``item_id`` and ``item_modality`` (-1 for empty slots), for pictures of rollouts.
 """
 
 from __future__ import annotations
@@ -778,6 +782,11 @@ class VimRAGAgent:
         for i, found in enumerate(episode.retrieved):
             relevant[i] = bool(gold & set(found))
         kinds = np.where(node_valid, np.asarray(graphs.node_kind[row]), 0).astype(np.int8)
+        item_valid = np.asarray(graphs.bank.valid[row])
+
+        def pad(texts: list[str]) -> list[str]:  # one string per node slot, "" for padding
+            return [*texts, *[""] * (dims.nodes - len(texts))]
+
         record = blank_record(
             dims,
             question_id=str(episode.question.question_id),
@@ -803,7 +812,12 @@ class VimRAGAgent:
             node_kind=kinds,
             relevant=relevant,
             priority=np.asarray(graphs.bank.priority[row]),
-            item_valid=np.asarray(graphs.bank.valid[row]),
+            item_valid=item_valid,
+            item_id=np.where(item_valid, np.asarray(graphs.bank.item_id[row]), -1),
+            item_modality=np.where(item_valid, np.asarray(graphs.bank.modality[row]), -1),
+            node_title=pad(episode.node_ids),
+            node_query=pad(episode.queries),
+            node_summary=pad(episode.summaries),
         )
         for s, segment in enumerate(episode.segments):
             p, g = len(segment.prompt), len(segment.sampled)

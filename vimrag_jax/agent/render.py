@@ -10,11 +10,15 @@ size the graph-modulated budget gives them (SPEC §2: `memory_energy` → `alloc
 `smart_resize`), all at one scale, so their areas compare across the graph; items outside the
 global top-K get no pixels and are drawn as small crossed boxes.
 
-Records carry no node text and no per-slot corpus ids in the §6 schema. Optional record keys
-are used when present: ``node_title``, ``node_query``, ``node_summary`` (N strings each) and
-``item_id`` (int[N, K], corpus id of each memory slot, -1 when empty). Without ``item_id`` or a
-corpus, thumbnails are grey boxes of a square image's allocated size; with both, the real pixels
-(frame 0) are drawn and their aspect ratio used.
+Node texts and per-slot corpus ids are read from the record keys that version-2 records carry
+(older ones and hand-made dicts may lack them): ``node_title``, ``node_query``, ``node_summary``
+(N strings each), ``item_id`` (int[N, K], corpus id of each memory slot, -1 when empty) and
+``item_modality`` (int[N, K]: 0 image, 1 video). Without ``item_id`` or a corpus, thumbnails are
+grey boxes of a square image's allocated size; with both, the real pixels are drawn and their
+aspect ratio used. A video slot is drawn as its keyframes side by side, each at the frame size
+its share of the slot's budget gives (SPEC §2: keyframes split the budget evenly). Records do not
+store keyframes, so they are read back from the prompts (`memory_frames`); a video whose
+keyframes no prompt showed is drawn as its first frame with the whole budget.
 
 `graph_layout` is pure (record → `GraphLayout`) and holds every decision the picture shows;
 `render_record` only draws it with matplotlib (Agg backend).
@@ -58,6 +62,8 @@ _MIN_BOX_WIDTH = 3.4
 _PAD = 0.12
 _GAP = 0.08
 _DROPPED_SIDE = 0.18
+_FRAME_GAP = 0.03
+_VIDEO = 1  # item_modality of a video slot (records.ITEM_VIDEO)
 _LEGEND = (
     "red outline: critical path (answer + ancestors)   grey, dashed: segments masked by GGPO   "
     "boxes: memory images at their allocated size (crossed: outside the top-K, not shown)"
@@ -66,13 +72,18 @@ _LEGEND = (
 
 @dataclasses.dataclass(frozen=True)
 class Thumb:
-    """One memory item of a node: slot ``k``, its pixel budget and resized size (px)."""
+    """One memory item of a node: slot ``k``, its pixel budget and resized size (px).
+
+    ``frames`` are the frame indices drawn (``(0,)`` for an image); for a video, ``height`` and
+    ``width`` are each keyframe's size under its share ``pixels // len(frames)`` of the budget.
+    """
 
     slot: int
     pixels: int
     height: int
     width: int
     item_id: int
+    frames: tuple[int, ...] = (0,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,22 +150,56 @@ def node_depths(adjacency: np.ndarray, node_valid: np.ndarray) -> np.ndarray:
     return depth
 
 
+def memory_frames(record: Mapping[str, Any]) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Frame indices of each video memory slot ``(node, slot)``, as the prompts showed them.
+
+    A node's memory is first shown in the prompt after the node's last segment (its memorize
+    call), which holds no fresh retrieval results; the frames of the slot's item in that
+    prompt's ``segment_visuals`` are its keyframes (the repeated last frame of an odd count
+    counted once). Slots no later prompt showed (no budget, or the episode ended) are left out.
+    """
+    keys = ("segment_node", "segment_valid", "segment_visuals", "segment_visual_valid")
+    if any(key not in record for key in (*keys, "item_id", "item_modality")):
+        return {}
+    segment_node = np.asarray(record["segment_node"], np.int64)
+    segment_valid = np.asarray(record["segment_valid"], bool)
+    visuals = np.asarray(record["segment_visuals"], np.int64)
+    visual_valid = np.asarray(record["segment_visual_valid"], bool)
+    item_ids = np.asarray(record["item_id"], np.int64)
+    video = (np.asarray(record["item_modality"]) == _VIDEO) & (item_ids >= 0)
+    out = {}
+    for i, k in zip(*np.nonzero(video), strict=True):
+        own = np.flatnonzero(segment_valid & (segment_node == i))
+        later = np.flatnonzero(segment_valid)
+        later = later[later > own.max()] if own.size else later[:0]
+        if not later.size:
+            continue
+        s = later[0]
+        rows = visuals[s][visual_valid[s] & (visuals[s][:, 0] == item_ids[i, k])]
+        if rows.size:
+            out[int(i), int(k)] = tuple(sorted({int(f) for f in rows[:, 1]}))
+    return out
+
+
 def _thumbs(
     pixels: np.ndarray,
     item_valid: np.ndarray,
     item_ids: np.ndarray,
     native_sizes: Mapping[tuple[int, int], tuple[int, int]],
+    frames: Mapping[tuple[int, int], tuple[int, ...]],
     i: int,
 ) -> tuple[Thumb, ...]:
     thumbs = []
     for k in np.flatnonzero(item_valid[i]):
         budget = int(pixels[i, k])
+        shown = frames.get((i, int(k)), (0,))
+        per_frame = budget // len(shown)
         if (i, int(k)) in native_sizes:
             native_h, native_w = native_sizes[i, int(k)]
         else:  # unknown image: a square one, big enough to use its whole budget
-            native_h = native_w = max(32, math.ceil(math.sqrt(max(budget, 1))))
-        h, w = smart_resize(native_h, native_w, budget)
-        thumbs.append(Thumb(int(k), budget, int(h), int(w), int(item_ids[i, k])))
+            native_h = native_w = max(32, math.ceil(math.sqrt(max(per_frame, 1))))
+        h, w = smart_resize(native_h, native_w, per_frame)
+        thumbs.append(Thumb(int(k), budget, int(h), int(w), int(item_ids[i, k]), shown))
     return tuple(thumbs)
 
 
@@ -219,8 +264,11 @@ def graph_layout(
     kinds = np.asarray(record.get("node_kind", np.ones(n)), np.int64)
     relevant = np.asarray(record.get("relevant", np.zeros(n, bool)), bool)
     item_ids = np.asarray(record.get("item_id", np.full((n, k_max), -1)), np.int64)
-    if kinds.shape != (n,) or relevant.shape != (n,) or item_ids.shape != (n, k_max):
+    modality = np.asarray(record.get("item_modality", np.full((n, k_max), -1)), np.int64)
+    if kinds.shape != (n,) or relevant.shape != (n,) or (n, k_max) != item_ids.shape:
         raise ValueError("record fields node_kind, relevant ([N]) or item_id ([N, K]) mis-shaped")
+    if modality.shape != (n, k_max):
+        raise ValueError(f"record field 'item_modality' must be [N, K], got {modality.shape}")
     item_valid = item_valid & node_valid[:, None]
 
     if budget not in ("energy", "averaged"):
@@ -244,18 +292,14 @@ def graph_layout(
     summaries = _texts(record, "node_summary", n)
     prediction = str(record.get("prediction", "") or "")
     depth = node_depths(adjacency, node_valid)
+    frames = memory_frames(record)
     thumbs = {
-        i: _thumbs(pixels, item_valid, item_ids, native_sizes or {}, i)
+        i: _thumbs(pixels, item_valid, item_ids, native_sizes or {}, frames, i)
         for i in np.flatnonzero(node_valid)
     }
 
-    def thumb_extent(t: Thumb) -> tuple[float, float]:
-        if t.pixels == 0:
-            return _DROPPED_SIDE, _DROPPED_SIDE
-        return t.width * _UNITS_PER_PIXEL, t.height * _UNITS_PER_PIXEL
-
     def box_size(i: int) -> tuple[float, float]:
-        extents = [thumb_extent(t) for t in thumbs[i]]
+        extents = [_thumb_extent(t) for t in thumbs[i]]
         row_w = sum(w for w, _ in extents) + _GAP * max(len(extents) - 1, 0)
         row_h = max((h for _, h in extents), default=0.0)
         return max(_MIN_BOX_WIDTH, row_w + 2 * _PAD), _TEXT_HEIGHT + row_h + 2 * _PAD
@@ -302,23 +346,35 @@ def graph_layout(
     )
 
 
+def _thumb_extent(t: Thumb) -> tuple[float, float]:
+    """Drawn (width, height) of a thumbnail: its frames side by side."""
+    if t.pixels == 0:
+        return _DROPPED_SIDE, _DROPPED_SIDE
+    count = len(t.frames)
+    width = count * t.width * _UNITS_PER_PIXEL + (count - 1) * _FRAME_GAP
+    return width, t.height * _UNITS_PER_PIXEL
+
+
 def _load_pixels(
     record: Mapping[str, Any], load_visual: LoadVisual | None
-) -> dict[tuple[int, int], np.ndarray]:
-    """Pixels of every valid memory slot whose corpus id is known, where loading works."""
+) -> dict[tuple[int, int, int], np.ndarray]:
+    """Pixels ``(node, slot, frame)`` of every valid memory slot whose corpus id is known (each
+    drawn frame of a video), where loading works."""
     if load_visual is None or "item_id" not in record:
         return {}
     item_ids = np.asarray(record["item_id"], np.int64)
     valid = np.asarray(record["item_valid"], bool) & np.asarray(record["node_valid"], bool)[:, None]
+    frames = memory_frames(record)
     out = {}
     for i, k in zip(*np.nonzero(valid & (item_ids >= 0)), strict=True):
-        try:
-            image = np.asarray(load_visual(int(item_ids[i, k]), 0))
-        except (KeyError, IndexError, ValueError, OSError) as error:
-            print(f"render: no pixels for item {item_ids[i, k]}: {error}", file=sys.stderr)
-            continue
-        if image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0:
-            out[int(i), int(k)] = image
+        for frame in frames.get((int(i), int(k)), (0,)):
+            try:
+                image = np.asarray(load_visual(int(item_ids[i, k]), frame))
+            except (KeyError, IndexError, ValueError, OSError) as error:
+                print(f"render: no pixels for item {item_ids[i, k]}: {error}", file=sys.stderr)
+                continue
+            if image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0:
+                out[int(i), int(k), int(frame)] = image
     return out
 
 
@@ -349,7 +405,7 @@ def render_record(
     if suffix not in (".png", ".svg"):
         raise ValueError(f"out path must end in .png or .svg, got {out_path.name!r}")
     images = _load_pixels(record, load_visual)
-    native = {key: (int(im.shape[0]), int(im.shape[1])) for key, im in images.items()}
+    native = {key[:2]: (int(im.shape[0]), int(im.shape[1])) for key, im in images.items()}
     layout = graph_layout(
         record, budget=budget, positive_threshold=positive_threshold, native_sizes=native
     )
@@ -424,22 +480,28 @@ def render_record(
                 x += side + _GAP
                 continue
             w, h = thumb.width * _UNITS_PER_PIXEL, thumb.height * _UNITS_PER_PIXEL
-            extent = (x, x + w, box.y + _PAD, box.y + _PAD + h)
-            image = images.get((box.index, thumb.slot))
-            if image is not None:
-                ax.imshow(
-                    _small(image, thumb.height, thumb.width),
-                    extent=extent,
-                    alpha=0.45 if box.greyed else 1.0,
-                    zorder=3,
+            for frame in thumb.frames:
+                extent = (x, x + w, box.y + _PAD, box.y + _PAD + h)
+                image = images.get((box.index, thumb.slot, frame))
+                if image is not None:
+                    ax.imshow(
+                        _small(image, thumb.height, thumb.width),
+                        extent=extent,
+                        alpha=0.45 if box.greyed else 1.0,
+                        zorder=3,
+                    )
+                else:
+                    ax.add_patch(
+                        Rectangle((x, box.y + _PAD), w, h, facecolor="#9e9e9e", edgecolor="#616161")
+                    )
+                label = f"{thumb.height}×{thumb.width}"
+                if len(thumb.frames) > 1:
+                    label += f"\nf{frame}"
+                ax.text(
+                    x + w / 2, box.y + _PAD + h / 2, label, ha="center", va="center", fontsize=5
                 )
-            else:
-                ax.add_patch(
-                    Rectangle((x, box.y + _PAD), w, h, facecolor="#9e9e9e", edgecolor="#616161")
-                )
-            label = f"{thumb.height}×{thumb.width}"
-            ax.text(x + w / 2, box.y + _PAD + h / 2, label, ha="center", va="center", fontsize=5)
-            x += w + _GAP
+                x += w + _FRAME_GAP
+            x += _GAP - _FRAME_GAP
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format=suffix[1:], dpi=110)
     plt.close(fig)

@@ -7,8 +7,16 @@ resized height, width; SPEC §6). Given the corpus loader, `image_patches` turns
 resized to that size: PIL bicubic resize of the uint8 image, rescale by 1/255 in float64
 then float32, normalise in float32, temporal patch 2 by repeating the frame, 16 px patches
 ordered in 2×2 merge blocks. Each reference is one image (a video keyframe included, chosen
-by its frame index); feeding keyframes through the *video* processor (distinct frames in one
-temporal patch, timestamps) is not implemented here.
+by its frame index).
+
+The video path is `video_patches` / `video_inputs`: the frames of one video item become
+``pixel_values_videos`` rows and one ``video_grid_thw`` row as transformers'
+``Qwen3VLVideoProcessor`` makes them from frames already at the target size (PIL bicubic
+resize as above): rescale and normalise fused in float32 (``(x − 127.5) / 127.5``, the
+processor's fused mean/std), consecutive frames paired into temporal patches of 2 (an odd
+count repeats the last frame), patches in the same 2×2 merge-block order. A video with
+``F`` frames gives ``grid_t = ceil(F / 2)``: as many ``<t seconds>`` blocks as
+``prompts.video_placeholder`` writes, each of ``h·w / 32²`` video tokens.
 
 `VisualInputs` is the pipeline stage: it adds ``pixel_values float32[B, P, 1536]``,
 ``pixel_valid bool[B, P]`` and ``image_grid_thw int32[B, V, 3]`` to a batch, with each row's
@@ -50,9 +58,7 @@ def image_patches(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """``(float32[gh·gw, 1536], (1, gh, gw))``: the Qwen3-VL patches of ``image`` resized to
     ``height × width`` (both multiples of 32, as smart resize gives)."""
-    factor = PATCH_SIZE * MERGE_SIZE
-    if height % factor or width % factor or height < factor or width < factor:
-        raise ValueError(f"resized size {height}x{width} must be positive multiples of {factor}")
+    _check_size(height, width)
     pixels = resize_image(image, height, width).astype(np.float64) * (1 / 255)
     pixels = pixels.astype(np.float32)
     mean = np.asarray(IMAGE_MEAN, np.float32)
@@ -73,6 +79,65 @@ def image_patches(
     # a still image fills both frames of the temporal patch
     frames = np.repeat(blocks[:, :, :, :, :, None], TEMPORAL_PATCH_SIZE, axis=5)
     return frames.reshape(grid_h * grid_w, PATCH_DIM), (1, grid_h, grid_w)
+
+
+def _check_size(height: int, width: int) -> None:
+    factor = PATCH_SIZE * MERGE_SIZE
+    if height % factor or width % factor or height < factor or width < factor:
+        raise ValueError(f"resized size {height}x{width} must be positive multiples of {factor}")
+
+
+def video_patches(
+    frames: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``(float32[t·gh·gw, 1536], (t, gh, gw))``: Qwen3-VL video patches of ``frames``
+    (uint8[F, H, W, 3], in time order) each resized to ``height × width``; t = ceil(F / 2)."""
+    _check_size(height, width)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(f"a video must be uint8[F, H, W, 3] with F >= 1, got {list(frames.shape)}")
+    resized = np.stack([resize_image(frame, height, width) for frame in frames])
+    if pad := -len(resized) % TEMPORAL_PATCH_SIZE:  # the processor repeats the last frame
+        resized = np.concatenate([resized, np.repeat(resized[-1:], pad, axis=0)])
+    # Rescale and normalise fused as the video processor does: mean and std scaled by 255.
+    mean = np.asarray(IMAGE_MEAN, np.float32) * np.float32(255)
+    std = np.asarray(IMAGE_STD, np.float32) * np.float32(255)
+    fchw = np.moveaxis((resized.astype(np.float32) - mean) / std, -1, 1)
+    grid_t = len(fchw) // TEMPORAL_PATCH_SIZE
+    grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
+    blocks = fchw.reshape(
+        grid_t,
+        TEMPORAL_PATCH_SIZE,
+        3,
+        grid_h // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+        grid_w // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+    )
+    # (t, block row, block col, row in block, col in block, channel, frame in pair, y, x)
+    blocks = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return blocks.reshape(grid_t * grid_h * grid_w, PATCH_DIM), (grid_t, grid_h, grid_w)
+
+
+def video_inputs(
+    load_visual: LoadVisual, refs: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``video_patches`` of one video's ``segment_visuals`` rows ``int[F, 4]`` (item id, frame
+    index, height, width; one item, one size), frames read with ``load_visual``."""
+    refs = np.asarray(refs)
+    if refs.ndim != 2 or refs.shape[1] != 4 or len(refs) == 0:
+        raise ValueError(f"video refs must be int[F, 4] with F >= 1, got {list(refs.shape)}")
+    items, sizes = {int(i) for i in refs[:, 0]}, {(int(h), int(w)) for h, w in refs[:, 2:]}
+    if len(items) != 1 or len(sizes) != 1:
+        raise ValueError(
+            f"video refs must share one item and size, got items {items} sizes {sizes}"
+        )
+    ((height, width),) = sizes
+    item = items.pop()
+    frames = np.stack([np.asarray(load_visual(item, int(f))) for f in refs[:, 1]])
+    return video_patches(frames, height, width)
 
 
 def num_patches(height: int, width: int) -> int:

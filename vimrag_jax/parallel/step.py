@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
 from vimrag_jax.rl.losses import LossConfig, num_valid_segments, policy_objective
 from vimrag_jax.rl.stats import reduce_stats, to_scalars
+from vimrag_jax.sampling.logprobs import sequence_logprobs
 
 Batch = dict[str, jax.Array]
 PMAP_AXIS = "data"
@@ -34,6 +35,17 @@ class TrainState:
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+
+
+def policy_logprobs(policy: nnx.Module, tokens_bl: jax.Array) -> jax.Array:
+    """`float32[B, L]` per-token log-probs of `tokens` under `policy` (0 at t = 0).
+
+    Models with `hidden_states` / `head_weight` (Qwen3) go through the sampler's memory-lean
+    `sequence_logprobs` (no `[B, L, V]` logits); others through their logits.
+    """
+    if hasattr(policy, "hidden_states") and hasattr(policy, "head_weight"):
+        return sequence_logprobs(policy, tokens_bl)
+    return token_logprobs(policy(tokens_bl), tokens_bl)
 
 
 def token_logprobs(logits_blv: jax.Array, tokens_bl: jax.Array) -> jax.Array:
@@ -125,7 +137,7 @@ def update(
 
     def loss_fn(params: nnx.State):
         policy = nnx.merge(graphdef, params)
-        logp_bl = token_logprobs(policy(batch["tokens"]), batch["tokens"])
+        logp_bl = policy_logprobs(policy, batch["tokens"])
         return policy_objective(logp_bl, batch, loss_config, num_segments=num_segments)
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

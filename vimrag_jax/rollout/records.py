@@ -6,6 +6,12 @@ maxima (`RecordDims`). It is encoded with msgpack, each array as ``{dtype, shape
 code: no pickle anywhere. `decode_record` validates everything it reads and raises only
 `RecordError`, whatever the bytes.
 
+Version 2 adds what a picture of the rollout needs beyond §6: ``node_title``, ``node_query``,
+``node_summary`` (N strings: the id the policy gave each node, its sub-query, its summary) and
+``item_id`` / ``item_modality`` (int32 / int8 [N, K]: the corpus id and modality of each memory
+slot, -1 when empty). Writers always write them (empty defaults when a caller leaves them out);
+version-1 records, which shards on disk may still hold, decode with those defaults.
+
 Shards are ArrayRecord files of encoded records under ``WORKDIR/rollouts/``. `ShardWriter`
 writes a shard under a hidden temporary name and publishes it with an atomic ``os.replace``
 when it closes, so a reader listing the directory sees either nothing or the whole shard.
@@ -33,7 +39,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 SCHEMA = "vimrag.trajectory"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions `decode_record` reads: version 1 lacks the node texts and memory item ids (§6 extras),
+#: which are filled with their empty defaults.
+READABLE_VERSIONS = (1, 2)
 SHARD_SUFFIX = ".array_record"
 _TEMP_MARK = ".tmp-"
 
@@ -100,7 +109,13 @@ ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "segment_valid": (np.dtype(bool), ("S",)),
     "segment_visuals": (np.dtype(np.int32), ("S", "V", "4")),
     "segment_visual_valid": (np.dtype(bool), ("S", "V")),
+    "item_id": (np.dtype(np.int32), ("N", "K")),
+    "item_modality": (np.dtype(np.int8), ("N", "K")),
 }
+#: Memory slot modalities in ``item_modality`` (as ``memory.graph.Modality``); -1 for empty.
+ITEM_IMAGE, ITEM_VIDEO, ITEM_EMPTY = 0, 1, -1
+# Array fields added in version 2, with the fill value of an empty slot (and of v1 records).
+_V2_ARRAYS: dict[str, int] = {"item_id": -1, "item_modality": ITEM_EMPTY}
 INT_FIELDS = ("policy_version", "group_size", "answer_node", "num_invalid_actions", "num_segments")
 FLOAT_FIELDS = ("reward", "created_at")
 TEXT_FIELDS = (
@@ -112,8 +127,18 @@ TEXT_FIELDS = (
     "env",
     "worker_id",
 )
-# Fields a caller may leave out of `encode_record` (defaults filled in).
-_DEFAULTS: dict[str, Any] = {"env": "", "worker_id": "", "created_at": None, "num_segments": None}
+# One string per node (N): the id the policy gave the node ("root" for node 0), its sub-query and
+# its summary; "" for padding nodes and where there is no text. Added in version 2.
+NODE_TEXT_FIELDS = ("node_title", "node_query", "node_summary")
+# Fields a caller may leave out of `encode_record` (defaults filled in; the version-2 fields
+# default to "empty", so records built by older code paths still encode).
+_DEFAULTS: dict[str, Any] = {
+    "env": "",
+    "worker_id": "",
+    "created_at": None,
+    "num_segments": None,
+    **{name: None for name in (*_V2_ARRAYS, *NODE_TEXT_FIELDS)},
+}
 
 _DTYPE_NAMES = {np.dtype(dt).str: np.dtype(dt) for dt, _ in ARRAY_FIELDS.values()}
 _MAX_TEXT = 1 << 24
@@ -138,10 +163,11 @@ def blank_record(dims: RecordDims, **fields: Any) -> dict[str, Any]:
     """A record with every array zero-padded (no nodes, no segments) and empty text, then
     ``fields`` on top: the starting point for a worker filling in one rollout."""
     record: dict[str, Any] = {
-        name: np.zeros(_shape(letters, dims), dtype)
+        name: np.full(_shape(letters, dims), _V2_ARRAYS.get(name, 0), dtype)
         for name, (dtype, letters) in ARRAY_FIELDS.items()
     }
     record.update({name: "" for name in TEXT_FIELDS})
+    record.update({name: [""] * dims.nodes for name in NODE_TEXT_FIELDS})
     record.update(policy_version=0, group_size=1, answer_node=-1, num_invalid_actions=0)
     record.update(reward=0.0, created_at=0.0, dims=dims)
     record.update(fields)
@@ -172,6 +198,20 @@ def _check_text(name: str, value: Any) -> str:
     return value
 
 
+def _check_texts(name: str, value: Any, count: int) -> list[str]:
+    """A list of exactly ``count`` strings (one per node)."""
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        raise RecordError(
+            f"field {name!r} must be a list of {count} str, got {type(value).__name__}"
+        )
+    if len(value) != count:
+        raise RecordError(f"field {name!r} must hold {count} strings, got {len(value)}")
+    for index, text in enumerate(value):
+        if not isinstance(text, str):
+            raise RecordError(f"field {name!r}[{index}] must be a str, got {type(text).__name__}")
+    return list(value)
+
+
 def _check_semantics(record: dict[str, Any], dims: RecordDims) -> None:
     """Cross-field checks: index ranges and the derived segment count."""
     if not -1 <= record["answer_node"] < dims.nodes:
@@ -192,6 +232,13 @@ def _check_semantics(record: dict[str, Any], dims: RecordDims) -> None:
         raise RecordError(f"segment_node of a valid segment outside [-1, {dims.nodes})")
     if not np.all(np.isfinite(record["priority"])):
         raise RecordError("priority holds non-finite values")
+    item_id, modality = record["item_id"], record["item_modality"]
+    if np.any(item_id < -1):
+        raise RecordError(f"item_id holds {int(item_id.min())}; ids are >= 0, or -1 for empty")
+    if not np.all(np.isin(modality, (ITEM_EMPTY, ITEM_IMAGE, ITEM_VIDEO))):
+        raise RecordError("item_modality holds values other than -1 (empty), 0 (image), 1 (video)")
+    if np.any((item_id < 0) != (modality < 0)):
+        raise RecordError("item_id and item_modality disagree on which memory slots are empty")
 
 
 def _as_field_array(name: str, value: Any, dims: RecordDims) -> np.ndarray:
@@ -232,6 +279,7 @@ def validate_record(record: Mapping[str, Any], dims: RecordDims | None = None) -
     elif own is not None and own != dims:
         raise RecordError(f"record dims {own} differ from the expected {dims}")
     known = set(ARRAY_FIELDS) | set(INT_FIELDS) | set(FLOAT_FIELDS) | set(TEXT_FIELDS)
+    known |= set(NODE_TEXT_FIELDS)
     unknown = sorted(set(record) - known - {"dims", "schema_version"})
     if unknown:
         raise RecordError(f"unknown record fields {unknown}")
@@ -240,9 +288,15 @@ def validate_record(record: Mapping[str, Any], dims: RecordDims | None = None) -
         raise RecordError(f"missing record fields {missing}")
     out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dims": dims}
     for name in ARRAY_FIELDS:
-        out[name] = _as_field_array(name, record[name], dims)
+        value = record.get(name)
+        if value is None and name in _V2_ARRAYS:
+            value = np.full(_shape(ARRAY_FIELDS[name][1], dims), _V2_ARRAYS[name])
+        out[name] = _as_field_array(name, value, dims)
     for name in TEXT_FIELDS:
         out[name] = _check_text(name, record.get(name, _DEFAULTS.get(name)))
+    for name in NODE_TEXT_FIELDS:
+        value = record.get(name)
+        out[name] = _check_texts(name, [""] * dims.nodes if value is None else value, dims.nodes)
     num_segments = record.get("num_segments")
     if num_segments is None:
         num_segments = int(out["segment_valid"].sum())
@@ -280,7 +334,7 @@ def encode_record(record: Mapping[str, Any], dims: RecordDims | None = None) -> 
         "schema_version": SCHEMA_VERSION,
         "dims": valid["dims"].to_dict(),
     }
-    for name in (*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS):
+    for name in (*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS, *NODE_TEXT_FIELDS):
         body[name] = valid[name]
     for name in ARRAY_FIELDS:
         array = np.ascontiguousarray(valid[name])
@@ -324,19 +378,29 @@ def decode_record(data: bytes, dims: RecordDims | None = None) -> dict[str, Any]
     if not isinstance(body, dict) or body.get("schema") != SCHEMA:
         raise RecordError(f"not a {SCHEMA} record")
     version = body.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise RecordError(f"record schema_version {version!r}, this reader reads {SCHEMA_VERSION}")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise RecordError(
+            f"record schema_version {version!r}, this reader reads {READABLE_VERSIONS}"
+        )
     stored_dims = _dims_from_dict(body.get("dims"))
     if dims is not None and stored_dims != dims:
         raise RecordError(f"record dims {stored_dims} differ from the expected {dims}")
     expected = {"schema", "schema_version", "dims", *ARRAY_FIELDS}
-    expected |= {*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS}
+    expected |= {*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS, *NODE_TEXT_FIELDS}
+    if version == 1:  # written before the node texts and memory item ids: filled below
+        expected -= {*_V2_ARRAYS, *NODE_TEXT_FIELDS}
     if set(body) != expected:
         extra, missing = sorted(set(body) - expected), sorted(expected - set(body))
         raise RecordError(f"record fields differ from the schema: extra {extra}, missing {missing}")
     record: dict[str, Any] = {"schema_version": version, "dims": stored_dims}
-    for name in ARRAY_FIELDS:
-        record[name] = _decode_array(name, body[name], stored_dims)
+    for name, (dtype, letters) in ARRAY_FIELDS.items():
+        if name in body:
+            record[name] = _decode_array(name, body[name], stored_dims)
+        else:
+            record[name] = np.full(_shape(letters, stored_dims), _V2_ARRAYS[name], dtype)
+    for name in NODE_TEXT_FIELDS:
+        texts = body.get(name, [""] * stored_dims.nodes)
+        record[name] = _check_texts(name, texts, stored_dims.nodes)
     for name in INT_FIELDS:
         record[name] = _check_int(name, body[name])
     for name in FLOAT_FIELDS:
