@@ -1,5 +1,6 @@
 """Hugging Face export (transformers reads it back) and loading straight into sharded arrays."""
 
+import dataclasses
 import json
 import struct
 
@@ -295,6 +296,18 @@ def test_preset_parameter_counts(name):
         assert round(total / 1e9, 3) == _PUBLISHED[name]
     if name == "tiny":
         assert total == _count(nnx.eval_shape(lambda: init_model(name, rngs=nnx.Rngs(0))))
+
+
+def test_remat_is_passed_through(source, tmp_path):
+    directory, ours = source
+    assert not ours.config.remat
+    assert load_qwen3(directory, remat=True).config.remat
+    assert from_pretrained(directory, remat=True).config == dataclasses.replace(
+        ours.config, remat=True
+    )
+    abstract = nnx.eval_shape(lambda: init_model("tiny", rngs=nnx.Rngs(0), remat=True))
+    assert abstract.config.remat
+    assert not nnx.eval_shape(lambda: init_model("tiny", rngs=nnx.Rngs(0))).config.remat
 
 
 def test_presets_lookup_and_tiny_model_runs():

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from vimrag_jax.models.hf import from_pretrained
+from vimrag_jax.models.hf import from_pretrained, save_pretrained
 from vimrag_jax.models.qwen3 import (
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -21,6 +21,7 @@ from vimrag_jax.models.qwen3 import (
     blocked_attend,
     default_positions,
 )
+from vimrag_jax.models.rope import RopeParameters
 
 _TINY = dict(
     vocab_size=128,
@@ -156,12 +157,69 @@ def test_unknown_architectures_are_refused(tmp_path):
 
 
 def test_other_rope_types_are_refused():
-    hf = {**_TINY, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
-    with pytest.raises(NotImplementedError, match="yarn"):
+    hf = {**_TINY, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6}}
+    with pytest.raises(NotImplementedError, match="longrope"):
         Qwen3Config.from_hf(hf)
     legacy = {**_TINY, "rope_theta": 5e5, "rope_scaling": None}
     assert Qwen3Config.from_hf(legacy).rope_theta == 5e5
     assert Qwen3Config.from_hf(_TINY).rope_theta == transformers.Qwen3Config().default_theta
+    # The constructor shorthand and the full setting agree; a contradiction is refused.
+    config = Qwen3Config(**_TINY, rope_theta=5e5)
+    assert config.rope == RopeParameters(rope_theta=5e5, max_position_embeddings=64)
+    assert dataclasses.replace(config, remat=True).rope == config.rope
+    with pytest.raises(ValueError, match="contradicts"):
+        Qwen3Config(**_TINY, rope_theta=1.0, rope=RopeParameters())
+
+
+_SCALED_ROPE = {
+    # The original context (16) is shorter than the test sequence, so the scaling matters.
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 2.5},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(_SCALED_ROPE))
+def scaled_pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(2)
+    rope = {"rope_theta": 10_000.0, **_SCALED_ROPE[request.param]}
+    config = transformers.Qwen3Config(**_TINY, rope_parameters=rope, tie_word_embeddings=False)
+    theirs = transformers.Qwen3ForCausalLM(config).eval()
+    theirs.save_pretrained(directory, safe_serialization=True)
+    return request.param, theirs, from_pretrained(directory)
+
+
+def _relative_error(got, expected):
+    return np.abs(got - expected).max() / np.abs(expected).max()
+
+
+def test_scaled_rope_logits_match_transformers(scaled_pair):
+    rope_type, theirs, ours = scaled_pair
+    assert ours.config.rope.rope_type == rope_type
+    input_ids = np.random.default_rng(1).integers(0, _TINY["vocab_size"], (2, 40), np.int32)
+    mask = np.ones_like(input_ids)
+    got = np.asarray(_our_logits(ours, input_ids, mask))
+    assert _relative_error(got, _torch_logits(theirs, input_ids)) < 1e-4
+    # The KV-cache path uses the same tables: prefill 30 tokens, then one decode step.
+    _, cache = nnx.jit(lambda m, ids, mk: m.prefill(ids, mk, cache_size=32))(
+        ours, input_ids[:, :30], mask[:, :30]
+    )
+    step, _ = nnx.jit(lambda m, t, c: m.decode_step(t, c))(ours, input_ids[:, 30], cache)
+    assert _relative_error(np.asarray(step), got[:, 30]) < 1e-4
+
+
+def test_scaled_rope_export_round_trips(scaled_pair, tmp_path):
+    rope_type, theirs, ours = scaled_pair
+    save_pretrained(ours, tmp_path, dtype="float32")
+    written = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert written == {"rope_theta": 10_000.0, **_SCALED_ROPE[rope_type]}
+    back = from_pretrained(tmp_path)
+    assert back.config == ours.config
+    reread = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert reread.config.rope_parameters == theirs.config.rope_parameters
+    input_ids = np.random.default_rng(2).integers(0, _TINY["vocab_size"], (1, 24), np.int32)
+    expected = _torch_logits(theirs, input_ids)
+    assert _relative_error(_torch_logits(reread, input_ids), expected) < 1e-5
 
 
 def test_bf16_checkpoint_loads(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -9,13 +10,15 @@ import transformers
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import PartitionSpec
 from transformers import vision_utils
 
-from vimrag_jax.models import from_pretrained
+from vimrag_jax.models import from_pretrained, init_model, save_pretrained
 from vimrag_jax.models.mrope import rope_index
 from vimrag_jax.models.qwen3_vl import Qwen3VLConfig, prepare_inputs
 from vimrag_jax.models.qwen3_vl_vision import vision_tables
-from vimrag_jax.parallel.sharding import logical_to_mesh_spec
+from vimrag_jax.parallel.mesh import make_mesh
+from vimrag_jax.parallel.sharding import logical_to_mesh_spec, param_shardings
 
 IMAGE, VIDEO, START, END = 150, 151, 152, 153
 _TEXT = dict(
@@ -412,3 +415,59 @@ def test_traced_grids_ask_for_host_preparation(pair):
 
     with pytest.raises(TypeError, match="prepare_inputs"):
         unprepared(ours, inputs)
+
+
+# ---- export, sharded load, remat ----------------------------------------------------------------
+
+
+def _flat_params(model) -> dict[str, np.ndarray]:
+    return {
+        "/".join(map(str, path)): np.asarray(var.get_value())
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def test_export_loads_in_transformers_with_equal_logits(pair, jitted_logits, tmp_path):
+    _, theirs, ours = pair
+    save_pretrained(ours, tmp_path, dtype="float32", extra_config={"pad_token_id": 0})
+    reread = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.float32
+    ).eval()
+    assert reread.config.text_config.rope_parameters == theirs.config.text_config.rope_parameters
+    inputs = _case("images")
+    expected = _torch_logits(reread, inputs)
+    got = jitted_logits("images")
+    valid = inputs["attention_mask"].astype(bool)
+    error = np.abs(got - expected)[valid].max() / np.abs(expected[valid]).max()
+    assert error < 1e-4, f"relative error {error:.2e}"
+    back = from_pretrained(tmp_path)
+    assert back.config == ours.config
+    for key, value in _flat_params(ours).items():
+        np.testing.assert_array_equal(_flat_params(back)[key], value, err_msg=key)
+
+
+def test_sharded_load_equals_unsharded(pair):
+    directory, _, ours = pair
+    mesh = make_mesh(1, 4, 2)
+    sharded = from_pretrained(directory, mesh=mesh)
+    expected = dict(nnx.to_flat_state(param_shardings(nnx.state(sharded, nnx.Param), mesh)))
+    plain = _flat_params(ours)
+    split = 0
+    for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
+        key, array = "/".join(map(str, path)), var.get_value()
+        assert array.sharding == expected[path].get_value(), key
+        np.testing.assert_array_equal(np.asarray(array), plain[key], err_msg=key)
+        split += array.sharding.spec != PartitionSpec()
+    assert split >= 10
+
+
+def test_remat_reaches_the_vl_decoder():
+    ids = np.arange(6, dtype=np.int32)[None]
+    for remat in (False, True):
+
+        def build(remat=remat):
+            return init_model("tiny-vl", rngs=nnx.Rngs(0), remat=remat)
+
+        model = nnx.eval_shape(build)
+        assert model.config.text.remat == remat
+        assert ("remat" in str(jax.make_jaxpr(lambda m: m(ids))(model))) == remat

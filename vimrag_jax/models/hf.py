@@ -306,19 +306,20 @@ def load_qwen3(
     path: str | os.PathLike,
     *,
     dtype: str = "float32",
+    remat: bool = False,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
 ) -> Qwen3ForCausalLM:
     """Loads a `Qwen3ForCausalLM` checkpoint directory; parameters are float32.
 
-    `dtype` is the compute dtype. Without `mesh` the parameters go to the default device; with
-    one, each is created sharded over it (logical axes mapped by `rules`) and only the blocks
-    the local devices hold are read. Raises FileNotFoundError for a missing directory,
-    config.json or safetensors files, and ValueError naming the tensor for a missing,
-    unexpected or misshapen one.
+    `dtype` is the compute dtype; `remat` recomputes each layer in the backward pass. Without
+    `mesh` the parameters go to the default device; with one, each is created sharded over it
+    (logical axes mapped by `rules`) and only the blocks the local devices hold are read.
+    Raises FileNotFoundError for a missing directory, config.json or safetensors files, and
+    ValueError naming the tensor for a missing, unexpected or misshapen one.
     """
     path = Path(path)
-    config = Qwen3Config.from_hf(read_config(path), dtype=dtype)
+    config = Qwen3Config.from_hf(read_config(path), dtype=dtype, remat=remat)
     model = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
     # Some tied checkpoints store the (identical) head anyway.
     tied_head = config.tie_word_embeddings
@@ -337,12 +338,14 @@ def from_pretrained(
     path: str | os.PathLike,
     *,
     dtype: str = "float32",
+    remat: bool = False,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
 ) -> nnx.Module:
     """Loads a Hugging Face checkpoint directory, choosing the model from its config.json.
 
-    With `mesh`, parameters are created sharded (see `load_qwen3`).
+    `dtype` is the compute dtype, `remat` rematerialises each decoder layer in the backward
+    pass; with `mesh`, parameters are created sharded (see `load_qwen3`).
     """
     hf = read_config(Path(path))
     architectures = hf.get("architectures") or []
@@ -350,11 +353,9 @@ def from_pretrained(
     if "Qwen3VLForConditionalGeneration" in architectures or model_type == "qwen3_vl":
         from vimrag_jax.models.qwen3_vl import load_qwen3_vl  # vision code loads on demand
 
-        if mesh is None:
-            return load_qwen3_vl(path, dtype=dtype)
-        return load_qwen3_vl(path, dtype=dtype, mesh=mesh, rules=rules)
+        return load_qwen3_vl(path, dtype=dtype, remat=remat, mesh=mesh, rules=rules)
     if "Qwen3ForCausalLM" in architectures or (not architectures and model_type == "qwen3"):
-        return load_qwen3(path, dtype=dtype, mesh=mesh, rules=rules)
+        return load_qwen3(path, dtype=dtype, remat=remat, mesh=mesh, rules=rules)
     raise NotImplementedError(
         f"No importer for architectures={architectures} model_type={model_type!r}; "
         "supported: Qwen3ForCausalLM, Qwen3VLForConditionalGeneration."
@@ -379,7 +380,7 @@ def qwen3_hf_config(config: Qwen3Config, *, dtype: str = "bfloat16") -> dict[str
         "hidden_act": "silu",
         "rms_norm_eps": config.rms_norm_eps,
         "max_position_embeddings": config.max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": config.rope.to_hf(),
         "tie_word_embeddings": config.tie_word_embeddings,
         "attention_bias": False,
         "use_sliding_window": False,
@@ -476,23 +477,29 @@ def save_pretrained(
 ) -> None:
     """Exports `model` as a Hugging Face checkpoint directory that transformers loads.
 
-    The config is rebuilt from the model's own config (everything that affects the math);
-    `extra_config` adds fields it does not hold (e.g. `bos_token_id`, `eos_token_id` from the
-    source checkpoint) and must not contradict it. Raises NotImplementedError for models other
-    than `Qwen3ForCausalLM`.
+    `Qwen3ForCausalLM` and `Qwen3VLForConditionalGeneration` are supported. The config is
+    rebuilt from the model's own config (everything that affects the math); `extra_config`
+    adds top-level fields it does not hold (e.g. `bos_token_id`, `eos_token_id` from the
+    source checkpoint) and must not contradict it. Raises NotImplementedError for other models.
     """
-    if not isinstance(model, Qwen3ForCausalLM):
-        raise NotImplementedError(
-            f"save_pretrained supports Qwen3ForCausalLM only, got {type(model).__name__}; "
-            "other models can call export_checkpoint with their own targets."
-        )
-    hf_config = qwen3_hf_config(model.config, dtype=dtype)
+    if isinstance(model, Qwen3ForCausalLM):
+        hf_config = qwen3_hf_config(model.config, dtype=dtype)
+        targets = qwen3_targets(model)
+    else:
+        from vimrag_jax.models import qwen3_vl  # vision code loads on demand
+
+        if not isinstance(model, qwen3_vl.Qwen3VLForConditionalGeneration):
+            raise NotImplementedError(
+                "save_pretrained supports Qwen3ForCausalLM and Qwen3VLForConditionalGeneration, "
+                f"got {type(model).__name__}; other models can call export_checkpoint with "
+                "their own targets."
+            )
+        hf_config = qwen3_vl.qwen3_vl_hf_config(model.config, dtype=dtype)
+        targets = qwen3_vl.qwen3_vl_targets(model)
     for key, value in (extra_config or {}).items():
         if key in hf_config and key != "dtype" and hf_config[key] != value:
             raise ValueError(
                 f"extra_config[{key!r}]={value!r} contradicts the model's {hf_config[key]!r}."
             )
         hf_config.setdefault(key, value)
-    export_checkpoint(
-        qwen3_targets(model), hf_config, path, dtype=dtype, max_shard_bytes=max_shard_bytes
-    )
+    export_checkpoint(targets, hf_config, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

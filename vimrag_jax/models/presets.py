@@ -219,12 +219,17 @@ def preset_config(name: str) -> dict[str, Any]:
 
 
 def init_model(
-    name_or_hf_config: str | dict[str, Any], *, rngs: nnx.Rngs, dtype: str = "float32"
+    name_or_hf_config: str | dict[str, Any],
+    *,
+    rngs: nnx.Rngs,
+    dtype: str = "float32",
+    remat: bool = False,
 ) -> nnx.Module:
     """A randomly initialised model of a preset name or a `config.json` dict.
 
     `Qwen3ForCausalLM` for `model_type: qwen3`, `Qwen3VLForConditionalGeneration` for
-    `qwen3_vl`; `dtype` is the compute dtype (parameters are float32). Wrap in
+    `qwen3_vl`; `dtype` is the compute dtype (parameters are float32), `remat` recomputes each
+    decoder layer's activations in the backward pass. Wrap in
     `nnx.eval_shape(lambda: init_model(...))` for an abstract model without allocating weights.
     """
     if isinstance(name_or_hf_config, str):
@@ -239,11 +244,12 @@ def init_model(
     if model_type == "qwen3":
         from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
-        return Qwen3ForCausalLM(Qwen3Config.from_hf(hf, dtype=dtype), rngs=rngs)
+        return Qwen3ForCausalLM(Qwen3Config.from_hf(hf, dtype=dtype, remat=remat), rngs=rngs)
     if model_type == "qwen3_vl":
         from vimrag_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-        return Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_hf(hf, dtype=dtype), rngs=rngs)
+        config = Qwen3VLConfig.from_hf(hf, dtype=dtype, remat=remat)
+        return Qwen3VLForConditionalGeneration(config, rngs=rngs)
     raise NotImplementedError(
         f"No model for model_type={model_type!r}; supported: 'qwen3', 'qwen3_vl'."
     )

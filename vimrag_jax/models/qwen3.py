@@ -10,19 +10,32 @@ Checkpoint import lives in `vimrag_jax.models.hf`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-_SUPPORTED_ROPE_TYPES = ("default",)
-_DEFAULT_ROPE_THETA = 10_000.0
+from vimrag_jax.models.rope import (
+    DEFAULT_THETA,
+    RopeParameters,
+    cos_sin,
+    inv_freq_and_scaling,
+    rope_parameters_from_hf,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-    """Sizes and constants of a Qwen3 decoder; build one from a HF config with `from_hf`."""
+    """Sizes and constants of a Qwen3 decoder; build one from a HF config with `from_hf`.
+
+    `rope` is the RoPE setting (default, linear, dynamic NTK, YaRN or Llama-3 scaling, see
+    `vimrag_jax.models.rope`). `rope_theta` is a shorthand kept for older callers: given alone
+    it means default RoPE with that base; after construction it always equals
+    `rope.rope_theta`. Leaving `rope` out gives default RoPE whose `max_position_embeddings`
+    is the config's.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -32,11 +45,12 @@ class Qwen3Config:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = _DEFAULT_ROPE_THETA
+    rope_theta: float | None = None  # shorthand, see the class docstring
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass
+    rope: RopeParameters | None = None  # never None after construction
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -46,6 +60,19 @@ class Qwen3Config:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+        rope = self.rope
+        if rope is None:
+            theta = DEFAULT_THETA if self.rope_theta is None else float(self.rope_theta)
+            rope = RopeParameters(
+                rope_theta=theta, max_position_embeddings=self.max_position_embeddings
+            )
+        elif self.rope_theta is not None and float(self.rope_theta) != rope.rope_theta:
+            raise ValueError(
+                f"rope_theta={self.rope_theta} contradicts rope.rope_theta={rope.rope_theta}; "
+                "change the base through `rope` (dataclasses.replace(config.rope, ...))."
+            )
+        object.__setattr__(self, "rope", rope)
+        object.__setattr__(self, "rope_theta", rope.rope_theta)
 
     @classmethod
     def from_hf(
@@ -53,9 +80,10 @@ class Qwen3Config:
     ) -> Qwen3Config:
         """Reads a `config.json` dict of `model_type: qwen3` (transformers 4.x or 5.x layout).
 
-        Raises NotImplementedError for features this port does not have yet: RoPE types other
-        than "default", partial rotary, sliding-window attention, attention biases, and
-        activations other than SiLU.
+        RoPE settings are read by `rope_parameters_from_hf`. Raises NotImplementedError for
+        features this port does not have yet: RoPE types outside `rope.ROPE_TYPES` (e.g.
+        "longrope"), partial rotary, per-layer RoPE, sliding-window attention, attention
+        biases, and activations other than SiLU.
         """
         if hf.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(
@@ -76,32 +104,26 @@ class Qwen3Config:
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(hf),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             dtype=dtype,
             remat=remat,
+            rope=rope_parameters_from_hf(hf),
         )
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    # transformers 5.x writes `rope_parameters: {rope_type, rope_theta, ...}`; 4.x wrote a
-    # top-level `rope_theta` plus an optional `rope_scaling` dict (None for default RoPE).
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if params and not any(key in params for key in ("rope_type", "type", "rope_theta")):
-        raise NotImplementedError(
-            f"Qwen3 port supports one global RoPE setting, got per-layer rope_parameters {params}."
-        )
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _SUPPORTED_ROPE_TYPES:
-        raise NotImplementedError(
-            f"Qwen3 port supports RoPE types {_SUPPORTED_ROPE_TYPES} only, got {rope_type!r}."
-        )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError("Qwen3 port does not support partial_rotary_factor != 1.")
-    # transformers falls back to its `default_theta` (10000) when no theta is given.
-    theta = params.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA))
-    return float(theta)
+def rope_tables(config: Qwen3Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`cos, sin: float32[*positions.shape, head_dim]` for the config's RoPE setting.
+
+    Dynamic NTK takes `seq_len = max(positions) + 1` over the whole batch, as transformers'
+    rotary embedding does for one call; during decoding that is the new token's position + 1,
+    while cached keys keep the rotation they were written with (as in transformers).
+    """
+    seq_len = None
+    if config.rope.rope_type == "dynamic":
+        seq_len = jnp.max(positions).astype(jnp.int32) + 1
+    inv_freq, scaling = inv_freq_and_scaling(config.rope, config.head_dim, seq_len=seq_len)
+    return cos_sin(positions, inv_freq, scaling)
 
 
 def _param(
@@ -367,6 +389,57 @@ def default_positions(attention_mask_bl: jax.Array) -> jax.Array:
     return jnp.maximum(counts_bl - 1, 0)
 
 
+def empty_cache(config: Qwen3Config, batch: int, cache_size: int) -> KVCache:
+    """An empty `KVCache` of `cache_size` slots for `batch` rows, in the compute dtype."""
+    dtype = jnp.dtype(config.dtype)
+    shape = (batch, cache_size, config.num_key_value_heads, config.head_dim)
+    layers = tuple(
+        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)
+    )
+    return KVCache(
+        layers=layers,
+        valid_bt=jnp.zeros((batch, cache_size), bool),
+        next_position_b=jnp.zeros((batch,), jnp.int32),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def cached_decoder_layers(
+    layers: Sequence[DecoderLayer],
+    x_bld: jax.Array,
+    cos_blk: jax.Array,
+    sin_blk: jax.Array,
+    allowed_bqt: jax.Array,
+    cache_layers: tuple[KVPair, ...],
+    cache_index: jax.Array | int,
+    after_layer: Callable[[int, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[KVPair, ...]]:
+    """Runs `layers` over `x[B, L, D]`, writing their keys/values at `cache_index .. + L`.
+
+    Returns the last layer's output (before the final norm) and the updated caches.
+    `after_layer(i, x)` is applied to the output of layer i (Qwen3-VL adds DeepStack features
+    there).
+    """
+    new_layers = []
+    for i, (layer, kv) in enumerate(zip(layers, cache_layers, strict=True)):
+        x_bld, kv = layer(
+            x_bld, cos_blk, sin_blk, allowed_bqt, kv_cache=kv, cache_index=cache_index
+        )
+        if after_layer is not None:
+            x_bld = after_layer(i, x_bld)
+        new_layers.append(kv)
+    return x_bld, tuple(new_layers)
+
+
+def pad_cache_layers(layers: tuple[KVPair, ...], cache_size: int) -> tuple[KVPair, ...]:
+    """Caches of `[B, P, G, K]` (a prompt) grown to `cache_size` empty slots at the end."""
+
+    def pad(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, cache_size - x.shape[1]), (0, 0), (0, 0)))
+
+    return tuple((pad(k), pad(v)) for k, v in layers)
+
+
 class Qwen3ForCausalLM(nnx.Module):
     """Qwen3 decoder with LM head; `model(input_ids) -> logits float32[B, L, V]`.
 
@@ -427,7 +500,7 @@ class Qwen3ForCausalLM(nnx.Module):
             positions = default_positions(attention_mask)
         causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
         allowed_bqm = causal_qm[None] & attention_mask.astype(bool)[:, None, :]
-        cos_blk, sin_blk = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos_blk, sin_blk = rope_tables(self.config, positions)
         x_bld = self.embed(input_ids)
         forward = _remat_layer_forward if self.config.remat else _layer_forward
         for layer in self.layers:
@@ -453,34 +526,15 @@ class Qwen3ForCausalLM(nnx.Module):
         cache_layers: tuple[KVPair, ...],
         cache_index: jax.Array | int,
     ) -> tuple[jax.Array, tuple[KVPair, ...]]:
-        cos_blk, sin_blk = rope_cos_sin(positions_bl, self.config.head_dim, self.config.rope_theta)
-        new_layers = []
-        for layer, kv in zip(self.layers, cache_layers, strict=True):
-            x_bld, kv = layer(
-                x_bld,
-                cos_blk,
-                sin_blk,
-                allowed_bqt,
-                kv_cache=kv,
-                cache_index=cache_index,
-            )
-            new_layers.append(kv)
-        return self.final_norm(x_bld), tuple(new_layers)
+        cos_blk, sin_blk = rope_tables(self.config, positions_bl)
+        x_bld, new_layers = cached_decoder_layers(
+            self.layers, x_bld, cos_blk, sin_blk, allowed_bqt, cache_layers, cache_index
+        )
+        return self.final_norm(x_bld), new_layers
 
     def init_cache(self, batch: int, cache_size: int) -> KVCache:
         """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""
-        c = self.config
-        dtype = jnp.dtype(c.dtype)
-        shape = (batch, cache_size, c.num_key_value_heads, c.head_dim)
-        layers = tuple(
-            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)
-        )
-        return KVCache(
-            layers=layers,
-            valid_bt=jnp.zeros((batch, cache_size), bool),
-            next_position_b=jnp.zeros((batch,), jnp.int32),
-            length=jnp.zeros((), jnp.int32),
-        )
+        return empty_cache(self.config, batch, cache_size)
 
     def prefill(
         self, input_ids: jax.Array, attention_mask: jax.Array, *, cache_size: int
@@ -502,10 +556,8 @@ class Qwen3ForCausalLM(nnx.Module):
         hidden_bld, layers = self._cached_layers(
             self.embed(input_ids), positions_bl, allowed_bqm, prompt_cache.layers, 0
         )
-        pad = ((0, 0), (0, cache_size - length), (0, 0), (0, 0))
-        layers = tuple((jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in layers)
         cache = KVCache(
-            layers=layers,
+            layers=pad_cache_layers(layers, cache_size),
             valid_bt=jnp.pad(valid_bl, ((0, 0), (0, cache_size - length))),
             next_position_b=positions_bl[:, -1] + valid_bl[:, -1].astype(jnp.int32),
             length=jnp.asarray(length, jnp.int32),

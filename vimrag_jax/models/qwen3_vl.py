@@ -19,6 +19,13 @@ Calling the model eagerly with grids runs both. Under `jax.jit`/`nnx.jit`, run `
 outside and pass its dict in: `jitted(model, prepare_inputs(model.config, **processor_out))`.
 Text-only calls need no host part (positions are `cumsum(attention_mask) - 1`).
 
+Decoding follows the sampler's protocol (`vimrag_jax.sampling.sampler`): `prefill` takes the
+jit-able inputs (`prepare_prefill_inputs` builds them for a left-padded batch with patch rows
+padded to a bucket) and returns a `qwen3.KVCache` whose `next_position_b` is the text position
+after the MRoPE offset; `decode_step` feeds text tokens at that position on all three MRoPE
+sections. `qwen3_vl_targets` / `qwen3_vl_hf_config` serve both import (`load_qwen3_vl`, also
+straight into sharded arrays) and export (`hf.save_pretrained`).
+
 HF config fields read: top level `image_token_id`, `video_token_id`, `vision_start_token_id`,
 `vision_end_token_id`, `tie_word_embeddings`; `text_config`: `vocab_size`, `hidden_size`,
 `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +48,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from vimrag_jax.models.hf import Target, fill_from_checkpoint, identity, read_config, transposed
 from vimrag_jax.models.mrope import IMAGE, TEXT, VIDEO, mrope_cos_sin, rope_index
 from vimrag_jax.models.qwen3 import (
     DecoderLayer,
+    KVCache,
     Qwen3Config,
     RMSNorm,
     _dense_init,
+    _layer_forward,
     _param,
+    _remat_layer_forward,
+    cached_decoder_layers,
     default_positions,
+    empty_cache,
+    pad_cache_layers,
 )
 from vimrag_jax.models.qwen3_vl_vision import (
     Qwen3VLVisionConfig,
@@ -58,6 +73,7 @@ from vimrag_jax.models.qwen3_vl_vision import (
     check_grid_thw,
     vision_tables,
 )
+from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules
 
 _DEFAULT_TEXT_THETA = 500_000.0  # transformers' Qwen3VLTextConfig.default_theta
 _DEFAULT_MROPE_SECTION = (24, 20, 20)  # transformers' fallback when the config has none
@@ -94,26 +110,30 @@ class Qwen3VLConfig:
         return self.text.dtype
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, dtype: str = "float32") -> Qwen3VLConfig:
+    def from_hf(
+        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+    ) -> Qwen3VLConfig:
         """Reads a `model_type: qwen3_vl` config.json dict (transformers 4.5x or 5.x layout).
 
-        Raises NotImplementedError for RoPE types other than "default" and for the text
-        features `Qwen3Config.from_hf` refuses.
+        `remat` rematerialises each text decoder layer in the backward pass. Raises
+        NotImplementedError for RoPE types other than "default" and for the text features
+        `Qwen3Config.from_hf` refuses.
         """
         if "text_config" not in hf or "vision_config" not in hf:
             raise ValueError("A qwen3_vl config needs both `text_config` and `vision_config`.")
-        text_hf = hf["text_config"]
-        rope = dict(text_hf.get("rope_parameters") or text_hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise NotImplementedError(f"Qwen3-VL text RoPE type {rope_type!r} unsupported.")
-        theta = float(rope.get("rope_theta", text_hf.get("rope_theta", _DEFAULT_TEXT_THETA)))
-        section = tuple(rope.get("mrope_section") or _DEFAULT_MROPE_SECTION)
+        text_hf = dict(hf["text_config"])
+        rope = dict(text_hf.get("rope_scaling") or text_hf.get("rope_parameters") or {})
+        if "rope_theta" not in rope and text_hf.get("rope_theta") is None:
+            text_hf["rope_theta"] = _DEFAULT_TEXT_THETA  # Qwen3-VL's own default base
         tie = hf.get("tie_word_embeddings", text_hf.get("tie_word_embeddings", False))
-        # Qwen3Config.from_hf validates the decoder; MRoPE keys are handled here instead.
-        plain = {k: v for k, v in text_hf.items() if k not in ("rope_parameters", "rope_scaling")}
-        text = Qwen3Config.from_hf(plain, dtype=dtype)
-        text = dataclasses.replace(text, rope_theta=theta, tie_word_embeddings=bool(tie))
+        text = Qwen3Config.from_hf(
+            {**text_hf, "tie_word_embeddings": bool(tie)}, dtype=dtype, remat=remat
+        )
+        if text.rope.rope_type != "default":
+            raise NotImplementedError(
+                f"Qwen3-VL text RoPE type {text.rope.rope_type!r} unsupported."
+            )
+        section = text.rope.mrope_section or _DEFAULT_MROPE_SECTION
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         return cls(
             text=text,
@@ -235,6 +255,100 @@ def prepare_inputs(
     }
 
 
+# Keys one prompt may bring to `prepare_prefill_inputs` (the processor's names).
+PREFILL_ROW_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "mm_token_type_ids",
+)
+
+
+def default_patch_bucket(patches: int) -> int:
+    """Patch rows the vision tower is compiled for: the next power of two, at least 64."""
+    return max(64, 1 << max(patches - 1, 0).bit_length())
+
+
+def prepare_prefill_inputs(
+    config: Qwen3VLConfig,
+    input_ids: Any,
+    attention_mask: Any,
+    row_inputs: Sequence[Mapping[str, Any] | None],
+    *,
+    patch_bucket: Callable[[int], int] | None = None,
+) -> dict[str, Any]:
+    """Host-side inputs of `Qwen3VLForConditionalGeneration.prefill` for a left-padded batch.
+
+    `input_ids` / `attention_mask` are `[B, P]` with each prompt right-aligned; `row_inputs`
+    holds one mapping (or None) per prompt, in row order, with the processor's keys for that
+    prompt alone: `pixel_values[n, patch_dim]` + `image_grid_thw[k, 3]`,
+    `pixel_values_videos` + `video_grid_thw`, and optionally `mm_token_type_ids` of the
+    prompt's tokens (`[n]` or `[1, n]`); rows past `len(row_inputs)` (batch padding) have
+    none. The rows' patches are concatenated in row order (the order the placeholders appear
+    in) and run through `prepare_inputs`; then the patch rows of each modality are padded with
+    zeros to `patch_bucket(n)` (default `default_patch_bucket`; padding rows are inert), so the
+    tower compiles once per bucket. Returns `position_ids` (`int32[3, B, P]`),
+    `pixel_values`, `image_tables`, `pixel_values_videos`, `video_tables` (None when absent).
+    Raises ValueError for unknown keys and the inconsistencies `prepare_inputs` refuses.
+    """
+    ids = _host("input_ids", input_ids)
+    mask = _host("attention_mask", attention_mask)
+    if ids is None or ids.ndim != 2 or mask is None or mask.shape != ids.shape:
+        raise ValueError("input_ids and attention_mask must both be [batch, length].")
+    if len(row_inputs) > ids.shape[0]:
+        raise ValueError(f"{len(row_inputs)} row inputs for a batch of {ids.shape[0]} rows.")
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in PREFILL_ROW_KEYS[:4]}
+    types = np.full(ids.shape, TEXT, np.int64)
+    types[ids == config.image_token_id] = IMAGE
+    types[ids == config.video_token_id] = VIDEO
+    for row, inputs in enumerate(row_inputs):
+        inputs = dict(inputs or {})
+        unknown = sorted(set(inputs) - set(PREFILL_ROW_KEYS))
+        if unknown:
+            raise ValueError(
+                f"Row {row}: unknown prefill inputs {unknown}; expected some of "
+                f"{list(PREFILL_ROW_KEYS)}."
+            )
+        for key in parts:
+            if inputs.get(key) is not None:
+                parts[key].append(np.asarray(inputs[key]))
+        if inputs.get("mm_token_type_ids") is not None:
+            real = mask[row].astype(bool)
+            row_types = np.asarray(inputs["mm_token_type_ids"]).reshape(-1)
+            if row_types.shape[0] != real.sum():
+                raise ValueError(
+                    f"Row {row}: mm_token_type_ids has {row_types.shape[0]} entries for a "
+                    f"prompt of {real.sum()} tokens."
+                )
+            types[row, real] = row_types
+    merged = {key: np.concatenate(arrays) if arrays else None for key, arrays in parts.items()}
+    prepared = prepare_inputs(
+        config,
+        ids,
+        merged["pixel_values"],
+        merged["image_grid_thw"],
+        merged["pixel_values_videos"],
+        merged["video_grid_thw"],
+        types,
+        mask,
+    )
+    bucket = patch_bucket or default_patch_bucket
+    out: dict[str, Any] = {"position_ids": prepared["position_ids"]}
+    for pixels_key, tables_key, grid_key in (
+        ("pixel_values", "image_tables", "image_grid_thw"),
+        ("pixel_values_videos", "video_tables", "video_grid_thw"),
+    ):
+        pixels = prepared[pixels_key]
+        if pixels is None:
+            out[pixels_key] = out[tables_key] = None
+            continue
+        size = int(bucket(pixels.shape[0]))
+        out[tables_key] = vision_tables(merged[grid_key], config.vision, pad_to=size)
+        out[pixels_key] = np.pad(pixels.astype(np.float32), ((0, size - pixels.shape[0]), (0, 0)))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Device side.
 
@@ -347,8 +461,6 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         attention_mask: Any,
         position_ids: Any,
     ) -> jax.Array:
-        c = self.config
-        dtype = jnp.dtype(c.dtype)
         b, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), dtype=jnp.int32)
@@ -356,10 +468,31 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         if position_ids is None:
             position_ids = default_positions(attention_mask)
         position_ids = _normalize_positions(position_ids, b, length)
+        x_bld, add_deepstack = self._embed_inputs(
+            input_ids, pixel_values, image_tables, pixel_values_videos, video_tables
+        )
+        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+        allowed_bqm = causal_qm[None] & attention_mask.astype(bool)[:, None, :]
+        cos_blk, sin_blk = self._rope_tables(position_ids)
+        forward = _remat_layer_forward if self.config.text.remat else _layer_forward
+        for i, layer in enumerate(self.layers):
+            x_bld = add_deepstack(i, forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm))
+        return self.logits(self.final_norm(x_bld))
 
-        x_bld = jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
-        # (mask, rank, deepstack rows) per modality present, for the DeepStack additions below.
-        placed = []
+    def _embed_inputs(
+        self,
+        input_ids: jax.Array,
+        pixel_values: Any,
+        image_tables: VisionTables | None,
+        pixel_values_videos: Any,
+        video_tables: VisionTables | None,
+    ) -> tuple[jax.Array, Callable[[int, jax.Array], jax.Array]]:
+        """Token embeddings `[B, L, D]` with the visual features at their placeholders, and
+        `add_deepstack(i, x)`, which adds DeepStack level i to the output of decoder layer i."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x_bld = self.embed(input_ids)
+        placed = []  # (mask, rank, deepstack rows) per modality present
         for pixels, tables, token_id in (
             (pixel_values, image_tables, c.image_token_id),
             (pixel_values_videos, video_tables, c.video_token_id),
@@ -372,23 +505,134 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             x_bld = jnp.where(mask_bl[..., None], rows_bld, x_bld)
             placed.append((mask_bl, rank_bl, deepstack_kmd.astype(dtype)))
 
-        key_valid_bm = attention_mask.astype(bool)
-        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
-        allowed_bqm = causal_qm[None] & key_valid_bm[:, None, :]
-        cos_blk, sin_blk = mrope_cos_sin(
-            position_ids, c.text.head_dim, c.text.rope_theta, c.mrope_section
-        )
-        for i, layer in enumerate(self.layers):
-            x_bld = layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+        def add_deepstack(i: int, x_bld: jax.Array) -> jax.Array:
             for mask_bl, rank_bl, deepstack_kmd in placed:
                 if i < deepstack_kmd.shape[0]:
                     x_bld = x_bld + _features_at(deepstack_kmd[i], mask_bl, rank_bl)
-        x_bld = self.final_norm(x_bld)
+            return x_bld
+
+        return x_bld, add_deepstack
+
+    def _rope_tables(self, position_ids_3bl: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        return mrope_cos_sin(position_ids_3bl, c.text.head_dim, c.text.rope_theta, c.mrope_section)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, L, D]` in the compute dtype (no visual features)."""
+        return jnp.take(self.embed_vd[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as `[D, V]` in the compute dtype (the transposed embedding when tied)."""
+        dtype = jnp.dtype(self.config.dtype)
         if self.lm_head_dv is None:
-            logits_blv = jnp.einsum("bld,vd->blv", x_bld, self.embed_vd[...].astype(dtype))
-        else:
-            logits_blv = x_bld @ self.lm_head_dv[...].astype(dtype)
-        return logits_blv.astype(jnp.float32)
+            return self.embed_vd[...].astype(dtype).T
+        return self.lm_head_dv[...].astype(dtype)
+
+    def logits(self, hidden_bld: jax.Array) -> jax.Array:
+        """`float32[..., V]` logits of final hidden states `[..., D]`."""
+        return (hidden_bld @ self.head_weight()).astype(jnp.float32)
+
+    # ---- decoding protocol of `vimrag_jax.sampling.Sampler` ---------------------------------
+
+    def init_cache(self, batch: int, cache_size: int) -> KVCache:
+        """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""
+        return empty_cache(self.config.text, batch, cache_size)
+
+    def prefill(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        cache_size: int,
+        position_ids: Any = None,
+        pixel_values: Any = None,
+        image_tables: VisionTables | None = None,
+        pixel_values_videos: Any = None,
+        video_tables: VisionTables | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs left-padded prompts `int[B, P]`; returns the next-token logits and a cache.
+
+        The keyword arguments are the jit-able ones `prepare_inputs` (or `prepare_prefill`)
+        returns: MRoPE `position_ids[3, B, P]` (default: text positions `cumsum(mask) - 1`)
+        and the patch rows with their vision tables. Visual features and DeepStack go in as in
+        `__call__`. Returns `float32[B, V]` logits of the last column and a `KVCache` of
+        `cache_size >= P` slots whose `next_position_b` is each row's largest MRoPE position
+        plus one: the text position generation continues from (`rope_index`'s delta plus the
+        number of real tokens).
+        """
+        b, length = input_ids.shape
+        if cache_size < length:
+            raise ValueError(f"cache_size={cache_size} is shorter than the prompt ({length}).")
+        valid_bl = jnp.asarray(attention_mask).astype(bool)
+        if position_ids is None:
+            position_ids = default_positions(valid_bl)
+        position_ids = _normalize_positions(position_ids, b, length).astype(jnp.int32)
+        x_bld, add_deepstack = self._embed_inputs(
+            input_ids, pixel_values, image_tables, pixel_values_videos, video_tables
+        )
+        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+        cos_blk, sin_blk = self._rope_tables(position_ids)
+        x_bld, layers = cached_decoder_layers(
+            self.layers,
+            x_bld,
+            cos_blk,
+            sin_blk,
+            causal_qm[None] & valid_bl[:, None, :],
+            self.init_cache(b, length).layers,
+            0,
+            after_layer=add_deepstack,
+        )
+        real_positions_3bl = jnp.where(valid_bl[None], position_ids, -1)
+        cache = KVCache(
+            layers=pad_cache_layers(layers, cache_size),
+            valid_bt=jnp.pad(valid_bl, ((0, 0), (0, cache_size - length))),
+            next_position_b=jnp.max(real_positions_3bl, axis=(0, 2)) + 1,
+            length=jnp.asarray(length, jnp.int32),
+        )
+        return self.logits(self.final_norm(x_bld[:, -1])), cache
+
+    def decode_step(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds one (text) token per row; returns `float32[B, V]` logits and the cache.
+
+        The token goes to slot `cache.length`; its MRoPE position is `cache.next_position_b`
+        on all three sections, as text positions are. Writing past the last slot is the
+        caller's error.
+        """
+        b = tokens_b.shape[0]
+        valid_bt = jax.lax.dynamic_update_slice(
+            cache.valid_bt, jnp.ones((b, 1), bool), (0, cache.length)
+        )
+        positions_3b1 = jnp.broadcast_to(cache.next_position_b[None, :, None], (3, b, 1))
+        cos_blk, sin_blk = self._rope_tables(positions_3b1)
+        x_b1d, layers = cached_decoder_layers(
+            self.layers,
+            self.embed(tokens_b[:, None]),
+            cos_blk,
+            sin_blk,
+            valid_bt[:, None, :],
+            cache.layers,
+            cache.length,
+        )
+        new_cache = KVCache(
+            layers=layers,
+            valid_bt=valid_bt,
+            next_position_b=cache.next_position_b + 1,
+            length=cache.length + 1,
+        )
+        return self.logits(self.final_norm(x_b1d[:, 0])), new_cache
+
+    def prepare_prefill(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        row_inputs: Sequence[Mapping[str, Any] | None],
+        *,
+        patch_bucket: Callable[[int], int] | None = None,
+    ) -> dict[str, Any]:
+        """Host side of `prefill` for a left-padded batch; see `prepare_prefill_inputs`."""
+        return prepare_prefill_inputs(
+            self.config, input_ids, attention_mask, row_inputs, patch_bucket=patch_bucket
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,17 +762,79 @@ def qwen3_vl_targets(model: Qwen3VLForConditionalGeneration) -> dict[str, Target
     return targets
 
 
+def qwen3_vl_hf_config(config: Qwen3VLConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """The transformers `config.json` dict of a `Qwen3VLForConditionalGeneration` with this
+    config (everything `Qwen3VLConfig.from_hf` reads, so export and import round-trip)."""
+    text, vision = config.text, config.vision
+    rope = {
+        **text.rope.to_hf(),
+        "mrope_section": list(config.mrope_section),
+        "mrope_interleaved": True,  # the only MRoPE layout of Qwen3-VL (and of this port)
+    }
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": text.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": text.rms_norm_eps,
+            "max_position_embeddings": text.max_position_embeddings,
+            "rope_parameters": rope,
+            "attention_bias": False,
+            "tie_word_embeddings": text.tie_word_embeddings,
+            "dtype": dtype,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "depth": vision.depth,
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_heads": vision.num_heads,
+            "out_hidden_size": vision.out_hidden_size,
+            "num_position_embeddings": vision.num_position_embeddings,
+            "deepstack_visual_indexes": list(vision.deepstack_visual_indexes),
+            "in_channels": vision.in_channels,
+            "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "spatial_merge_size": vision.spatial_merge_size,
+            "hidden_act": vision.hidden_act,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
+            "dtype": dtype,
+        },
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "tie_word_embeddings": text.tie_word_embeddings,
+        "dtype": dtype,
+    }
+
+
 def load_qwen3_vl(
-    path: str | os.PathLike, *, dtype: str = "float32"
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    remat: bool = False,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> Qwen3VLForConditionalGeneration:
     """Loads a `Qwen3VLForConditionalGeneration` checkpoint directory (float32 parameters).
 
-    `dtype` is the compute dtype. Raises FileNotFoundError for a missing directory, config.json
-    or safetensors files, and ValueError naming the tensor for a missing, unexpected or
-    misshapen one.
+    `dtype` is the compute dtype; `remat` recomputes each text decoder layer in the backward
+    pass. With `mesh`, every parameter is created sharded over it (logical axes mapped by
+    `rules`), reading only the blocks the local devices hold (see `hf.fill_from_checkpoint`).
+    Raises FileNotFoundError for a missing directory, config.json or safetensors files, and
+    ValueError naming the tensor for a missing, unexpected or misshapen one.
     """
     path = Path(path)
-    config = Qwen3VLConfig.from_hf(read_config(path), dtype=dtype)
+    config = Qwen3VLConfig.from_hf(read_config(path), dtype=dtype, remat=remat)
     model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     tied_head = config.text.tie_word_embeddings
     fill_from_checkpoint(
@@ -536,5 +842,7 @@ def load_qwen3_vl(
         qwen3_vl_targets(model),
         path,
         ignore=lambda name: tied_head and name == "lm_head.weight",
+        mesh=mesh,
+        rules=rules,
     )
     return model

@@ -7,6 +7,13 @@ The sampler drives any model with the decoding protocol of `Qwen3ForCausalLM`:
 - `model.decode_step(tokens int32[B], cache) -> (logits float32[B, V], cache)`, the cache a
   pytree of fixed shapes.
 
+A model may also take extra prefill inputs (images, videos): it then has
+`model.prefill(input_ids, attention_mask, *, cache_size, **arrays)` and a host-side
+`model.prepare_prefill(input_ids, attention_mask, row_inputs) -> arrays` that turns one mapping
+per prompt (processor-style `pixel_values`, `image_grid_thw`, ...) into the batch's jit-able
+arrays, padded to fixed buckets (`Qwen3VLForConditionalGeneration` does both; its decode steps
+continue from each row's MRoPE text position).
+
 Prompts are left-padded to a length bucket and the batch to a batch bucket, so a new shape
 compiles once. The jitted functions take the model's state as an argument: `set_weights` swaps in
 a new policy version without recompiling.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -149,11 +156,12 @@ def _prefill(
     state: nnx.State,
     ids_bp: jax.Array,
     mask_bp: jax.Array,
+    extra: dict[str, Any],
     cache_size: int,
     max_new_tokens: int,
 ) -> _Loop:
     model = nnx.merge(graphdef, state)
-    logits_bv, cache = model.prefill(ids_bp, mask_bp, cache_size=cache_size)
+    logits_bv, cache = model.prefill(ids_bp, mask_bp, cache_size=cache_size, **extra)
     b = ids_bp.shape[0]
     return _Loop(
         logits_bv=logits_bv,
@@ -224,6 +232,7 @@ class Sampler:
         if self.length_buckets[-1] < max_prompt_len:
             self.length_buckets += (max_prompt_len,)
         self.chunk_size = chunk_size
+        self._takes_prefill_inputs = hasattr(model, "prepare_prefill")
         self._graphdef, self._state = nnx.split(model)
         self._prefill_fn = jax.jit(
             functools.partial(_prefill, self._graphdef),
@@ -258,8 +267,17 @@ class Sampler:
         stop_strings: Sequence[str] = (),
         decode_fn: Callable[[list[int]], str] | None = None,
         seed: int = 0,
+        prefill_inputs: Sequence[Mapping[str, np.ndarray] | None] | None = None,
     ) -> list[Completion]:
         """Completes each prompt (a list of token ids); returns one `Completion` per prompt.
+
+        `prefill_inputs` gives each prompt's visual inputs (None or an empty mapping for a
+        text-only one), for a model with `prepare_prefill` (Qwen3-VL): the processor's arrays
+        for that prompt alone, e.g. `pixel_values[n, patch_dim]` and `image_grid_thw[k, 3]`,
+        `pixel_values_videos` and `video_grid_thw`, optionally `mm_token_type_ids`. The
+        prompt's token ids must hold the matching placeholder tokens. Per batch group the
+        prompts are left-padded as usual, then `model.prepare_prefill` builds the group's
+        MRoPE positions and the patch rows padded to a bucket (one compilation per bucket).
 
         Sampling: greedy (argmax) when `greedy`, else softmax(logits / temperature) restricted
         to the top-p nucleus. A row ends at the first sampled token in `eos_token_ids` or
@@ -287,6 +305,16 @@ class Sampler:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
         prompts = [list(map(int, p)) for p in prompts]
+        if prefill_inputs is not None:
+            if len(prefill_inputs) != len(prompts):
+                raise ValueError(
+                    f"prefill_inputs has {len(prefill_inputs)} entries for {len(prompts)} prompts."
+                )
+            if not self._takes_prefill_inputs:
+                raise ValueError(
+                    "prefill_inputs need a model with `prepare_prefill` (e.g. Qwen3-VL); this "
+                    "model takes token prompts only."
+                )
         for i, prompt in enumerate(prompts):
             if not 1 <= len(prompt) <= self.max_prompt_len:
                 raise ValueError(
@@ -309,6 +337,7 @@ class Sampler:
             )
             results += self._generate_group(
                 prompts[start : start + group],
+                None if prefill_inputs is None else list(prefill_inputs[start : start + group]),
                 settings,
                 max_new,
                 set(stop_ids),
@@ -320,6 +349,7 @@ class Sampler:
     def _generate_group(
         self,
         prompts: list[list[int]],
+        row_inputs: list[Mapping[str, np.ndarray] | None] | None,
         settings: _Settings,
         max_new: int,
         stop_ids: set[int],
@@ -337,10 +367,17 @@ class Sampler:
             mask[row, length - len(prompt) :] = 1
         # Padding rows of the batch bucket get one real token so their positions are sane.
         mask[rows:, -1] = 1
+        extra = {}
+        if row_inputs is not None:
+            # Host-side work (grids -> tables, MRoPE positions); merging holds no copy of the
+            # weights, and keeps no reference to an old policy's arrays after `set_weights`.
+            model = nnx.merge(self._graphdef, self._state)
+            extra = model.prepare_prefill(ids, mask, row_inputs)
         loop = self._prefill_fn(
             self._state,
             ids,
             mask,
+            extra,
             cache_size=length + self.max_new_tokens,
             max_new_tokens=self.max_new_tokens,
         )
