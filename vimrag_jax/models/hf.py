@@ -351,7 +351,7 @@ def from_pretrained(
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if "Qwen3VLForConditionalGeneration" in architectures or model_type == "qwen3_vl":
-        from vimrag_jax.models.qwen3_vl import load_qwen3_vl  # vision code loads on demand
+        from vimrag_jax.models.qwen3_vl_hf import load_qwen3_vl  # vision code loads on demand
 
         return load_qwen3_vl(path, dtype=dtype, remat=remat, mesh=mesh, rules=rules)
     if "Qwen3ForCausalLM" in architectures or (not architectures and model_type == "qwen3"):
@@ -486,7 +486,7 @@ def save_pretrained(
         hf_config = qwen3_hf_config(model.config, dtype=dtype)
         targets = qwen3_targets(model)
     else:
-        from vimrag_jax.models import qwen3_vl  # vision code loads on demand
+        from vimrag_jax.models import qwen3_vl, qwen3_vl_hf  # vision code loads on demand
 
         if not isinstance(model, qwen3_vl.Qwen3VLForConditionalGeneration):
             raise NotImplementedError(
@@ -494,8 +494,8 @@ def save_pretrained(
                 f"got {type(model).__name__}; other models can call export_checkpoint with "
                 "their own targets."
             )
-        hf_config = qwen3_vl.qwen3_vl_hf_config(model.config, dtype=dtype)
-        targets = qwen3_vl.qwen3_vl_targets(model)
+        hf_config = qwen3_vl_hf.qwen3_vl_hf_config(model.config, dtype=dtype)
+        targets = qwen3_vl_hf.qwen3_vl_targets(model)
     for key, value in (extra_config or {}).items():
         if key in hf_config and key != "dtype" and hf_config[key] != value:
             raise ValueError(
