@@ -127,3 +127,13 @@ def test_kl_to_the_frozen_reference_policy(mesh):
     ref = learner.reference_logprobs(batch["tokens"])
     now = jax.device_get(learner._ref_fn(learner.params(), batch["tokens"]))
     assert not np.allclose(ref, now)
+
+
+def test_recomputed_old_logprobs_reach_the_loss(mesh):
+    loss_config = LossConfig.for_algorithm("ggpo", old_logprobs="recompute")
+    learner = Learner(_model_fn, _optimizer(), loss_config, mesh, step_kind="pjit")
+    learner.initialize()
+    metrics = learner.train_step(_batch(0))
+    # The ratio's denominator is the learner's own pre-update policy: every ratio is 1.
+    assert metrics["ratio_min"] == pytest.approx(1.0) and metrics["ratio_max"] == pytest.approx(1.0)
+    assert metrics["clip_fraction"] == 0.0 and metrics["tis_weight"] > 0.0

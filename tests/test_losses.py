@@ -518,3 +518,29 @@ def test_sft_loss_is_segment_mean_token_nll():
         jnp.array([True, False]),
     )
     np.testing.assert_allclose(float(loss_kept), 1.5 / 2, rtol=1e-6)
+
+
+def test_recomputed_old_logprobs_with_truncated_importance_weights():
+    logp, batch = _fixed_case(chain=False)
+    config = LossConfig.for_algorithm("ggpo", old_logprobs="recompute", tis_cap=1.5)
+    # The learner's pre-update log-probs differ from the sampler's by a per-segment shift.
+    shift = np.linspace(-0.5, 0.8, len(batch["advantage"]), dtype=np.float32)
+    batch["old_logprobs"] = (batch["behavior_logprobs"] + shift[:, None]).astype(np.float32)
+    loss, metrics = policy_objective(batch["old_logprobs"], batch, config)
+    # At logp == old every ratio is 1: GGPO's objective with advantages scaled by the weights.
+    mask = batch["loss_mask"] & batch["segment_valid"][:, None]
+    has_tokens = mask.any(axis=-1)
+    weight = np.where(has_tokens, np.minimum(np.exp(shift), 1.5), 1.0)
+    scaled = dict(batch, advantage=batch["advantage"] * weight)
+    scaled["behavior_logprobs"] = batch["old_logprobs"]
+    want, _ = policy_objective(batch["old_logprobs"], scaled, GGPO)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)
+    scalars = to_scalars(metrics)
+    assert scalars["clip_fraction"] == 0.0
+    np.testing.assert_allclose(scalars["tis_weight"], weight[has_tokens].mean(), rtol=1e-5)
+    assert 0.0 < scalars["tis_truncated_fraction"] < 1.0
+    del batch["old_logprobs"]
+    with pytest.raises(KeyError, match="old_logprobs"):
+        policy_objective(logp, batch, config)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        LossConfig(old_logprobs="fresh")

@@ -209,6 +209,10 @@ class Learner:
         inputs = loss_inputs(batch)
         if self.ref_params is not None:
             inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"])
+        if self.loss_config.old_logprobs == "recompute":  # the policy before this update
+            inputs["old_logprobs"] = np.asarray(
+                jax.device_get(self._ref_fn(self.params(), inputs["tokens"]))
+            )
         if self._step_fn is None:
             self._compile(inputs)
         began = time.perf_counter()

@@ -338,6 +338,12 @@ class LossConfig:
     clip_high: float = 4e-4
     positive_threshold: float = 1.0
     kl_coef: float = 0.0
+    # "behavior": the ratio's denominator is the sampler's log-probs (the record's
+    # behavior_logprobs). "recompute": the learner's own log-probs of the batch before the
+    # update (batch["old_logprobs"]), with a truncated importance weight
+    # min(exp(mean_t(old - behavior)), tis_cap) per segment for the sampler/learner mismatch.
+    old_logprobs: str = "behavior"
+    tis_cap: float = 2.0
 
     def __post_init__(self):
         if self.name not in _POLICY_LOSSES:
@@ -358,6 +364,14 @@ class LossConfig:
             raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
         if self.kl_coef < 0.0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.old_logprobs not in ("behavior", "recompute"):
+            raise ValueError(
+                f"old_logprobs must be 'behavior' or 'recompute', got {self.old_logprobs!r}"
+            )
+        if isinstance(self.tis_cap, bool) or not isinstance(self.tis_cap, int | float):
+            raise ValueError(f"tis_cap must be a number, got {self.tis_cap!r}")
+        if not self.tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
 
     @classmethod
     def for_algorithm(cls, algorithm: str, **overrides: Any) -> LossConfig:
@@ -419,7 +433,8 @@ def policy_objective(
       batch: ``tokens``, ``loss_mask``, ``behavior_logprobs``, ``segment_valid``,
         ``segment_node``, ``advantage``, ``reward`` and, when ``config.ggpo_mask``, the
         graph arrays ``answer_node``, ``adjacency``, ``node_valid``, ``relevant``;
-        ``ref_logprobs`` when ``config.kl_coef > 0``.
+        ``ref_logprobs`` when ``config.kl_coef > 0``; ``old_logprobs`` when
+        ``config.old_logprobs == "recompute"``.
       config: the loss (static under jit).
       num_segments: global ``S`` when the batch is one shard of a larger one.
     """
@@ -439,12 +454,28 @@ def policy_objective(
         )
     else:
         keep = valid
-    old_logp = batch["behavior_logprobs"]
+    advantage = jnp.asarray(batch["advantage"], jnp.float32)
+    behavior = batch["behavior_logprobs"]
+    tis_weight = None
+    if config.old_logprobs == "recompute":
+        if "old_logprobs" not in batch:
+            raise KeyError(
+                "old_logprobs='recompute' needs batch['old_logprobs'] (the learner's log-probs "
+                "before the update)"
+            )
+        old_logp = jax.lax.stop_gradient(batch["old_logprobs"])
+        # The objective is linear in a positive advantage scale, so the truncated importance
+        # weight multiplies the advantage.
+        log_w = _masked_mean(_log_ratio(old_logp, behavior, token_mask), token_mask)
+        tis_weight = jnp.minimum(jnp.exp(log_w), config.tis_cap)
+        advantage = advantage * tis_weight
+    else:
+        old_logp = behavior
     loss, metrics = get_policy_loss(config.name)(
         logp,
         old_logp,
         token_mask,
-        batch["advantage"],
+        advantage,
         keep,
         clip_low=config.clip_low,
         clip_high=config.clip_high,
@@ -460,8 +491,12 @@ def policy_objective(
         loss = loss + config.kl_coef * kl_k3(logp, ref_logp, token_mask, num_segments=num_segments)
         kl_s = jax.lax.stop_gradient(_segment_kl_k3(logp, ref_logp, token_mask))
         metrics["kl"] = Mean.of(jnp.where(valid, kl_s, 0.0), valid)
+    if tis_weight is not None:
+        metrics["tis_weight"] = Mean.of(jnp.where(valid, tis_weight, 0.0), valid)
+        metrics["tis_truncated_fraction"] = Mean.of(tis_weight >= config.tis_cap, valid)
     positive = reward >= config.positive_threshold
-    gap_sl = jnp.abs(_log_ratio(jax.lax.stop_gradient(logp), old_logp, token_mask))
+    # The learner-vs-sampler gap: current policy against the sampler's log-probs.
+    gap_sl = jnp.abs(_log_ratio(jax.lax.stop_gradient(logp), behavior, token_mask))
     metrics.update(
         masked_fraction_positive=Mean.of(~keep, valid & positive),
         masked_fraction_negative=Mean.of(~keep, valid & ~positive),
