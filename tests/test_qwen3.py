@@ -284,3 +284,44 @@ def test_blocked_attention_equals_plain_values_and_gradients():
     for a, b in zip(grads, plain_grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert np.all(np.isfinite(np.asarray(blocked(q, k, v, allowed))))
+
+
+@pytest.mark.parametrize(
+    "queries, keys, block, padding, causal",
+    [
+        (11, 11, 4, 3, True),  # 3 blocks, the last one padded; rows 0-2 of row 1 fully masked
+        (13, 17, 4, 9, True),  # a prompt cache: more keys than queries, key blocks padded too
+        (21, 21, 8, 0, False),  # any mask, not only a causal one, stays exact
+        (37, 37, 16, 20, True),  # a whole query block fully masked, odd length
+    ],
+)
+def test_flash_attention_equals_plain_with_masked_rows(queries, keys, block, padding, causal):
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, queries, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, keys, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, keys, 2, 8)), jnp.float32)
+    valid = np.ones((2, keys), bool)
+    valid[1, :padding] = False  # left padding
+    if causal:  # query i sits at slot i + keys - queries, as in a prefill over a cache
+        structure = np.tril(np.ones((queries, keys), bool), k=keys - queries)
+    else:
+        structure = rng.random((queries, keys)) < 0.3
+        structure[2] = False  # a fully masked row without padding
+    allowed = jnp.asarray(structure[None] & valid[:, None, :])
+    weights = jnp.asarray(rng.standard_normal((2, queries, 4, 8)), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, allowed)) * weights)
+
+    flash = functools.partial(blocked_attend, block=block)
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
+    plain_value, plain_grads = jax.jit(grad(functools.partial(loss, attend)))(q, k, v)
+    value, grads = jax.jit(grad(functools.partial(loss, flash)))(q, k, v)
+    np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+    for a, b in zip(grads, plain_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    out = np.asarray(jax.jit(flash)(q, k, v, allowed))
+    np.testing.assert_allclose(out, np.asarray(attend(q, k, v, allowed)), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(allowed).any(-1).all()  # the case does have fully masked rows
+    # Key blocks no query of a block may read are skipped: the loop's bounds depend on the mask.
+    assert "while" in str(jax.make_jaxpr(flash)(q, k, v, allowed))
