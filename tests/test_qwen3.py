@@ -13,14 +13,9 @@ import torch
 import transformers
 from flax import nnx
 
+from vimrag_jax.models.attention import attend, blocked_attend
 from vimrag_jax.models.hf import from_pretrained, save_pretrained
-from vimrag_jax.models.qwen3 import (
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    attend,
-    blocked_attend,
-    default_positions,
-)
+from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, default_positions
 from vimrag_jax.models.rope import RopeParameters
 
 _TINY = dict(
