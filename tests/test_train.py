@@ -74,6 +74,9 @@ def test_warm_start_then_rl_with_a_worker(first_run):
     rl = [row for row in rows if "loss" in row]
     assert [row["step"] for row in rl] == [2, 3]  # checkpoint steps continue after the warm start
     assert all(row["data/segments_emitted"] > 0 for row in rl)
+    # The worker sampled the first RL batch with the published version 0, which is exactly the
+    # learner's policy at its first update: the sampler and learner log-probs agree.
+    assert rl[0]["logprob_gap"] < 1e-3
     assert json.loads((workdir / "phase.json").read_text())["phase"] == "rl"
     assert (
         sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1]

@@ -150,7 +150,8 @@ def run_worker(
     directory = Path(shard_dir or cfg.data.get("shard_dir", "") or Path(workdir) / ROLLOUT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     agent, model = build_agent(experiment, policy)
-    version = 0
+    version = 0  # the initial policy's label when nothing is published
+    loaded = -1  # the newest published version loaded (a published v0 must be loaded too)
     seed = int(cfg.get("seed", 0))
     sequence = next_sequence(directory, worker_id)
     written = 0
@@ -164,10 +165,10 @@ def run_worker(
     )
     while not stop.stop and (max_trajectories <= 0 or written < max_trajectories):
         if model is not None:
-            newer = experiment.load_latest(model, newer_than=version)
+            newer = experiment.load_latest(model, newer_than=loaded)
             if newer is not None:
                 agent.backend.set_weights(model)
-                version = newer
+                version = loaded = newer
                 logging.info("worker %s: policy version %d", worker_id, version)
         count = rc.questions_per_batch
         if max_trajectories > 0:
