@@ -198,7 +198,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.preset = preset
     if preset == "tiny":
         c.optim.learning_rate = 3e-4
-        c.sft.learning_rate = 1e-3
+        c.sft.learning_rate = 3e-3  # token NLL 7.6 -> 0.3 in ~120 steps (1e-3: 5.1 after 40)
         c.rollout.group_size = 4
         c.data.batch_segments = 16
         # A text-only tiny model sees pictures only as placeholder tokens: keep them few
@@ -210,7 +210,8 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.checkpoint.every_steps = 20
         # Warm start on scripted-expert trajectories, then a short GGPO run; one worker
         # process on the same CPU is slower than the learner, so allow more policy lag.
-        c.sft.steps = 60
+        c.sft.steps = 150
+        c.rollout.temperature = 0.7  # a from-scratch tiny policy derails at temperature 1
         c.optim.total_steps = 30
         c.optim.warmup_steps = 3
         c.rollout.max_policy_lag = 4
