@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.num_questions = 200
     c.env.min_hops = 1  # questions chain 1..4 relations (SyntheticQA-style multi-hop)
     c.env.max_hops = 4
+    c.env.answer_modalities = ("text", "image", "video")  # what the final attribute may be
     c.env.eval_questions = 20  # held out of the worker's question stream
     c.env.tokenizer_vocab_size = 2048  # the tiny model's BPE tokenizer
 

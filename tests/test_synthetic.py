@@ -183,3 +183,12 @@ def test_entity_kinds_recovers_every_entity(world):
     kinds = synthetic.entity_kinds(items)
     assert set(kinds) == {item.title for item in items}
     assert set(kinds.values()) == {"person", "company", "city"}
+
+
+def test_answer_modalities_restrict_the_final_attribute():
+    config = synthetic.SyntheticConfig(num_questions=40, answer_modalities=("text",))
+    items, questions = synthetic.build(config)
+    assert {q.chain[-1].modality for q in questions} == {"text"}
+    assert {item.modality for item in items} == {"text", "image", "video"}  # corpus unchanged
+    with pytest.raises(ValueError, match="answer_modalities"):
+        synthetic.SyntheticConfig(answer_modalities=("audio",))

@@ -91,9 +91,19 @@ class SyntheticConfig:
     video_frames: int = 8
     near_duplicates: int = 4
     distractors_per_entity: int = 1
+    # Evidence modalities a question's final attribute may have; ("text",) keeps the corpus
+    # multimodal but asks only what a text-only policy can read (the tiny CPU preset).
+    answer_modalities: tuple[str, ...] = ("text", "image", "video")
     seed: int = 0
 
     def __post_init__(self):
+        modalities = tuple(self.answer_modalities)
+        if not modalities or set(modalities) - {"text", "image", "video"}:
+            raise ValueError(
+                "answer_modalities must be a non-empty subset of ('text', 'image', 'video'), "
+                f"got {self.answer_modalities!r}"
+            )
+        object.__setattr__(self, "answer_modalities", modalities)
         if self.num_entities < 6:
             raise ValueError(f"num_entities must be at least 6, got {self.num_entities}")
         if self.num_questions < 0:
@@ -457,7 +467,11 @@ def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities:
                 target = entity.facts[relation]
                 chain.append(Hop(entity.name, relation, target, entity.evidence[relation], "text"))
                 entity = by_name[target]
-            options = [a for a, (k, _) in ATTRIBUTES.items() if k == entity.kind]
+            options = [
+                a
+                for a, (k, modality) in ATTRIBUTES.items()
+                if k == entity.kind and modality in config.answer_modalities
+            ]
             attribute = options[rng.integers(len(options))]
             key = (start.name, path, attribute)
             if key not in seen:
