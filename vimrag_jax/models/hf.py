@@ -269,19 +269,19 @@ def fill_from_checkpoint(
         raise AssertionError(f"Parameters left unloaded: {abstract}")
 
 
-def qwen3_targets(model: Qwen3ForCausalLM) -> dict[str, Target]:
-    """The checkpoint-name table of a (possibly abstract) `Qwen3ForCausalLM`."""
-    c = model.config
+def decoder_targets(model: Any, config: Qwen3Config, prefix: str) -> dict[str, Target]:
+    """The checkpoint-name table of a Qwen3 text decoder (embeddings, layers, final norm) whose
+    tensors sit under `prefix` (`"model."` for Qwen3, `"model.language_model."` for Qwen3-VL);
+    the LM head is the caller's, since its name does not share the prefix."""
+    c = config
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     targets: dict[str, Target] = {
-        "model.embed_tokens.weight": (model.embed_vd, (v, d), identity),
-        "model.norm.weight": (model.final_norm.scale, (d,), identity),
+        prefix + "embed_tokens.weight": (model.embed_vd, (v, d), identity),
+        prefix + "norm.weight": (model.final_norm.scale, (d,), identity),
     }
-    if model.lm_head_dv is not None:
-        targets["lm_head.weight"] = (model.lm_head_dv, (v, d), transposed((d, v)))
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
+        p = f"{prefix}layers.{i}."
         attn, mlp = layer.attn, layer.mlp
         targets |= {
             p + "input_layernorm.weight": (layer.input_norm.scale, (d,), identity),
@@ -297,6 +297,19 @@ def qwen3_targets(model: Qwen3ForCausalLM) -> dict[str, Target]:
             p + "mlp.down_proj.weight": (mlp.down_fd, (d, f), transposed((f, d))),
         }
     return targets
+
+
+def lm_head_targets(model: Any, config: Qwen3Config) -> dict[str, Target]:
+    """`lm_head.weight` when the head is untied, else nothing."""
+    if model.lm_head_dv is None:
+        return {}
+    d, v = config.hidden_size, config.vocab_size
+    return {"lm_head.weight": (model.lm_head_dv, (v, d), transposed((d, v)))}
+
+
+def qwen3_targets(model: Qwen3ForCausalLM) -> dict[str, Target]:
+    """The checkpoint-name table of a (possibly abstract) `Qwen3ForCausalLM`."""
+    return decoder_targets(model, model.config, "model.") | lm_head_targets(model, model.config)
 
 
 _qwen3_targets = qwen3_targets  # older private name

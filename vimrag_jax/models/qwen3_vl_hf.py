@@ -17,7 +17,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vimrag_jax.models.hf import Target, fill_from_checkpoint, identity, read_config, transposed
+from vimrag_jax.models.hf import (
+    Target,
+    decoder_targets,
+    fill_from_checkpoint,
+    identity,
+    lm_head_targets,
+    read_config,
+    transposed,
+)
 from vimrag_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from vimrag_jax.models.qwen3_vl_vision import VisionTower
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules
@@ -104,46 +112,16 @@ def _vision_targets(tower: VisionTower, prefix: str) -> dict[str, Target]:
     return targets
 
 
-def _text_targets(model: Qwen3VLForConditionalGeneration, prefix: str) -> dict[str, Target]:
-    c = model.config.text
-    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    targets: dict[str, Target] = {
-        prefix + "embed_tokens.weight": (model.embed_vd, (v, d), identity),
-        prefix + "norm.weight": (model.final_norm.scale, (d,), identity),
-    }
-    for i, layer in enumerate(model.layers):
-        p = f"{prefix}layers.{i}."
-        attn, mlp = layer.attn, layer.mlp
-        targets |= {
-            p + "input_layernorm.weight": (layer.input_norm.scale, (d,), identity),
-            p + "post_attention_layernorm.weight": (layer.post_attn_norm.scale, (d,), identity),
-            p + "self_attn.q_proj.weight": (attn.q_dhk, (h * k, d), transposed((d, h, k))),
-            p + "self_attn.k_proj.weight": (attn.k_dgk, (g * k, d), transposed((d, g, k))),
-            p + "self_attn.v_proj.weight": (attn.v_dgk, (g * k, d), transposed((d, g, k))),
-            p + "self_attn.o_proj.weight": (attn.o_hkd, (d, h * k), transposed((h, k, d))),
-            p + "self_attn.q_norm.weight": (attn.q_norm.scale, (k,), identity),
-            p + "self_attn.k_norm.weight": (attn.k_norm.scale, (k,), identity),
-            p + "mlp.gate_proj.weight": (mlp.gate_df, (f, d), transposed((d, f))),
-            p + "mlp.up_proj.weight": (mlp.up_df, (f, d), transposed((d, f))),
-            p + "mlp.down_proj.weight": (mlp.down_fd, (d, f), transposed((f, d))),
-        }
-    return targets
-
-
 def qwen3_vl_targets(model: Qwen3VLForConditionalGeneration) -> dict[str, Target]:
     """Checkpoint tensor name -> (parameter, checkpoint shape, converter), transformers 5 names.
 
     Converters are `identity`, `transposed(shape)`, or `Reshaped` / `ConvAsMatmul`, which carry
     an `inverse` for export.
     """
-    targets = _text_targets(model, "model.language_model.")
+    text = model.config.text
+    targets = decoder_targets(model, text, "model.language_model.")
     targets |= _vision_targets(model.visual, "model.visual.")
-    if model.lm_head_dv is not None:
-        c = model.config.text
-        d, v = c.hidden_size, c.vocab_size
-        targets["lm_head.weight"] = (model.lm_head_dv, (v, d), transposed((d, v)))
-    return targets
+    return targets | lm_head_targets(model, text)
 
 
 def qwen3_vl_hf_config(config: Qwen3VLConfig, *, dtype: str = "bfloat16") -> dict[str, Any]:
