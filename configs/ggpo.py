@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.batch_segments = 32
     c.data.max_segment_tokens = 1024
+    # Each batch's token axis is cut after its last trained token, rounded up to a multiple
+    # of this (exact: the policy is causal); one compile per length met. 0: never cut.
+    c.data.length_bucket = 256
     c.data.corpus = ""  # empty: the synthetic multimodal corpus
     c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
     c.data.prefetch = 2  # batches prepared ahead of the step
@@ -230,6 +233,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.model.remat = True
     c.rollout.embedded_workers = 0
     c.data.max_segment_tokens = 8192
+    c.data.length_bucket = 2048  # at most four compiles of the big step
     c.data.batch_segments = {"2b": 256, "4b": 256, "8b": 512}[size]
     c.data.worker_count = 4
     c.mesh.fsdp = -1

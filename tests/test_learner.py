@@ -10,7 +10,13 @@ from flax import nnx
 
 from vimrag_jax.checkpointing import Checkpointer
 from vimrag_jax.data.segments import batch_spec
-from vimrag_jax.learner import LOSS_KEYS, Learner, batch_token_counts, loss_inputs
+from vimrag_jax.learner import (
+    LOSS_KEYS,
+    Learner,
+    batch_token_counts,
+    loss_inputs,
+    trim_tokens,
+)
 from vimrag_jax.models.presets import init_model, preset_config
 from vimrag_jax.optim import make_optimizer
 from vimrag_jax.parallel.mesh import make_mesh
@@ -65,9 +71,14 @@ def mesh():
     return make_mesh(8, 1, 1)
 
 
-def _learner(mesh, kind: str) -> Learner:
+def _learner(mesh, kind: str, length_bucket: int = 0) -> Learner:
     learner = Learner(
-        _model_fn, _optimizer(), LossConfig.for_algorithm("ggpo"), mesh, step_kind=kind
+        _model_fn,
+        _optimizer(),
+        LossConfig.for_algorithm("ggpo"),
+        mesh,
+        step_kind=kind,
+        length_bucket=length_bucket,
     )
     learner.initialize()
     return learner
@@ -84,6 +95,37 @@ def test_pjit_and_pmap_learners_agree(mesh):
     a, b = jax.device_get(pjit.params()), jax.device_get(pmap.params())
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_trim_tokens_cuts_after_the_last_trained_token():
+    batch = loss_inputs(_batch(0))
+    batch["loss_mask"][:, 14:] = False  # last trained position: 13 -> 14 tokens needed
+    for bucket, length in ((0, 24), (1, 14), (5, 15), (8, 16), (16, 16), (100, 24)):
+        trimmed = trim_tokens(batch, bucket)
+        for key, value in trimmed.items():
+            want = (8, length) if key in ("tokens", "loss_mask", "behavior_logprobs") else None
+            assert value.shape == (want or batch[key].shape), (bucket, key)
+    batch["loss_mask"][:] = False  # nothing trained: one bucket survives
+    assert trim_tokens(batch, 8)["tokens"].shape == (8, 8)
+    with pytest.raises(ValueError, match="bucket"):
+        trim_tokens(batch, -1)
+
+
+def test_trimmed_batches_train_exactly_like_full_ones(mesh):
+    # The causal policy makes the cut exact: same metrics, same parameters after two updates
+    # (one of them cut to 16 of 24 tokens, one not cut at all).
+    full, cut = _learner(mesh, "pjit"), _learner(mesh, "pjit", length_bucket=8)
+    for seed, last in ((0, 13), (1, 23)):
+        batch = _batch(seed)
+        batch["loss_mask"][:, last + 1 :] = False
+        m_full, m_cut = full.train_step(batch), cut.train_step(batch)
+        for key in ("loss", "grad_norm", "clip_fraction", "logprob_gap"):
+            np.testing.assert_allclose(m_full[key], m_cut[key], rtol=2e-5, atol=1e-7, err_msg=key)
+    a, b = jax.device_get(full.params()), jax.device_get(cut.params())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        # Summation order differs with the length; Adam's normalisation can magnify the
+        # float32 noise of a near-zero gradient entry to ~1e-6.
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_resume_restores_state_and_data_position(mesh, tmp_path):

@@ -252,7 +252,9 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
     _check_rollout_backend(problems, rollout)
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
-    _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "worker_count")
+    _check_at_least(
+        problems, cfg.data, "config.data", 0, "prefetch", "worker_count", "length_bucket"
+    )
     if not (_is_number(cfg.data.max_wait_s) and cfg.data.max_wait_s > 0):
         problems.append(f"config.data.max_wait_s must be > 0, got {cfg.data.max_wait_s!r}")
     _check_optim(problems, cfg.optim)

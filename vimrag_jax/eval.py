@@ -6,8 +6,10 @@
 Runs one greedy rollout per held-out question (``env.eval_questions``) with the evaluation
 budget (``memory.eval_budget``: the energy allocation of SPEC §2, where training rollouts use
 the averaged budget), on the newest policy published in ``DIR/policy/`` (the initial policy
-when none is), and writes ``DIR/eval/eval-v<version>.json``. The learner calls `evaluate`
-itself every ``eval.every_steps`` updates and at the end of training.
+when none is), and writes ``DIR/eval/eval-v<version>.json`` with the episodes beside it
+(``episodes-v<version>.array_record``; draw one with ``python -m vimrag_jax.agent.render``).
+The learner calls `evaluate` itself every ``eval.every_steps`` updates and at the end of
+training.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ def evaluate(
     *,
     num_questions: int | None = None,
     policy_version: int = 0,
+    episodes_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Greedy episodes of the configured agent on the eval split; returns scalar metrics.
 
     ``backend`` is a generation backend (e.g. ``experiment.make_backend(model)`` or a scripted
     sampler). ``accuracy`` is the mean outcome reward (SPEC §4's judged-correct reward).
+    With ``episodes_dir`` the episodes are also written there as the trajectory shard
+    ``episodes-v<version>`` (replacing an older one of that version), to read or draw with
+    ``python -m vimrag_jax.agent.render``.
     """
     from vimrag_jax.agent.baselines import make_agent
 
@@ -52,6 +58,8 @@ def evaluate(
     began = time.perf_counter()
     out = agent.run(questions, group_size=1, policy_version=policy_version, greedy=True, seed=0)
     stats = out.stats
+    if episodes_dir is not None:
+        write_episodes(episodes_dir, policy_version, out.records)
     answered = sum(record["answer_node"] >= 0 for record in out.records)
     return {
         "accuracy": stats.mean_reward,
@@ -61,6 +69,18 @@ def evaluate(
         "episodes": float(stats.episodes),
         "seconds": time.perf_counter() - began,
     }
+
+
+def write_episodes(directory: str | os.PathLike, version: int, records: list[dict]) -> Path:
+    """Writes ``records`` as the shard ``DIR/episodes-v<version>.array_record``."""
+    from vimrag_jax.rollout.records import SHARD_SUFFIX, ShardWriter
+
+    name = f"episodes-v{version:08d}"
+    (Path(directory) / f"{name}{SHARD_SUFFIX}").unlink(missing_ok=True)
+    with ShardWriter(directory, name=name) as writer:
+        for record in records:
+            writer.write(record)
+    return writer.path
 
 
 def write_report(workdir: str | os.PathLike, version: int, metrics: dict[str, float]) -> Path:
@@ -114,7 +134,11 @@ def main(argv: list[str]) -> int:
         factory = scripted_sampler.expert_factory(max_calls=calls)
         backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
     metrics = evaluate(
-        experiment, backend, num_questions=value["num_questions"], policy_version=version
+        experiment,
+        backend,
+        num_questions=value["num_questions"],
+        policy_version=version,
+        episodes_dir=Path(value["workdir"]) / EVAL_DIR,
     )
     path = write_report(value["workdir"], version, metrics)
     logging.info("policy v%d: %s (written to %s)", version, metrics, path)

@@ -52,6 +52,33 @@ def loss_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: np.asarray(batch[key]) for key in LOSS_KEYS}
 
 
+# Loss inputs with a token axis (trimmed together by `trim_tokens`).
+TOKEN_AXIS_KEYS = ("tokens", "loss_mask", "behavior_logprobs")
+
+
+def trim_tokens(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+    """``inputs`` with the token axis cut after the last trained token, rounded up to a
+    multiple of ``bucket`` (0 keeps the full length).
+
+    Exact for every loss: the policy is causal, so the log-prob of a token never depends on
+    the tokens after it, and no term reads a position past the last one in ``loss_mask``.
+    Records are padded to ``data.max_segment_tokens`` while most segments are much shorter;
+    a few bucket lengths (one compile each) save the rest of the work.
+    """
+    if bucket < 0:
+        raise ValueError(f"bucket must be >= 0, got {bucket}")
+    full = int(np.shape(inputs["tokens"])[-1])
+    if bucket == 0:
+        return dict(inputs)
+    used = np.flatnonzero(np.any(np.asarray(inputs["loss_mask"], bool), axis=0))
+    needed = int(used[-1]) + 1 if used.size else 1
+    length = min(full, -(-needed // bucket) * bucket)
+    return {
+        key: (value[:, :length] if key in TOKEN_AXIS_KEYS else value)
+        for key, value in inputs.items()
+    }
+
+
 def batch_token_counts(batch: Mapping[str, np.ndarray], pad_token_id: int) -> tuple[int, int]:
     """(tokens of valid segments that are not padding, policy tokens trained on)."""
     valid = np.asarray(batch["segment_valid"], bool)[:, None]
@@ -70,6 +97,8 @@ class Learner:
       loss_config: the phase's objective (static in the step).
       mesh: the device mesh (pjit layout; pmap uses its devices along one axis).
       step_kind: ``"pjit"`` or ``"pmap"``.
+      length_bucket: trim each batch's token axis to a multiple of this many tokens past its
+        last trained token (`trim_tokens`; one compile per length met); 0 never trims.
     """
 
     def __init__(
@@ -80,9 +109,13 @@ class Learner:
         mesh: Mesh,
         *,
         step_kind: str = "pjit",
+        length_bucket: int = 0,
     ):
         if step_kind not in ("pjit", "pmap"):
             raise ValueError(f"step must be 'pjit' or 'pmap', got {step_kind!r}")
+        if length_bucket < 0:
+            raise ValueError(f"length_bucket must be >= 0, got {length_bucket}")
+        self.length_bucket = int(length_bucket)
         self.model_fn = model_fn
         self.optimizer = optimizer
         self.loss_config = loss_config
@@ -206,7 +239,7 @@ class Learner:
         """One update on a host batch; returns host float metrics incl. `step_time_s`."""
         if self.state is None:
             raise RuntimeError("the learner has no state yet: call initialize() or restore()")
-        inputs = loss_inputs(batch)
+        inputs = trim_tokens(loss_inputs(batch), self.length_bucket)
         if self.ref_params is not None:
             inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"])
         if self.loss_config.old_logprobs == "recompute":  # the policy before this update

@@ -194,6 +194,7 @@ class Trainer:
             LossConfig.for_algorithm("sft"),
             self.mesh,
             step_kind=self.cfg.step,
+            length_bucket=int(self.cfg.data.length_bucket),
         )
         restored = learner.restore(self.checkpointer)
         data_state: dict = {}
@@ -252,6 +253,7 @@ class Trainer:
             self._eval_backend,
             num_questions=int(self.cfg.eval.num_questions) or None,
             policy_version=version,
+            episodes_dir=self.workdir / eval_lib.EVAL_DIR,
         )
         eval_lib.write_report(self.workdir, version, metrics)
         self.writer.write(global_step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -285,6 +287,7 @@ class Trainer:
             LossConfig.from_config(cfg.loss),
             self.mesh,
             step_kind=cfg.step,
+            length_bucket=int(cfg.data.length_bucket),
         )
         data_state: dict = {}
         version = 0

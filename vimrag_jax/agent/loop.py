@@ -472,7 +472,10 @@ class VimRAGAgent:
         for (r, x, prompt), completion in zip(ready, completions, strict=True):
             episode = episodes[r]
             sampled = [int(t) for t in completion.tokens]
-            text = self.tokenizer.decode(sampled, skip_special_tokens=False)
+            # The turn as the history replays it: without the stop token that ended it (the
+            # chat template closes the turn itself; kept, it would be replayed as text).
+            said = sampled[:-1] if sampled and sampled[-1] in self.stop_token_ids else sampled
+            text = self.tokenizer.decode(said, skip_special_tokens=False)
             action = parse_action(text)
             stats.model_calls += 1
             stats.generated_tokens += len(sampled)
