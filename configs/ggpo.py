@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Each batch's token axis is cut after its last trained token, rounded up to a multiple
     # of this (exact: the policy is causal); one compile per length met. 0: never cut.
     c.data.length_bucket = 256
+    # Drop groups whose G rollouts all got the same reward (zero advantage: no policy
+    # gradient, only a diluted batch). Off in the paper's setting; counted in data/.
+    c.data.skip_uniform_groups = False
     c.data.corpus = ""  # empty: the synthetic multimodal corpus
     c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
     c.data.prefetch = 2  # batches prepared ahead of the step

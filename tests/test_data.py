@@ -234,6 +234,50 @@ def test_stale_groups_are_dropped_and_counted(tmp_path):
         options(tmp_path, max_policy_lag=2)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_uniform_reward_groups_are_skipped_and_counted(tmp_path, skip):
+    rng = np.random.default_rng(3)
+    wins, losses_, mixed = (make_group(rng, 3, rewards=r) for r in ([1] * 3, [0] * 3, [0, 1, 1]))
+    stale = make_group(rng, 3, version=0, rewards=[1, 0, 0])
+    for group in (wins, losses_, mixed):
+        for record in group:
+            record["policy_version"] = 4
+    write_shard(tmp_path, shard_name("w0", 0), [wins, stale, losses_, mixed])
+    opts = options(
+        tmp_path,
+        batch=64,
+        max_policy_lag=2,
+        current_version=PolicyVersion(4),
+        skip_uniform_groups=skip,
+    )
+    it = iter(make_pipeline(opts, prefetch=0))
+    kept = [mixed] if skip else [wins, losses_, mixed]
+    assert ids(valid_rows(list(it))) == ids(reference_rows(kept))
+    metrics = pipeline_metrics(it.get_state())
+    # Every complete group is read and scored, stale or uniform: the workers' own reward.
+    assert (metrics["groups_read"], metrics["records_read"], metrics["rewarded_records"]) == (
+        4, 12, 6
+    )  # fmt: skip
+    assert metrics["stale_groups"] == 1
+    assert (metrics["uniform_groups"], metrics["uniform_records"]) == ((2, 6) if skip else (0, 0))
+
+
+def test_states_saved_before_the_reward_counters_still_resume(three_shards):
+    directory, groups = three_shards
+    it = iter(make_pipeline(options(directory, batch=4), prefetch=0))
+    next(it)
+    state = it.get_state()
+    new = ("groups_read", "records_read", "rewarded_records", "uniform_groups", "uniform_records")
+    old = {**state, "counters": {k: v for k, v in state["counters"].items() if k not in new}}
+    resumed = iter(make_pipeline(options(directory, batch=4), prefetch=0))
+    resumed.set_state(old)
+    rest = valid_rows(list(resumed))
+    assert ids(rest) == ids(reference_rows(groups))[4:]
+    metrics = pipeline_metrics(resumed.get_state())
+    assert metrics["segments_emitted"] == len(reference_rows(groups))
+    assert 0 < metrics["records_read"] < 3 * len(groups)  # counted from the resume on
+
+
 def test_corrupt_shards_and_records_are_skipped_and_counted(tmp_path, caplog):
     rng = np.random.default_rng(3)
     good, broken, after = make_group(rng, 3), make_group(rng, 3), make_group(rng, 2)

@@ -47,8 +47,8 @@ def test_progress_line_has_rate_and_eta(tmp_path):
     writer = metrics.MetricWriter(
         tmp_path, total_steps=100, enabled=True, log_every=10, clock=lambda: next(times)
     )
-    first = writer.progress_line(10, {"loss": 0.123456, "reward": 0.5, "other": 3.0})
-    assert first == "step 10/100 | loss=0.1235 | reward=0.5"
+    first = writer.progress_line(10, {"loss": 0.123456, "rollout_reward": 0.5, "other": 3.0})
+    assert first == "step 10/100 | loss=0.1235 | rollout_reward=0.5"
     second = writer.progress_line(30, {"loss": 0.1})
     assert second == "step 30/100 | loss=0.1 | 2 steps/s | ETA 0m35s"
     writer.close()
@@ -64,7 +64,7 @@ def _fake_run(path: Path, offset: float, with_accuracy: bool) -> None:
     path.mkdir()
     with metrics.MetricWriter(path, total_steps=20, enabled=True) as writer:
         for step in range(20):
-            row = {"loss": 1.0 / (step + 1) + offset, "train/reward": step / 20 + offset}
+            row = {"loss": 1.0 / (step + 1) + offset, "train/rollout_reward": step / 20 + offset}
             if with_accuracy and step % 5 == 0:
                 row["accuracy"] = step / 40
             writer.write(step, row)
@@ -75,7 +75,7 @@ def test_plot_draws_runs_side_by_side(tmp_path):
     _fake_run(tmp_path / "gspo", 0.1, with_accuracy=False)
     out = tmp_path / "curves.png"
     panels = plot.plot_runs([tmp_path / "ggpo", tmp_path / "gspo"], out, smoothing=0.5)
-    assert panels == ["reward", "loss", "accuracy"]
+    assert panels == ["rollout_reward", "loss", "accuracy"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="none of the metrics"):
         plot.plot_runs([tmp_path / "gspo"], out, metrics=["accuracy"])

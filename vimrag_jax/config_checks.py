@@ -257,6 +257,11 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
     )
     if not (_is_number(cfg.data.max_wait_s) and cfg.data.max_wait_s > 0):
         problems.append(f"config.data.max_wait_s must be > 0, got {cfg.data.max_wait_s!r}")
+    if not isinstance(cfg.data.skip_uniform_groups, bool):
+        problems.append(
+            "config.data.skip_uniform_groups must be True or False, got "
+            f"{cfg.data.skip_uniform_groups!r}"
+        )
     _check_optim(problems, cfg.optim)
     _check_sft(problems, cfg)
     _check_positive(problems, cfg.checkpoint, "config.checkpoint", "every_steps", "keep")

@@ -36,7 +36,16 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-CONSOLE_KEYS = ("loss", "reward", "accuracy", "grad_norm", "learning_rate", "clip_fraction")
+CONSOLE_KEYS = (
+    "sft/loss",
+    "loss",
+    "rollout_reward",
+    "reward_mean",
+    "eval/accuracy",
+    "grad_norm",
+    "learning_rate",
+    "clip_fraction",
+)
 
 
 def _format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """Training curves of one or several runs side by side, from their ``metrics.jsonl``.
 
     python -m vimrag_jax.plot --workdir=/runs/ggpo --workdir=/runs/gspo --out=curves.png \
-        [--metrics=reward,loss,accuracy] [--smoothing=0.6] [--labels=GGPO,GSPO]
+        [--metrics=rollout_reward,loss,accuracy] [--smoothing=0.6] [--labels=GGPO,GSPO]
 
 One panel per metric, one line per run. A metric is the row key itself or, failing that, a key
 ending in ``/<metric>`` (``train/reward``). Panels no run has are left out, so ``accuracy``
@@ -24,7 +24,7 @@ from vimrag_jax.metrics import read_metrics
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-DEFAULT_METRICS = ("reward", "loss", "accuracy")
+DEFAULT_METRICS = ("rollout_reward", "loss", "accuracy")
 
 
 def smooth(values: Sequence[float], weight: float) -> np.ndarray:

@@ -103,6 +103,27 @@ def _initial_params(experiment):
     return nnx.state(experiment.initial_model(), nnx.Param)
 
 
+class RolloutReward:
+    """``rollout_reward``: the mean reward of the rollouts the pipeline read since the last
+    report (every complete group, before the stale and uniform-reward filters), i.e. how well
+    the workers' recent policies do; absent from a step that read nothing new."""
+
+    def __init__(self, data_state: dict | None = None):
+        counters = read_pipeline_counters(data_state) if data_state else None
+        self._last = self._read(counters) if counters else (0, 0)
+
+    @staticmethod
+    def _read(counters: dict[str, int]) -> tuple[int, int]:
+        return int(counters["records_read"]), int(counters["rewarded_records"])
+
+    def update(self, counters: dict[str, int]) -> dict[str, float]:
+        now = self._read(counters)
+        last, self._last = self._last, now
+        if now[0] <= last[0]:
+            return {}
+        return {"rollout_reward": (now[1] - last[1]) / (now[0] - last[0])}
+
+
 class Trainer:
     """Runs the phases of one training run (see the module docstring)."""
 
@@ -314,13 +335,20 @@ class Trainer:
         current = PolicyVersion(version)
         directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
         directory.mkdir(parents=True, exist_ok=True)
-        options = options_from_config(cfg, directory, self.dims, current_version=current)
+        options = options_from_config(
+            cfg,
+            directory,
+            self.dims,
+            current_version=current,
+            skip_uniform_groups=bool(cfg.data.skip_uniform_groups),
+        )
         workers = LocalWorkers(
             self.config_flags,
             self.workdir,
             count=int(cfg.rollout.embedded_workers) if _main_process() else 0,
         )
         workers.start()
+        rollout_reward = RolloutReward(data_state)
         try:
             iterator = self._batches(options, data_state)
             last_data = time.monotonic()
@@ -341,6 +369,7 @@ class Trainer:
                 last_data = time.monotonic()
                 wait = time.perf_counter() - began
                 metrics = learner.train_step(batch)
+                trained_version = version  # the policy this batch updated (lag is to it)
                 if learner.step % self.micro == 0:
                     updates = learner.step // self.micro
                     if updates % int(cfg.publish.every_steps) == 0:
@@ -352,12 +381,13 @@ class Trainer:
                         self._evaluate(learner, version, offset + learner.step)
                 valid = np.asarray(batch["segment_valid"], bool)
                 if valid.any():
-                    lag = version - np.asarray(batch["policy_version"])[valid].mean()
+                    lag = trained_version - np.asarray(batch["policy_version"])[valid].mean()
                     metrics["policy_lag"] = float(lag)
                 metrics["policy_version"] = float(version)
                 metrics["learning_rate"] = optim.learning_rate_at(cfg.optim, learner.step - 1)
                 counters = read_pipeline_counters(iterator.get_state())
                 metrics.update({f"data/{k}": float(v) for k, v in counters.items()})
+                metrics.update(rollout_reward.update(counters))
                 metrics["workers_restarted"] = float(workers.restarts)
                 self._log(offset + learner.step, metrics, batch, wait)
                 learner.save(

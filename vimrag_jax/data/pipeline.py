@@ -63,8 +63,10 @@ class PipelineOptions:
 
     ``max_policy_lag``: drop a group whose oldest record has ``policy_version`` more than
     this many versions behind ``current_version()`` (None keeps everything). ``advantage``:
-    ``"group"`` (GGPO / GSPO) or ``"one"`` (SFT). ``process_index`` / ``process_count``
-    default to ``jax.process_index()`` / ``jax.process_count()``.
+    ``"group"`` (GGPO / GSPO) or ``"one"`` (SFT). ``skip_uniform_groups``: drop a group whose
+    rollouts all got the same reward; its advantages are all 0, so it adds nothing to the
+    policy gradient but dilutes the batch (DAPO's dynamic sampling). ``process_index`` /
+    ``process_count`` default to ``jax.process_index()`` / ``jax.process_count()``.
     """
 
     directory: str | Path
@@ -76,6 +78,7 @@ class PipelineOptions:
     max_policy_lag: int | None = None
     current_version: Callable[[], int] | None = None
     advantage: str = "group"
+    skip_uniform_groups: bool = False
     process_index: int | None = None
     process_count: int | None = None
 
@@ -101,7 +104,7 @@ class PipelineOptions:
 
 def pipeline_metrics(state: dict[str, Any]) -> dict[str, int]:
     """The drop / progress counters of a pipeline state (from ``iterator.get_state()``)."""
-    return {key: int(state["counters"][key]) for key in COUNTERS}
+    return {key: int(state["counters"].get(key, 0)) for key in COUNTERS}
 
 
 class SegmentBatches(grain.IterDataset):
@@ -276,10 +279,17 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         if len(records) != size or any(r["group_size"] != size for r in records):
             log.warning("dropping incomplete group %r of %s", records[0]["group_id"], shard)
             self._count(incomplete_groups=1, incomplete_records=len(records))
-        elif not resumed and self._stale(records):
-            self._count(stale_groups=1, stale_records=len(records))
-        else:
+        elif resumed:  # counted and checked before the state was saved
             self._emit(shard, start, group, resume)
+        else:
+            rewarded = sum(float(r["reward"]) >= 0.5 for r in records)
+            self._count(groups_read=1, records_read=len(records), rewarded_records=rewarded)
+            if self._stale(records):
+                self._count(stale_groups=1, stale_records=len(records))
+            elif self._opt.skip_uniform_groups and _uniform(records):
+                self._count(uniform_groups=1, uniform_records=len(records))
+            else:
+                self._emit(shard, start, group, resume)
         self._set_position(shard, index)
 
     def _set_position(self, shard: str, index: int) -> None:
@@ -318,6 +328,11 @@ class _SegmentBatchIterator(grain.DatasetIterator):
                 self._pending.append(_Row(fields, self._live))
 
 
+def _uniform(records: list[dict[str, Any]]) -> bool:
+    rewards = [float(record["reward"]) for record in records]
+    return max(rewards) - min(rewards) == 0.0
+
+
 def make_pipeline(
     options: PipelineOptions,
     *,
@@ -350,6 +365,7 @@ def options_from_config(
     current_version: Callable[[], int] | None = None,
     follow: bool = True,
     advantage: str = "group",
+    skip_uniform_groups: bool = False,
 ) -> PipelineOptions:
     """`PipelineOptions` from the experiment config (``data.batch_segments``,
     ``rollout.max_policy_lag``); the lag applies only with ``current_version``."""
@@ -362,4 +378,5 @@ def options_from_config(
         max_policy_lag=lag,
         current_version=current_version,
         advantage=advantage,
+        skip_uniform_groups=skip_uniform_groups,
     )

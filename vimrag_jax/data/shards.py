@@ -37,7 +37,17 @@ COUNTERS = (
     "stale_records",
     "incomplete_groups",
     "incomplete_records",
+    # Complete groups read (stale ones included) and their records with reward 1: the
+    # reward of the rollouts as the workers produced them, before any filtering.
+    "groups_read",
+    "records_read",
+    "rewarded_records",
+    # Groups dropped because every rollout got the same reward (PipelineOptions).
+    "uniform_groups",
+    "uniform_records",
 )
+# Counters older states may lack (they start at 0 on restore).
+_LATER_COUNTERS = frozenset(COUNTERS[COUNTERS.index("groups_read") :])
 
 
 def default_process() -> tuple[int, int]:
@@ -157,6 +167,8 @@ class Ledger:
                 raise ValueError(f"pipeline state 'cursor' is malformed: {cursor!r}")
             cursor = Cursor(**cursor)
         counters = state.get("counters")
+        if isinstance(counters, Mapping) and set(COUNTERS) - set(counters) <= _LATER_COUNTERS:
+            counters = {key: 0 for key in COUNTERS} | dict(counters)
         if not isinstance(counters, Mapping) or set(counters) != set(COUNTERS):
             raise ValueError(f"pipeline state 'counters' must have exactly the keys {COUNTERS}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counters.values()):

@@ -6,8 +6,8 @@ here); the fields that decide the architecture and parameter count (sizes, layer
 counts, head_dim, vocab, tied embeddings) are the ones checked against the published parameter
 counts in the tests. Less certain, and irrelevant to the math of the decoder: the token ids
 (`bos_token_id` / `eos_token_id`), `max_window_layers`, and the Qwen3-VL
-`max_position_embeddings` (262144). `tiny` and `tiny-vl` are small configs for tests and the
-embedded CPU run (`tiny` is what `configs/ggpo.py` trains from scratch by default).
+`max_position_embeddings` (262144). `tiny` and `tiny-vl` are small configs for tests;
+`tiny-agent` is what `configs/ggpo.py` trains from scratch on one CPU by default.
 """
 
 from __future__ import annotations
@@ -131,6 +131,20 @@ _TINY: dict[str, Any] = {
     "torch_dtype": "float32",
 }
 
+# The embedded CPU run's policy (configs/ggpo.py:tiny): big enough to learn the tool-call
+# format and to copy names and answers out of its context within a few hundred SFT steps
+# (`tiny` learns the format but not the copying), small enough for a 2-core machine.
+_TINY_AGENT: dict[str, Any] = {
+    **_TINY,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "max_window_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+}
+
 
 def _tiny_vl() -> dict[str, Any]:
     hf = _qwen3_vl(
@@ -171,6 +185,7 @@ def _tiny_vl() -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
+    "tiny-agent": _TINY_AGENT,
     "tiny-vl": _tiny_vl(),
     "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, tied=True),
     "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, tied=True),
