@@ -9,11 +9,13 @@ Ours uses `vimrag_jax.sampling.sequence_logprobs` and `vimrag_jax.rl.losses.poli
 Decode: `Sampler.generate` (greedy, batch 8, prompt 128, 128 new tokens, EOS off) against
 transformers' `generate` with the same settings. Prefill is included on both sides.
 
-Each measurement runs in its own subprocess pinned to the same `--threads` CPUs, so the peak
+Each measurement runs in its own subprocess pinned to the same `--cpus` (CPU ids), so the peak
 resident memory (`ru_maxrss` of that process, imports included) belongs to one side only. The
 sides alternate (ours, theirs, ours, theirs, ...) so a machine whose load drifts hurts both.
 
-    python benchmarks/model_step.py [--rounds 3] [--steps 3] [--threads 2] [--what step,decode]
+    python benchmarks/model_step.py [--rounds 3] [--steps 3] [--cpus 0,1] [--what step,decode]
+
+`--threads` (torch's intra-op thread count) defaults to the number of `--cpus`.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def torch_decode(batch: int, prompt: int, new: int, steps: int) -> dict:
 
 
 def _child(args: argparse.Namespace) -> None:
-    os.sched_setaffinity(0, set(range(args.threads)))
+    os.sched_setaffinity(0, _cpu_ids(args.cpus))
     if args.side == "torch":
         import torch
 
@@ -251,9 +253,14 @@ def _child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def _cpu_ids(cpus: str) -> set[int]:
+    """The CPU ids of a comma list such as "0,1"."""
+    return {int(cpu) for cpu in cpus.split(",") if cpu.strip()}
+
+
 def _run_child(args: argparse.Namespace, side: str, measure: str) -> dict:
     command = [sys.executable, __file__, "--child", "--side", side, "--measure", measure]
-    for name in ("threads", "steps", "batch", "seq", "decode_batch", "prompt", "new"):
+    for name in ("cpus", "threads", "steps", "batch", "seq", "decode_batch", "prompt", "new"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.remat:
         command.append("--remat")
@@ -272,7 +279,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating repetitions per side")
     parser.add_argument("--steps", type=int, default=3, help="timed calls per repetition")
-    parser.add_argument("--threads", type=int, default=2, help="CPUs each side is pinned to")
+    parser.add_argument("--cpus", default="0,1", help="comma list of CPU ids both sides run on")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: number of --cpus)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--decode-batch", type=int, default=8)
@@ -285,12 +295,17 @@ def main() -> None:
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("step", "decode"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.threads:
+        args.threads = len(_cpu_ids(args.cpus))
     if args.child:
         _child(args)
         return
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, ")
-    print(f"each side pinned to {args.threads} CPU(s); python {platform.python_version()}")
+    print(
+        f"each side pinned to CPU(s) {args.cpus}, torch threads {args.threads}; "
+        f"python {platform.python_version()}"
+    )
     for measure in args.what.split(","):
         if measure == "step":
             tokens = args.batch * args.seq

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -132,7 +133,11 @@ def test_every_config_file_and_preset_validates(name, preset, tmp_path):
 def test_loss_block_is_the_algorithm_preset(name):
     cfg = _load(name)
     assert cfg.algorithm == name
-    assert LossConfig.from_config(cfg.loss) == LossConfig.for_algorithm(name)
+    # The algorithm's preset, except the run's own settings (the same for every algorithm).
+    run = {key: cfg.loss[key] for key in ggpo.RUN_LOSS_KEYS}
+    assert run == {"old_logprobs": "recompute", "tis_cap": 2.0}  # the tiny default
+    preset = dataclasses.replace(LossConfig.for_algorithm(name), **run)
+    assert LossConfig.from_config(cfg.loss) == preset
     assert (cfg.loss.clip_low, cfg.loss.clip_high) == (
         (0.2, 0.2) if name == "grpo" else (3e-4, 4e-4)
     )

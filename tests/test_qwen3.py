@@ -282,15 +282,17 @@ def test_blocked_attention_equals_plain_values_and_gradients():
 
 
 @pytest.mark.parametrize(
-    "queries, keys, block, padding, causal",
+    "queries, keys, block, padding, causal, batch_block",
     [
-        (11, 11, 4, 3, True),  # 3 blocks, the last one padded; rows 0-2 of row 1 fully masked
-        (13, 17, 4, 9, True),  # a prompt cache: more keys than queries, key blocks padded too
-        (21, 21, 8, 0, False),  # any mask, not only a causal one, stays exact
-        (37, 37, 16, 20, True),  # a whole query block fully masked, odd length
+        (11, 11, 4, 3, True, 2),  # 3 blocks, the last one padded; rows 0-2 of row 1 masked
+        (13, 17, 4, 9, True, 1),  # a prompt cache: more keys than queries, key blocks padded
+        (21, 21, 8, 0, False, 1),  # any mask, not only a causal one, stays exact
+        (37, 37, 16, 20, True, 2),  # a whole query block fully masked, odd length
     ],
-)
-def test_flash_attention_equals_plain_with_masked_rows(queries, keys, block, padding, causal):
+)  # batch_block 1: the two batch rows go through the lax.map one at a time
+def test_flash_attention_equals_plain_with_masked_rows(
+    queries, keys, block, padding, causal, batch_block
+):
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((2, queries, 4, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((2, keys, 2, 8)), jnp.float32)
@@ -308,7 +310,7 @@ def test_flash_attention_equals_plain_with_masked_rows(queries, keys, block, pad
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, allowed)) * weights)
 
-    flash = functools.partial(blocked_attend, block=block)
+    flash = functools.partial(blocked_attend, block=block, batch_block=batch_block)
     grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
     plain_value, plain_grads = jax.jit(grad(functools.partial(loss, attend)))(q, k, v)
     value, grads = jax.jit(grad(functools.partial(loss, flash)))(q, k, v)

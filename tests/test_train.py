@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vimrag_jax.models import from_pretrained
-from vimrag_jax.rollout.records import list_shards
+from vimrag_jax.rollout.records import list_shards, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # four expert trajectories, then RL steps on rollouts of a local worker subprocess.
 _SMALL = (
     "--config=configs/ggpo.py",
+    # The smallest policy; a random policy's groups are all reward 0, so keep them.
+    "--config.model.name=tiny",
+    "--config.data.skip_uniform_groups=False",
+    "--config.eval.every_steps=0",
     "--config.sft.steps=1",
     "--config.sft.warmup_steps=1",
     "--config.sft.num_trajectories=4",
@@ -87,6 +91,10 @@ def test_warm_start_then_rl_with_a_worker(first_run):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     report = json.loads((workdir / "eval" / "eval-v00000002.json").read_text())
     assert report["episodes"] == 2 and 0.0 <= report["accuracy"] <= 1.0
+    episodes = list(read_shard(workdir / "eval" / "episodes-v00000002.array_record"))
+    assert [r["policy_version"] for r in episodes] == [2, 2]
+    assert all(0.0 <= row["rollout_reward"] <= 1.0 for row in rl if "rollout_reward" in row)
+    assert any("rollout_reward" in row for row in rl)
     assert any("eval/accuracy" in row for row in rows)
     exported = from_pretrained(workdir / "export")  # the final policy as an HF checkpoint
     assert exported.config.vocab_size >= 13

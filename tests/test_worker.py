@@ -34,6 +34,7 @@ def config_file(tmp_path_factory):
             def get_config(arg=None):
                 # ":model" samples few tokens (a random model rarely stops); scripts need more.
                 c = _ggpo.get_config()
+                c.model.name = "tiny"
                 c.data.max_segment_tokens = 2048
                 c.rollout.group_size = 2
                 c.rollout.questions_per_batch = 2

@@ -11,7 +11,8 @@ renderer must therefore show each item's id next to its ``Text k:`` / ``Picture 
 label.
 
 - ``ExpertPolicy`` uses the question's privileged chain: one search per hop (query naming the hop's
-  entity and relation, parent = the previous hop's node), a memorize marking gold items useful
+  entity and relation — the question itself for a one-hop question — parent = the previous hop's
+  node), a memorize marking gold items useful
   (priority 5; videos with the timestamps of the frames showing the fact) and every other item
   not useful (priority 1), then an answer whose parents are the whole hop chain. When a hop's
   search misses its evidence it retries once with a terse query from the same parent; the missed
@@ -120,8 +121,15 @@ class ScriptedPolicy:
         self._gold = {hop.evidence_id: hop for hop in question.chain}
         self._hop_node: dict[int, str] = {}  # chain index -> node that holds that hop's fact
         self._hop_found: dict[int, bool] = {}
+        # A one-hop question is searched as asked (its own words are the best query); a
+        # multi-hop one by sub-questions, one per hop.
         self._plan: list[_Search] = [
-            _Search(_node_title(i, hop), hop_query(hop), "hop", i)
+            _Search(
+                _node_title(i, hop),
+                question.text if question.hops == 1 else hop_query(hop),
+                "hop",
+                i,
+            )
             for i, hop in enumerate(question.chain)
         ]
         self._issued: dict[str, _Search] = {}

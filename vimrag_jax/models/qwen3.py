@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from vimrag_jax.models.attention import blocked_attend
+from vimrag_jax.models.linear import dense, swiglu
 from vimrag_jax.models.rope import (
     DEFAULT_THETA,
     RopeParameters,
@@ -221,9 +222,9 @@ class Attention(nnx.Module):
         slots for every row) and queries attend over all T slots: `allowed_bqm: bool[B, L, T]`.
         """
         dtype = x_bld.dtype
-        q_blhk = jnp.einsum("bld,dhk->blhk", x_bld, self.q_dhk[...].astype(dtype))
-        k_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.k_dgk[...].astype(dtype))
-        v_blgk = jnp.einsum("bld,dgk->blgk", x_bld, self.v_dgk[...].astype(dtype))
+        q_blhk = dense(x_bld, self.q_dhk[...].astype(dtype))
+        k_blgk = dense(x_bld, self.k_dgk[...].astype(dtype))
+        v_blgk = dense(x_bld, self.v_dgk[...].astype(dtype))
         q_blhk = apply_rope(self.q_norm(q_blhk), cos_blk, sin_blk)
         k_blgk = apply_rope(self.k_norm(k_blgk), cos_blk, sin_blk)
         if kv_cache is not None:
@@ -235,7 +236,7 @@ class Attention(nnx.Module):
                 kv_cache[1], v_blgk.astype(kv_cache[1].dtype), start
             )
         out_blhk = blocked_attend(q_blhk, k_blgk.astype(dtype), v_blgk.astype(dtype), allowed_bqm)
-        out_bld = jnp.einsum("blhk,hkd->bld", out_blhk, self.o_hkd[...].astype(dtype))
+        out_bld = dense(out_blhk, self.o_hkd[...].astype(dtype), contract=2)
         return out_bld if kv_cache is None else (out_bld, (k_blgk, v_blgk))
 
 
@@ -250,9 +251,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
         dtype = x_bld.dtype
-        gate_blf = x_bld @ self.gate_df[...].astype(dtype)
-        up_blf = x_bld @ self.up_df[...].astype(dtype)
-        return (jax.nn.silu(gate_blf) * up_blf) @ self.down_fd[...].astype(dtype)
+        weights = (self.gate_df, self.up_df, self.down_fd)
+        return swiglu(x_bld, *(w[...].astype(dtype) for w in weights))
 
 
 class DecoderLayer(nnx.Module):

@@ -7,8 +7,8 @@ so no second `[B, L, V]` log-softmax array is ever materialised.
 
 `sequence_logprobs` is the memory-lean entry point: it never builds the full float32 `[B, L, V]`
 logits either. It runs the decoder to its final hidden states, then scans over the sequence in
-chunks, each computing `[B, C, V]` logits, their logsumexp and the picked logit under
-`jax.checkpoint`, so the backward pass recomputes one chunk at a time as well.
+chunks, each computing `[B, C, V]` logits, their logsumexp and the picked logit. Its custom
+backward pass keeps only the logsumexps and recomputes one chunk's logits at a time.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def chunked_token_logprobs(
 
     `hidden_bld` are final hidden states, `head_dv` the LM head `[D, V]`. The sequence is cut
     into chunks of `chunk_size` positions (the last one padded); a `lax.scan` computes each
-    chunk's float32 logits under `jax.checkpoint`, so forward and backward both hold one
-    `[B, chunk_size, V]` block at a time.
+    chunk's float32 logits, and the custom backward pass (`_head_logprobs`) recomputes them, so
+    forward and backward both hold one `[B, chunk_size, V]` block at a time.
     """
     _check_tokens(tokens_bl, hidden_bld.shape[:2])
     if chunk_size < 1:
@@ -79,18 +79,80 @@ def chunked_token_logprobs(
     targets_bs = jnp.pad(tokens_bl[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
     hidden_nbcd = hidden_bsd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
     targets_nbc = targets_bs.reshape(b, num_chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one_chunk(hidden_bcd, targets_bc):
-        logits_bcv = jnp.dot(hidden_bcd, head_dv, preferred_element_type=jnp.float32)
-        return picked_logprobs(logits_bcv, targets_bc)
-
-    def body(carry, chunk_inputs):
-        return carry, one_chunk(*chunk_inputs)
-
-    _, logp_nbc = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    logp_nbc = _head_logprobs(hidden_nbcd, head_dv, targets_nbc)
     logp_bs = logp_nbc.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :steps]
     return jnp.pad(logp_bs, ((0, 0), (1, 0)))
+
+
+def _chunk_logits(hidden_bcd: jax.Array, head_dv: jax.Array) -> jax.Array:
+    """`float32[B*C, V]` logits of one chunk (rows flattened: a plain 2-D matmul)."""
+    return jnp.dot(
+        hidden_bcd.reshape(-1, hidden_bcd.shape[-1]), head_dv, preferred_element_type=jnp.float32
+    )
+
+
+def _head_forward(hidden_nbcd, head_dv, targets_nbc):
+    """Log-probs `float32[N, B, C]` and each row's logsumexp, one chunk at a time."""
+
+    def body(carry, xs):
+        hidden_bcd, targets_bc = xs
+        logits_xv = _chunk_logits(hidden_bcd, head_dv)
+        lse_x = jax.nn.logsumexp(logits_xv, axis=-1)
+        picked_x = jnp.take_along_axis(logits_xv, targets_bc.reshape(-1, 1), axis=-1)[:, 0]
+        return carry, ((picked_x - lse_x).reshape(targets_bc.shape), lse_x)
+
+    _, (logp_nbc, lse_nx) = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    return logp_nbc, lse_nx
+
+
+@jax.custom_vjp
+def _head_logprobs(hidden_nbcd: jax.Array, head_dv: jax.Array, targets_nbc: jax.Array):
+    """`float32[N, B, C]`: log-softmax of `hidden @ head` at the targets, chunk by chunk.
+
+    A `custom_vjp` rather than `jax.checkpoint`: the forward keeps only each row's logsumexp,
+    and the backward recomputes a chunk's logits once and writes the gradient of the
+    log-softmax directly, `d logp / d logits = onehot(target) - softmax`, with
+    `softmax = exp(logits - logsumexp)`. The head gradient `hidden^T @ dlogits` reads the
+    hidden states transposed once up front, so every matmul is a plain row-major one (XLA:CPU
+    otherwise transposes the `[B*C, V]` gradient of each chunk).
+    """
+    return _head_forward(hidden_nbcd, head_dv, targets_nbc)[0]
+
+
+def _head_logprobs_fwd(hidden_nbcd, head_dv, targets_nbc):
+    logp_nbc, lse_nx = _head_forward(hidden_nbcd, head_dv, targets_nbc)
+    return logp_nbc, (hidden_nbcd, head_dv, targets_nbc, lse_nx)
+
+
+def _head_logprobs_bwd(residuals, dlogp_nbc):
+    # The barrier keeps the transpose below in the backward pass (XLA would hoist it).
+    *residuals, dlogp_nbc = jax.lax.optimization_barrier((*residuals, dlogp_nbc))
+    hidden_nbcd, head_dv, targets_nbc, lse_nx = residuals
+    n, b, c, d = hidden_nbcd.shape
+    dtype = hidden_nbcd.dtype
+    # One transpose of all hidden states, outside the loop, for the head gradient's matmul.
+    hidden_ndx = jax.lax.optimization_barrier(hidden_nbcd.reshape(n, b * c, d).swapaxes(1, 2))
+
+    def body(dhead_dv, xs):
+        hidden_bcd, hidden_dx, targets_bc, lse_x, dlogp_bc = xs
+        logits_xv = _chunk_logits(hidden_bcd, head_dv)
+        probs_xv = jnp.exp(logits_xv - lse_x[:, None])
+        dlogp_x1 = dlogp_bc.reshape(-1, 1)
+        onehot_xv = jnp.arange(logits_xv.shape[-1])[None] == targets_bc.reshape(-1, 1)
+        dlogits_xv = (jnp.where(onehot_xv, dlogp_x1, 0.0) - dlogp_x1 * probs_xv).astype(dtype)
+        dhidden_xd = jax.lax.dot_general(
+            dlogits_xv, head_dv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        dhead_dv = dhead_dv + jnp.dot(hidden_dx, dlogits_xv, preferred_element_type=jnp.float32)
+        return dhead_dv, dhidden_xd.astype(dtype).reshape(b, c, d)
+
+    xs = (hidden_nbcd, hidden_ndx, targets_nbc, lse_nx, dlogp_nbc)
+    zeros_dv = jnp.zeros(head_dv.shape, jnp.float32)
+    dhead_dv, dhidden_nbcd = jax.lax.scan(body, zeros_dv, xs)
+    return dhidden_nbcd, dhead_dv.astype(head_dv.dtype), None
+
+
+_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
 
 
 def sequence_logprobs(
