@@ -67,9 +67,9 @@ def trim_tokens(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.n
     """
     if bucket < 0:
         raise ValueError(f"bucket must be >= 0, got {bucket}")
-    full = int(np.shape(inputs["tokens"])[-1])
     if bucket == 0:
         return dict(inputs)
+    full = int(np.shape(inputs["tokens"])[-1])
     used = np.flatnonzero(np.any(np.asarray(inputs["loss_mask"], bool), axis=0))
     needed = int(used[-1]) + 1 if used.size else 1
     length = min(full, -(-needed // bucket) * bucket)

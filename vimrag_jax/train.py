@@ -109,8 +109,7 @@ class RolloutReward:
     the workers' recent policies do; absent from a step that read nothing new."""
 
     def __init__(self, data_state: dict | None = None):
-        counters = read_pipeline_counters(data_state) if data_state else None
-        self._last = self._read(counters) if counters else (0, 0)
+        self._last = self._read(read_pipeline_counters(data_state)) if data_state else (0, 0)
 
     @staticmethod
     def _read(counters: dict[str, int]) -> tuple[int, int]:

@@ -36,9 +36,15 @@ class HiddenStateModel(Protocol):
 
 def picked_logprobs(logits_xv: jax.Array, tokens_x: jax.Array) -> jax.Array:
     """`float32[...]`: log-softmax of `logits[..., V]` at `tokens[...]` (no temperature)."""
+    return _picked_and_logsumexp(logits_xv, tokens_x)[0]
+
+
+def _picked_and_logsumexp(logits_xv: jax.Array, tokens_x: jax.Array):
+    """`picked_logprobs` and the logsumexp of each row it subtracted, both `float32[...]`."""
     logits_xv = logits_xv.astype(jnp.float32)
     picked_x = jnp.take_along_axis(logits_xv, tokens_x[..., None].astype(jnp.int32), axis=-1)
-    return picked_x[..., 0] - jax.nn.logsumexp(logits_xv, axis=-1)
+    lse_x = jax.nn.logsumexp(logits_xv, axis=-1)
+    return picked_x[..., 0] - lse_x, lse_x
 
 
 def token_logprobs(logits_blv: jax.Array, tokens_bl: jax.Array) -> jax.Array:
@@ -96,10 +102,10 @@ def _head_forward(hidden_nbcd, head_dv, targets_nbc):
 
     def body(carry, xs):
         hidden_bcd, targets_bc = xs
-        logits_xv = _chunk_logits(hidden_bcd, head_dv)
-        lse_x = jax.nn.logsumexp(logits_xv, axis=-1)
-        picked_x = jnp.take_along_axis(logits_xv, targets_bc.reshape(-1, 1), axis=-1)[:, 0]
-        return carry, ((picked_x - lse_x).reshape(targets_bc.shape), lse_x)
+        logp_x, lse_x = _picked_and_logsumexp(
+            _chunk_logits(hidden_bcd, head_dv), targets_bc.reshape(-1)
+        )
+        return carry, (logp_x.reshape(targets_bc.shape), lse_x)
 
     _, (logp_nbc, lse_nx) = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
     return logp_nbc, lse_nx
