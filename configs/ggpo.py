@@ -130,7 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.min_hops = 1  # questions chain 1..4 relations (SyntheticQA-style multi-hop)
     c.env.max_hops = 4
     c.env.answer_modalities = ("text", "image", "video")  # what the final attribute may be
-    c.env.eval_questions = 20  # held out of the worker's question stream
+    c.env.eval_questions = 20  # the last ones: held out for eval
+    # The first ones: the scripted expert's, for the warm start; the RL workers get the rest.
+    # 0: the warm start draws from the RL questions.
+    c.env.sft_questions = 0
     c.env.tokenizer_vocab_size = 2048  # the tiny model's BPE tokenizer
 
     # Learner batches of segments (one model call = one segment).

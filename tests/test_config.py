@@ -232,3 +232,17 @@ def test_agent_cross_checks_are_reported():
     cfg.rollout.max_new_tokens = cfg.data.max_segment_tokens
     with pytest.raises(config_checks.ConfigError, match="leaves no room for a prompt"):
         config_checks.validate(cfg, 8)
+
+
+def test_question_splits_must_leave_rl_questions():
+    cfg = ggpo.get_config()
+    cfg.env.num_questions, cfg.env.eval_questions, cfg.env.sft_questions = 30, 10, 20
+    assert config_checks.find_problems(cfg, 1) == [
+        "config.env.num_questions=30 leaves no RL questions after eval_questions=10 + "
+        "sft_questions=20"
+    ]
+    cfg.env.sft_questions = -1
+    (problem,) = config_checks.find_problems(cfg, 1)
+    assert "config.env.sft_questions must be an integer >= 0" in problem
+    cfg.env.sft_questions = 19
+    assert config_checks.find_problems(cfg, 1) == []

@@ -40,14 +40,18 @@ _SMALL = (
 )
 
 
-def _train(workdir: Path, total_steps: int) -> subprocess.CompletedProcess:
+def _train(workdir: Path, total_steps: int, *overrides: str) -> subprocess.CompletedProcess:
+    """The small run; ``overrides`` (``--config.KEY=VALUE``) replace `_SMALL`'s values."""
+    keys = {flag.split("=")[0] for flag in overrides}
+    small = [flag for flag in _SMALL if flag.split("=")[0] not in keys]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     return subprocess.run(
         [
             sys.executable,
             "-m",
             "vimrag_jax.train",
-            *_SMALL,
+            *small,
+            *overrides,
             f"--config.optim.total_steps={total_steps}",
             f"--workdir={workdir}",
         ],
@@ -112,3 +116,22 @@ def test_restart_resumes_rl_where_it_stopped(first_run):
     assert [row["step"] for row in after] == [4]  # no warm start again, one more RL step
     assert after[0]["data/records_consumed"] >= consumed_before  # the ledger moved on
     assert (workdir / "policy" / "LATEST").read_text().strip() == "3"
+
+
+def test_a_learner_starved_of_trainable_groups_says_why(first_run, tmp_path):
+    # The first run's rollouts (a random policy: every group got reward 0) read by a learner that
+    # skips groups with one reward for all: nothing is trainable, and the exit says so.
+    workdir, _ = first_run
+    records = sum(len(list(read_shard(p))) for p in list_shards(workdir / "rollouts"))
+    result = _train(
+        tmp_path,
+        1,
+        "--config.sft.steps=0",
+        "--config.rollout.embedded_workers=0",
+        "--config.data.skip_uniform_groups=True",
+        f"--config.data.shard_dir={workdir / 'rollouts'}",
+        "--config.data.max_wait_s=1",
+    )
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "no trainable rollout arrived" in result.stderr
+    assert f"records read so far {records}, dropped: 0 stale, {records} in groups" in result.stderr

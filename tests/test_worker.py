@@ -178,6 +178,15 @@ def test_experiment_loads_published_weights(tmp_path):
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(shifted), strict=True):
         assert (a == b).all()
-    # A second bootstrap reuses the cached corpus and tokenizer.
+    assert experiment.sft_questions == experiment.train_questions  # no warm-start split
+    # A second bootstrap reuses the cached corpus and tokenizer; it may split off the warm
+    # start's questions (the first ones), leaving the RL split the rest.
+    cfg.env.sft_questions = 4
     again = Experiment.from_config(cfg, tmp_path)
     assert again.store.reused and again.tokenizer.get_vocab() == experiment.tokenizer.get_vocab()
+    assert again.sft_questions == experiment.train_questions[:4]
+    assert again.train_questions == experiment.train_questions[4:]
+    assert again.eval_questions == experiment.eval_questions
+    cfg.env.sft_questions = 6
+    with pytest.raises(ValueError, match="env.sft_questions=6 must leave RL questions"):
+        Experiment.from_config(cfg, tmp_path)

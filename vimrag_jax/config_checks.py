@@ -60,6 +60,25 @@ def _check_at_least(problems: list[str], block, prefix: str, minimum: float, *ke
             problems.append(f"{prefix}.{key} must be {kind} >= {minimum}, got {value!r}")
 
 
+def _check_env(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
+    """The synthetic world's question splits: eval, warm start and RL each non-empty."""
+    env = cfg.get("env")
+    if env is None or "num_questions" not in env:
+        return
+    keys = [k for k in ("eval_questions", "sft_questions") if k in env]
+    before = len(problems)
+    _check_positive(problems, env, "config.env", "num_questions")
+    _check_at_least(problems, env, "config.env", 0, *keys)
+    if len(problems) > before:
+        return
+    held = sum(env[k] for k in keys)
+    if held >= env.num_questions:
+        problems.append(
+            f"config.env.num_questions={env.num_questions} leaves no RL questions after "
+            + " + ".join(f"{k}={env[k]}" for k in keys)
+        )
+
+
 def _check_algorithm(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
     algorithm = cfg.algorithm
     if algorithm not in ALGORITHMS:
@@ -277,6 +296,7 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
             f"config.export.dtype must be 'bfloat16' or 'float32', got {cfg.export.dtype!r}"
         )
     _check_distributed(problems, cfg.distributed)
+    _check_env(problems, cfg)
 
     if cfg.model.dtype not in DTYPES:
         problems.append(f"config.model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")

@@ -4,7 +4,9 @@
 
 - **corpus and questions**: with ``data.corpus == ""`` the synthetic world
   (``envs.synthetic.build``, deterministic in ``env.*`` and ``seed``) and its ``CorpusStore``
-  under ``WORKDIR/corpus/``; the last ``env.eval_questions`` questions are the eval split;
+  under ``WORKDIR/corpus/``; the last ``env.eval_questions`` questions are the eval split,
+  the first ``env.sft_questions`` the warm start's (scripted-expert) split, the rest the RL split
+  (with ``env.sft_questions == 0`` the warm start draws from the RL split);
 - **tokenizer**: for the tiny model a byte-level BPE trained on the world's texts plus the
   agent's prompt templates (so the system prompt costs ~1k tokens, not ~3k), saved under
   ``WORKDIR/tokenizer/``; for ``model.name == "hf"`` the tokenizer of ``model.path``;
@@ -108,8 +110,9 @@ class Experiment:
     workdir: Path
     store: CorpusStore
     tokenizer: Any
-    train_questions: list[synthetic.Question]
+    train_questions: list[synthetic.Question]  # the RL workers' questions
     eval_questions: list[synthetic.Question]
+    sft_questions: list[synthetic.Question]  # the scripted expert's (may be train_questions)
     entities: dict[str, str]
     vocab_size: int
     env_name: str = "synthetic"
@@ -132,6 +135,12 @@ class Experiment:
             raise ValueError(
                 f"env.eval_questions={n_eval} must leave training questions out of {len(questions)}"
             )
+        n_sft = int(_get(cfg.get("env"), "sft_questions", 0))
+        if not 0 <= n_sft < len(questions) - n_eval:
+            raise ValueError(
+                f"env.sft_questions={n_sft} must leave RL questions out of "
+                f"{len(questions) - n_eval} training questions"
+            )
         vocab = int(_get(cfg.get("env"), "tokenizer_vocab_size", DEFAULT_VOCAB))
         model = cfg.get("model")
         with workdir_lock(workdir):
@@ -146,13 +155,15 @@ class Experiment:
                     workdir / TOKENIZER_DIR, lambda: tokenizer_texts(items, questions), vocab
                 )
         split = len(questions) - n_eval
+        train = questions[n_sft:split]
         return cls(
             cfg=cfg,
             workdir=workdir,
             store=store,
             tokenizer=tokenizer,
-            train_questions=questions[:split],
+            train_questions=train,
             eval_questions=questions[split:],
+            sft_questions=questions[:n_sft] or train,
             entities=synthetic.entity_kinds(items),
             vocab_size=vocab,
         )

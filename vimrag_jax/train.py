@@ -56,6 +56,18 @@ class NoRolloutData(RuntimeError):
     """No trajectory arrived for ``data.max_wait_s`` seconds."""
 
 
+def _dropped(data_state: dict) -> str:
+    """What the pipeline has read and thrown away, for a learner that waits in vain (a
+    policy whose every group got one reward, under ``data.skip_uniform_groups``, starves it
+    as surely as a dead worker)."""
+    c = read_pipeline_counters(data_state)
+    return (
+        f"records read so far {c['records_read']}, dropped: {c['stale_records']} stale, "
+        f"{c['uniform_records']} in groups with one reward for all, "
+        f"{c['incomplete_records']} in incomplete groups, {c['corrupt_records']} corrupt"
+    )
+
+
 def _main_process() -> bool:
     return jax.process_index() == 0
 
@@ -192,6 +204,7 @@ class Trainer:
                 count=1,
                 extra_flags=[
                     "--policy=scripted_expert",
+                    "--questions=sft",
                     f"--max_trajectories={int(self.cfg.sft.num_trajectories)}",
                     f"--shard_dir={directory}",
                 ],
@@ -360,8 +373,9 @@ class Trainer:
                     waited = time.monotonic() - last_data
                     if waited > float(cfg.data.max_wait_s):
                         raise NoRolloutData(
-                            f"no rollout shard arrived in {directory} for {waited:.0f} s "
-                            "(data.max_wait_s); are the rollout workers running?"
+                            f"no trainable rollout arrived in {directory} for {waited:.0f} s "
+                            f"(data.max_wait_s); {_dropped(iterator.get_state())}. Are the "
+                            "rollout workers running?"
                         ) from None
                     logging.info("waiting for rollouts in %s (%.0f s)", directory, waited)
                     continue

@@ -6,7 +6,8 @@ Loop, one batch at a time:
 
 1. pick up the newest published policy (``publish.latest_policy``; none: the config's initial
    policy as version 0) and hand it to the sampler (``set_weights``);
-2. take ``rollout.questions_per_batch`` questions from the training split, cycling through it in
+2. take ``rollout.questions_per_batch`` questions from the RL split (``--questions=sft``: the warm
+   start's split, ``env.sft_questions``), cycling through it in
    an order fixed by the seed and ``--worker_id`` (a restart resumes at the position after the
    shards already written, so it neither repeats nor skips questions);
 3. run ``rollout.group_size`` rollouts of each through the agent (``rollout.agent``);
@@ -57,6 +58,10 @@ def _define_flags() -> None:
         ),
         shard_dir=flags.DEFINE_string(
             "shard_dir", "", "Where shards go (default: data.shard_dir)."
+        ),
+        questions=flags.DEFINE_enum(
+            "questions", "rl", ["rl", "sft"],
+            "Question split: the RL one, or the warm start's (env.sft_questions).",
         ),
     )  # fmt: skip
 
@@ -138,9 +143,14 @@ def run_worker(
     policy: str,
     max_trajectories: int,
     shard_dir: str = "",
+    questions: str = "rl",
     stop: StopFlag | None = None,
 ) -> int:
-    """The worker loop (see the module docstring); returns the trajectories written."""
+    """The worker loop (see the module docstring); returns the trajectories written.
+
+    ``questions`` picks the split it cycles through: ``rl`` (``Experiment.train_questions``)
+    or ``sft`` (``Experiment.sft_questions``, the scripted expert's for the warm start).
+    """
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.rollout.records import ShardWriter, shard_name
 
@@ -149,6 +159,9 @@ def run_worker(
     rc = experiment.rollout_config()
     directory = Path(shard_dir or cfg.data.get("shard_dir", "") or Path(workdir) / ROLLOUT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
+    if questions not in ("rl", "sft"):
+        raise ValueError(f"questions must be 'rl' or 'sft', got {questions!r}")
+    pool = experiment.sft_questions if questions == "sft" else experiment.train_questions
     agent, model = build_agent(experiment, policy)
     version = 0  # the initial policy's label when nothing is published
     loaded = -1  # the newest published version loaded (a published v0 must be loaded too)
@@ -156,10 +169,12 @@ def run_worker(
     sequence = next_sequence(directory, worker_id)
     written = 0
     logging.info(
-        "worker %s: policy=%s agent=%s shards from #%d in %s",
+        "worker %s: policy=%s agent=%s questions=%s (%d) shards from #%d in %s",
         worker_id,
         policy,
         rc.agent,
+        questions,
+        len(pool),
         sequence,
         directory,
     )
@@ -174,11 +189,11 @@ def run_worker(
         if max_trajectories > 0:
             count = min(count, -(-(max_trajectories - written) // rc.group_size))
         start = sequence * rc.questions_per_batch
-        questions = questions_for_batch(experiment.train_questions, worker_id, seed, start, count)
+        batch = questions_for_batch(pool, worker_id, seed, start, count)
         group_ids = [f"{worker_id}-{sequence:08d}-{i}" for i in range(count)]
         began = time.perf_counter()
         out = agent.run(
-            questions,
+            batch,
             group_size=rc.group_size,
             policy_version=version,
             seed=_batch_seed(seed, worker_id, sequence),
@@ -228,6 +243,7 @@ def main(argv: list[str]) -> int:
         policy=value["policy"],
         max_trajectories=value["max_trajectories"],
         shard_dir=value["shard_dir"],
+        questions=value["questions"],
         stop=stop,
     )
     return 0
