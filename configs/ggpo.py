@@ -224,6 +224,10 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         # keeps its pictures, videos and distractors as retrieval candidates).
         c.env.answer_modalities = ("text",)
         c.env.max_hops = 1
+        # One text fact per entity: the world holds 52 distinct one-hop questions (48 entities
+        # and 4 twins). The last 12 are held out; eval entities are never asked about in training.
+        c.env.num_questions = 52
+        c.env.eval_questions = 12
         # A text-only tiny model sees pictures only as placeholder tokens: keep them few
         # (4 tokens per picture at the top-K budget) and the system prompt short.
         c.memory.total_pixels = 5 * 4 * 32 * 32

@@ -171,8 +171,8 @@ def test_search_finds_the_item_and_sharding_changes_nothing(world, store_dir):
 
 
 def test_expert_hop_queries_recall_at_3():
-    """Over every hop of 300 questions of the default world (measured: 1.000)."""
-    items, questions = build(SyntheticConfig(num_questions=300))
+    """Over every hop of 200 questions of the default world (measured: 1.000)."""
+    items, questions = build(SyntheticConfig(num_questions=200))
     embedder = HashingEmbedder()
     index = TopKIndex(embedder.embed_items(items))
     hops = [hop for q in questions for hop in q.chain]

@@ -192,3 +192,16 @@ def test_answer_modalities_restrict_the_final_attribute():
     assert {item.modality for item in items} == {"text", "image", "video"}  # corpus unchanged
     with pytest.raises(ValueError, match="answer_modalities"):
         synthetic.SyntheticConfig(answer_modalities=("audio",))
+
+
+def test_questions_are_distinct_and_a_small_world_says_how_many_it_has():
+    # One hop about text facts: one question per entity and twin, whatever the seed.
+    one_hop = dict(num_entities=20, min_hops=1, max_hops=1, answer_modalities=("text",))
+    _, questions = synthetic.build(synthetic.SyntheticConfig(num_questions=24, **one_hop))
+    # 20 entities + 4 twins, one text fact each: the last draws are forced by exhaustion.
+    assert len({q.chain[0].subject for q in questions}) == 24
+    with pytest.raises(ValueError, match="only 24 distinct questions with 1..1 hops about text"):
+        synthetic.build(synthetic.SyntheticConfig(num_questions=25, **one_hop))
+    # Bigger worlds: still no repeats.
+    _, questions = synthetic.build(CONFIG)
+    assert len({q.text for q in questions}) == len(questions)

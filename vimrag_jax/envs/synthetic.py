@@ -15,7 +15,10 @@ and the balloon appears only in a contiguous run of frames (``Hop.key_timestamps
 A question of h hops follows h − 1 relations from a start entity and asks for an attribute of the
 entity reached, e.g. (4 hops) "What colour is the balloon in the parade video of the city where the
 employer of the mentor of Tovi Brask is headquartered?". It carries its gold answer, its chain (one
-``Hop`` per evidence item, subject → answer) and the gold evidence ids, one per hop.
+``Hop`` per evidence item, subject → answer) and the gold evidence ids, one per hop. No two
+questions ask the same thing (start entity, path, attribute), so a split of the list into train
+and eval questions holds the eval ones out; a world too small for ``num_questions`` distinct
+questions is an error that says how many it has.
 
 Distractors: every entity has ``distractors_per_entity`` extra passages that name it without stating
 any asked-for fact; ``near_duplicates`` entities get a twin whose name differs by one vowel and who
@@ -454,28 +457,56 @@ def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities:
     by_kind: dict[str, list[_Entity]] = {}
     for entity in entities:
         by_kind.setdefault(entity.kind, []).append(entity)
+
+    def attributes(kind: str) -> list[str]:
+        return [
+            a
+            for a, (k, modality) in ATTRIBUTES.items()
+            if k == kind and modality in config.answer_modalities
+        ]
+
+    def walk(start: _Entity, path: tuple[str, ...]) -> tuple[_Entity, list[Hop]]:
+        entity, chain = start, []
+        for relation in path:
+            target = entity.facts[relation]
+            chain.append(Hop(entity.name, relation, target, entity.evidence[relation], "text"))
+            entity = by_name[target]
+        return entity, chain
+
+    def unasked(hops: int) -> list[tuple[_Entity, tuple[str, ...], str]]:
+        # Every (start, path, attribute) of this hop count not asked yet, in a fixed order.
+        return [
+            (start, path, attribute)
+            for kind, path in _PATHS[hops - 1]
+            for start in by_kind[kind]
+            for attribute in attributes(walk(start, path)[0].kind)
+            if (start.name, path, attribute) not in seen
+        ]
+
     hop_counts = list(range(config.min_hops, config.max_hops + 1))
     seen: set[tuple] = set()
     questions = []
     for index in range(config.num_questions):
         hops = hop_counts[index % len(hop_counts)]  # round robin: every hop count occurs
-        for _attempt in range(50):
+        for _attempt in range(50):  # a random draw; exhaustive once draws keep repeating
             kind, path = _PATHS[hops - 1][rng.integers(len(_PATHS[hops - 1]))]
             start = by_kind[kind][rng.integers(len(by_kind[kind]))]
-            entity, chain = start, []
-            for relation in path:
-                target = entity.facts[relation]
-                chain.append(Hop(entity.name, relation, target, entity.evidence[relation], "text"))
-                entity = by_name[target]
-            options = [
-                a
-                for a, (k, modality) in ATTRIBUTES.items()
-                if k == entity.kind and modality in config.answer_modalities
-            ]
+            options = attributes(walk(start, path)[0].kind)
             attribute = options[rng.integers(len(options))]
-            key = (start.name, path, attribute)
-            if key not in seen:
+            if (start.name, path, attribute) not in seen:
                 break
+        else:
+            left = unasked(hops)
+            if not left:
+                raise ValueError(
+                    f"this world has only {len(seen)} distinct questions with "
+                    f"{config.min_hops}..{config.max_hops} hops about "
+                    f"{'/'.join(config.answer_modalities)} facts, {config.num_questions} were "
+                    "asked for: lower num_questions or raise num_entities"
+                )
+            start, path, attribute = left[rng.integers(len(left))]
+        key = (start.name, path, attribute)
+        entity, chain = walk(start, path)
         seen.add(key)
         modality = ATTRIBUTES[attribute][1]
         times = tuple(float(t) for t in entity.key_frames) if modality == "video" else ()
