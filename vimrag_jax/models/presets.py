@@ -132,8 +132,9 @@ _TINY: dict[str, Any] = {
 }
 
 # The embedded CPU run's policy (configs/ggpo.py:tiny): big enough to learn the tool-call
-# format and to copy names and answers out of its context within a few hundred SFT steps
-# (`tiny` learns the format but not the copying), small enough for a 2-core machine.
+# format within a few hundred SFT steps (`tiny` breaks about half of its calls), small enough
+# for a 2-core machine. It does not learn in that time to copy a name or a value out of its
+# context: after 300 steps its NLL is ~0.01 on format tokens and ~2.7 on copied ones.
 _TINY_AGENT: dict[str, Any] = {
     **_TINY,
     "hidden_size": 128,
