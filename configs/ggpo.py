@@ -146,7 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Drop groups whose G rollouts all got the same reward (zero advantage: no policy
     # gradient, only a diluted batch). Off in the paper's setting; counted in data/.
     c.data.skip_uniform_groups = False
-    c.data.corpus = ""  # empty: the synthetic multimodal corpus
+    c.data.corpus = ""  # store dir (retrieval.import_corpus); empty: the synthetic corpus
+    c.data.questions = ""  # with data.corpus: the question file (JSONL, vimrag_jax.envs.dataset)
     c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
     c.data.prefetch = 2  # batches prepared ahead of the step
     c.data.worker_count = 0  # grain worker processes; 0 reads in the learner process

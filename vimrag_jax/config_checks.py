@@ -140,6 +140,37 @@ def _check_sft(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"config.sft.data={sft.data!r} is not a directory")
 
 
+def _check_dataset(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
+    """A real corpus (``data.corpus`` set): a store directory, its question file, and a warm
+    start from ``sft.data`` — the scripted expert that writes it otherwise needs the synthetic
+    world's question chains, which a real dataset does not have."""
+    corpus = cfg.data.get("corpus", "")
+    if not corpus:
+        return
+    if not os.path.isdir(corpus):
+        problems.append(f"config.data.corpus={corpus!r} is not a directory")
+    elif not os.path.isfile(os.path.join(corpus, "manifest.json")):
+        problems.append(
+            f"config.data.corpus={corpus!r} holds no corpus store (no manifest.json); "
+            "write one with python -m vimrag_jax.retrieval.import_corpus --out=DIR"
+        )
+    questions = cfg.data.get("questions", "")
+    if not questions:
+        problems.append(
+            "config.data.questions is empty: with config.data.corpus set, point it at the "
+            "question file (JSON lines: id, question, answer, evidence_ids)"
+        )
+    elif not os.path.isfile(questions):
+        problems.append(f"config.data.questions={questions!r} is not a file")
+    steps = cfg.sft.get("steps", 0)
+    if _is_int(steps) and steps > 0 and not cfg.sft.get("data", ""):
+        problems.append(
+            f"config.sft.steps={steps} with config.data.corpus set needs config.sft.data, a shard "
+            "directory of expert trajectories: the scripted expert that generates them works only "
+            "on the synthetic world (or set config.sft.steps=0)"
+        )
+
+
 def _check_rollout_backend(problems: list[str], rollout: ml_collections.ConfigDict) -> None:
     if rollout.backend not in ROLLOUT_BACKENDS:
         problems.append(
@@ -309,10 +340,7 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
             )
         elif not os.path.isfile(os.path.join(path, "config.json")):
             problems.append(f"config.model.path={path!r} has no config.json")
-    for key in ("corpus",):
-        path = cfg.data[key]
-        if path and not os.path.exists(path):
-            problems.append(f"config.data.{key}={path!r} does not exist")
+    _check_dataset(problems, cfg)
     if not problems:  # the agent's own cross-checks (a prompt fits a segment, known agent, ...)
         from vimrag_jax.agent.loop import RolloutConfig
 

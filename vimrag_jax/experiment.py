@@ -6,7 +6,11 @@
   (``envs.synthetic.build``, deterministic in ``env.*`` and ``seed``) and its ``CorpusStore``
   under ``WORKDIR/corpus/``; the last ``env.eval_questions`` questions are the eval split,
   the first ``env.sft_questions`` the warm start's (scripted-expert) split, the rest the RL split
-  (with ``env.sft_questions == 0`` the warm start draws from the RL split);
+  (with ``env.sft_questions == 0`` the warm start draws from the RL split); with ``data.corpus``
+  set, a real corpus: the store in that directory (``python -m
+  vimrag_jax.retrieval.import_corpus`` writes it; opened, never copied or rebuilt) and the
+  questions of ``data.questions`` (``envs.dataset``), split the same way (``env_name`` is
+  ``"dataset"``, no entity kinds; the warm start's trajectories then come from ``sft.data``);
 - **tokenizer**: for the tiny model a byte-level BPE trained on the world's texts plus the
   agent's prompt templates (so the system prompt costs ~1k tokens, not ~3k), saved under
   ``WORKDIR/tokenizer/``; for ``model.name == "hf"`` the tokenizer of ``model.path``;
@@ -102,6 +106,56 @@ def _load_or_build_tokenizer(directory: Path, texts_fn, vocab_size: int):
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
+def _split_questions(
+    cfg: Any, questions: list[synthetic.Question]
+) -> tuple[list[synthetic.Question], list[synthetic.Question], list[synthetic.Question]]:
+    """(RL, eval, warm start) splits: the last ``env.eval_questions`` are the eval split, the
+    first ``env.sft_questions`` the warm start's, the rest the RL split (the warm start's too
+    when ``env.sft_questions == 0``). ValueError when a split would leave no RL questions."""
+    n_eval = int(_get(cfg.get("env"), "eval_questions", DEFAULT_EVAL_QUESTIONS))
+    if not 0 <= n_eval < len(questions):
+        raise ValueError(
+            f"env.eval_questions={n_eval} must leave training questions out of {len(questions)}"
+        )
+    n_sft = int(_get(cfg.get("env"), "sft_questions", 0))
+    if not 0 <= n_sft < len(questions) - n_eval:
+        raise ValueError(
+            f"env.sft_questions={n_sft} must leave RL questions out of "
+            f"{len(questions) - n_eval} training questions"
+        )
+    split = len(questions) - n_eval
+    train = questions[n_sft:split]
+    return train, questions[split:], questions[:n_sft] or train
+
+
+def _open_dataset(cfg: Any) -> tuple[CorpusStore, list[synthetic.Question]]:
+    """The store at ``data.corpus`` (opened, not rebuilt) and the questions of
+    ``data.questions``, whose evidence ids are checked against the store."""
+    from vimrag_jax.envs import dataset
+
+    data = cfg.get("data")
+    corpus, path = str(_get(data, "corpus", "")), str(_get(data, "questions", "") or "")
+    if not path:
+        raise ValueError(
+            f"data.corpus={corpus!r} is set, so data.questions must name its question file "
+            "(JSON lines: id, question, answer, evidence_ids)"
+        )
+    store = CorpusStore.open(corpus)
+    return store, dataset.load_questions(path, store)
+
+
+def _tokenizer(cfg: Any, workdir: Path, texts_fn, vocab: int) -> tuple[Any, int]:
+    """(tokenizer, vocab size): ``model.path``'s for ``model.name == "hf"``, else the tiny BPE
+    under ``WORKDIR/tokenizer/`` (built from ``texts_fn()`` on first start). Call under the lock."""
+    model = cfg.get("model")
+    if _get(model, "name", "tiny") == "hf":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
+        return tokenizer, len(tokenizer)
+    return _load_or_build_tokenizer(workdir / TOKENIZER_DIR, texts_fn, vocab), vocab
+
+
 @dataclasses.dataclass
 class Experiment:
     """Everything a worker or learner builds from the config before its loop starts."""
@@ -120,52 +174,44 @@ class Experiment:
     @classmethod
     def from_config(cls, cfg: Any, workdir: str | os.PathLike) -> Experiment:
         """Builds (first start) or reopens (later starts) the world and tokenizer in
-        ``workdir``; safe when several processes start at once."""
+        ``workdir``; safe when several processes start at once.
+
+        With ``data.corpus`` set, the store there is opened as it is (never copied or rebuilt)
+        and the questions come from ``data.questions`` (``envs.dataset``); the splits are the
+        synthetic world's (``_split_questions``)."""
         workdir = Path(workdir)
         corpus = _get(cfg.get("data"), "corpus", "")
-        if corpus:
-            raise NotImplementedError(
-                f"data.corpus={corpus!r}: only the built-in synthetic corpus (data.corpus = '') "
-                "is wired into the experiment bootstrap so far"
-            )
-        env = synthetic_config(cfg)
-        items, questions = synthetic.build(env)
-        n_eval = int(_get(cfg.get("env"), "eval_questions", DEFAULT_EVAL_QUESTIONS))
-        if not 0 <= n_eval < len(questions):
-            raise ValueError(
-                f"env.eval_questions={n_eval} must leave training questions out of {len(questions)}"
-            )
-        n_sft = int(_get(cfg.get("env"), "sft_questions", 0))
-        if not 0 <= n_sft < len(questions) - n_eval:
-            raise ValueError(
-                f"env.sft_questions={n_sft} must leave RL questions out of "
-                f"{len(questions) - n_eval} training questions"
-            )
         vocab = int(_get(cfg.get("env"), "tokenizer_vocab_size", DEFAULT_VOCAB))
-        model = cfg.get("model")
-        with workdir_lock(workdir):
-            store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
-            if _get(model, "name", "tiny") == "hf":
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
-                vocab = len(tokenizer)
-            else:
-                tokenizer = _load_or_build_tokenizer(
-                    workdir / TOKENIZER_DIR, lambda: tokenizer_texts(items, questions), vocab
+        if corpus:
+            store, questions = _open_dataset(cfg)
+            train, evaluation, sft = _split_questions(cfg, questions)
+            with workdir_lock(workdir):  # only the tokenizer is built in the workdir
+                tokenizer, vocab = _tokenizer(
+                    cfg, workdir, lambda: tokenizer_texts(list(store), questions), vocab
                 )
-        split = len(questions) - n_eval
-        train = questions[n_sft:split]
+            entities: dict[str, str] = {}  # a real corpus names no entity kinds
+            env_name = "dataset"
+        else:
+            items, questions = synthetic.build(synthetic_config(cfg))
+            train, evaluation, sft = _split_questions(cfg, questions)
+            with workdir_lock(workdir):
+                store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
+                tokenizer, vocab = _tokenizer(
+                    cfg, workdir, lambda: tokenizer_texts(items, questions), vocab
+                )
+            entities = synthetic.entity_kinds(items)
+            env_name = "synthetic"
         return cls(
             cfg=cfg,
             workdir=workdir,
             store=store,
             tokenizer=tokenizer,
             train_questions=train,
-            eval_questions=questions[split:],
-            sft_questions=questions[:n_sft] or train,
-            entities=synthetic.entity_kinds(items),
+            eval_questions=evaluation,
+            sft_questions=sft,
+            entities=entities,
             vocab_size=vocab,
+            env_name=env_name,
         )
 
     def rollout_config(self, *, evaluation: bool = False) -> RolloutConfig:

@@ -1,0 +1,126 @@
+"""Questions of a real dataset, read from a JSON-lines file (``data.questions``).
+
+One JSON object per line (blank lines are skipped)::
+
+    {"id": "q17", "question": "Who designed the engine in the clip?", "answer": "Babbage",
+     "evidence_ids": [9, 7]}
+
+- ``id``: the question's unique id (a string; an integer is accepted and kept as its decimal
+  string); ``question`` and ``answer``: non-empty strings;
+- ``evidence_ids``: the corpus item ids that hold the gold evidence (may be empty), each present
+  in the corpus store. GGPO marks a search node *relevant* when its retrieval returned one of them
+  (SPEC §4), so they shape the negative-reward mask.
+
+A dataset states no reasoning chain, so each ``Question`` gets ``chain = ()`` and
+``hops = max(1, len(evidence_ids))``. The scripted expert needs a chain: with a real dataset the
+warm start's trajectories come from ``sft.data``, not from the scripted expert.
+
+Bad input stops with one ``DatasetError`` naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Container
+from pathlib import Path
+from typing import Any
+
+from vimrag_jax.envs.synthetic import Question
+
+KEYS = ("id", "question", "answer", "evidence_ids")
+
+
+class DatasetError(ValueError):
+    """A problem with a question file; the message names the file and line."""
+
+
+def parse_question(record: Any, known_ids: Container[int] | None = None) -> Question:
+    """One decoded JSON line as a ``Question``; ValueError with the reason.
+
+    ``known_ids`` (the corpus store's item ids) rejects evidence the store does not hold.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in KEYS if key not in record]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}")
+    unknown = sorted(set(record) - set(KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; a question has {', '.join(KEYS)}"
+        )
+    question_id = record["id"]
+    if isinstance(question_id, int) and not isinstance(question_id, bool):
+        question_id = str(question_id)
+    if not isinstance(question_id, str) or not question_id.strip():
+        raise ValueError(f"'id' must be a non-empty string, got {record['id']!r}")
+    for key in ("question", "answer"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
+    evidence = record["evidence_ids"]
+    if not isinstance(evidence, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in evidence
+    ):
+        raise ValueError(f"'evidence_ids' must be a list of integer item ids, got {evidence!r}")
+    if len(set(evidence)) != len(evidence):
+        raise ValueError(f"'evidence_ids' lists an item twice: {evidence}")
+    if known_ids is not None:
+        absent = [i for i in evidence if i not in known_ids]
+        if absent:
+            raise ValueError(
+                f"evidence id(s) {', '.join(map(str, absent))} are not in the corpus store"
+            )
+    return Question(
+        question_id=question_id,
+        text=record["question"],
+        answer=record["answer"],
+        evidence_ids=tuple(evidence),
+        hops=max(1, len(evidence)),
+        chain=(),
+    )
+
+
+def load_questions(path: str | os.PathLike, store: Any = None) -> list[Question]:
+    """Every question of a JSON-lines file, in file order.
+
+    ``store`` (a ``CorpusStore``; None skips the check) must hold every evidence id. Raises
+    ``DatasetError`` (``FILE:LINE: problem``) at the first bad line, or for an empty file.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise DatasetError(f"{source}: the question file does not exist")
+    known = None if store is None else {int(i) for i in store.ids}
+    questions: list[Question] = []
+    seen: dict[str, int] = {}  # question id -> line
+    with open(source, encoding="utf-8") as handle:
+        line_no = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as error:
+                raise DatasetError(f"{source}:{line_no + 1}: not UTF-8 text ({error})") from None
+            if not line:
+                break
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                question = parse_question(json.loads(line), known)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{source}:{line_no}: malformed JSON: {error}") from None
+            except ValueError as error:
+                raise DatasetError(f"{source}:{line_no}: {error}") from None
+            if question.question_id in seen:
+                raise DatasetError(
+                    f"{source}:{line_no}: duplicate id {question.question_id!r} "
+                    f"(first used on line {seen[question.question_id]})"
+                )
+            seen[question.question_id] = line_no
+            questions.append(question)
+    if not questions:
+        raise DatasetError(f"{source}: no questions (the file is empty)")
+    return questions
+
+
+__all__ = ["DatasetError", "load_questions", "parse_question"]
