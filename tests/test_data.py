@@ -22,7 +22,7 @@ from vimrag_jax.data.pipeline import (
     pipeline_metrics,
 )
 from vimrag_jax.data.shards import Ledger, owned_shards
-from vimrag_jax.data.vision import VisualInputs, image_patches
+from vimrag_jax.data.vision import VisualInputs, VisualPatches, image_patches
 from vimrag_jax.rl import losses
 from vimrag_jax.rollout.records import RecordDims, ShardWriter, encode_record, shard_name
 
@@ -262,6 +262,19 @@ def test_uniform_reward_groups_are_skipped_and_counted(tmp_path, skip):
     assert (metrics["uniform_groups"], metrics["uniform_records"]) == ((2, 6) if skip else (0, 0))
 
 
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_progress_counts_what_was_read_before_any_batch(tmp_path, prefetch):
+    # Only groups with one reward for all, skipped: no batch ever comes. Through a prefetch
+    # thread get_state() (the last batch's) then says nothing was read; `progress` says what
+    # was read and dropped either way.
+    rng = np.random.default_rng(4)
+    write_shard(tmp_path, shard_name("w0", 0), [make_group(rng, 3, rewards=[0] * 3)] * 2)
+    opts = options(tmp_path, skip_uniform_groups=True, progress={})
+    it = iter(make_pipeline(opts, prefetch=prefetch))
+    assert list(it) == []
+    assert (opts.progress["records_read"], opts.progress["uniform_records"]) == (6, 6)
+
 def test_states_saved_before_the_reward_counters_still_resume(three_shards):
     directory, groups = three_shards
     it = iter(make_pipeline(options(directory, batch=4), prefetch=0))
@@ -388,7 +401,9 @@ def test_visual_stage_runs_inside_the_pipeline(tmp_path):
         record["segment_visual_valid"][:] = [True, False]
     write_shard(tmp_path, shard_name("w0", 0), [group])
     image = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    stage = VisualInputs(lambda item, frame: image, max_patches=16)
+    stage = VisualInputs(
+        VisualPatches(lambda item, frame: image, lambda item: "image"), max_patches=16
+    )
     it = iter(make_pipeline(options(tmp_path, batch=4), visual_inputs=stage, prefetch=2))
     batches = list(it)
     patches, _ = image_patches(image, 32, 64)
@@ -397,5 +412,5 @@ def test_visual_stage_runs_inside_the_pipeline(tmp_path):
         for row in np.flatnonzero(batch["segment_valid"]):
             np.testing.assert_array_equal(batch["pixel_values"][row, :8], patches)
             assert batch["pixel_valid"][row].sum() == 8
-            assert batch["image_grid_thw"][row].tolist() == [[1, 2, 4], [0, 0, 0]]
+            assert batch["visual_grid_thw"][row].tolist() == [[1, 2, 4], [0, 0, 0]]
     assert pipeline_metrics(it.get_state())["records_consumed"] == 2

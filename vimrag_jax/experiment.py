@@ -44,6 +44,13 @@ TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".experiment.lock"
 DEFAULT_VOCAB = 2048
 DEFAULT_EVAL_QUESTIONS = 20
+#: A Qwen3-VL config's special-token fields and the prompt tokens they name.
+VISION_TOKEN_KEYS = {
+    "image_token_id": prompts.IMAGE_PAD,
+    "video_token_id": prompts.VIDEO_PAD,
+    "vision_start_token_id": prompts.VISION_START,
+    "vision_end_token_id": prompts.VISION_END,
+}
 
 
 def _get(block: Any, key: str, default: Any) -> Any:
@@ -233,6 +240,9 @@ class Experiment:
         hf = preset_config(model_cfg.name)
         target = hf["text_config"] if "text_config" in hf else hf
         target["vocab_size"] = self.vocab_size
+        if "vision_config" in hf:  # a Qwen3-VL preset reads the tokenizer's vision placeholders
+            for key, token in VISION_TOKEN_KEYS.items():
+                hf[key] = int(self.tokenizer.convert_tokens_to_ids(token))
         return init_model(hf, rngs=nnx.Rngs(int(self.cfg.get("seed", 0))), dtype=dtype)
 
     def load_latest(self, model, *, newer_than: int = -1) -> int | None:

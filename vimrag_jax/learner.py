@@ -6,6 +6,11 @@
 wrap the same pure `update`), batch placement, and conversion of a host batch from the grain
 pipeline into the arrays the loss reads. `vimrag_jax.train` drives phases with it.
 
+A Qwen3-VL policy (a model with `prepare_prefill`) trains on its segments' images and videos:
+its batches must carry the vision inputs of `sampling.logprobs.VISUAL_KEYS` (the pipeline's
+`data.vision.VisualInputs` stage adds them), which the update, the frozen reference policy
+and the recomputed old log-probs all read. A text-only policy ignores them.
+
 Checkpoints always hold the mesh-layout state (a pmap learner saves device 0's copy and
 replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"` on resume.
 """
@@ -26,6 +31,7 @@ from vimrag_jax.checkpointing import Checkpointer, abstract_train_state
 from vimrag_jax.parallel import step as step_lib
 from vimrag_jax.parallel.sharding import batch_shardings
 from vimrag_jax.rl.losses import LossConfig
+from vimrag_jax.sampling.logprobs import VISUAL_KEYS, VISUAL_TOKEN_KEYS
 
 # The host batch keys the update reads; the pipeline's extra keys (segment index, policy
 # version, visual references) stay on the host.
@@ -44,16 +50,24 @@ LOSS_KEYS = (
 )
 
 
-def loss_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of a pipeline batch the loss reads (a KeyError names a missing one)."""
-    missing = [key for key in LOSS_KEYS if key not in batch]
+def loss_inputs(batch: Mapping[str, np.ndarray], *, visual: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of a pipeline batch the loss reads (a KeyError names a missing one); with
+    ``visual`` (a Qwen3-VL policy) also the segments' vision inputs (`VISUAL_KEYS`)."""
+    keys = LOSS_KEYS + (VISUAL_KEYS if visual else ())
+    missing = [key for key in keys if key not in batch]
     if missing:
-        raise KeyError(f"the input batch lacks {missing}; it has {sorted(batch)}")
-    return {key: np.asarray(batch[key]) for key in LOSS_KEYS}
+        hint = ""
+        if visual and set(missing) & set(VISUAL_KEYS):
+            hint = (
+                " (a vision-language policy needs the pipeline's visual stage: "
+                "data.vision.visual_stage / VisualInputs with the model config)"
+            )
+        raise KeyError(f"the input batch lacks {missing}{hint}; it has {sorted(batch)}")
+    return {key: np.asarray(batch[key]) for key in keys}
 
 
-# Loss inputs with a token axis (trimmed together by `trim_tokens`).
-TOKEN_AXIS_KEYS = ("tokens", "loss_mask", "behavior_logprobs")
+# Loss inputs with a token axis, the last one (trimmed together by `trim_tokens`).
+TOKEN_AXIS_KEYS = ("tokens", "loss_mask", "behavior_logprobs", *VISUAL_TOKEN_KEYS)
 
 
 def trim_tokens(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
@@ -74,7 +88,7 @@ def trim_tokens(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.n
     needed = int(used[-1]) + 1 if used.size else 1
     length = min(full, -(-needed // bucket) * bucket)
     return {
-        key: (value[:, :length] if key in TOKEN_AXIS_KEYS else value)
+        key: (value[..., :length] if key in TOKEN_AXIS_KEYS else value)
         for key, value in inputs.items()
     }
 
@@ -124,7 +138,10 @@ class Learner:
         self.abstract = abstract_train_state(model_fn, optimizer, mesh)
         self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
         with nnx.use_eager_sharding(False):
-            self.graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+            abstract_model = nnx.eval_shape(model_fn)
+            self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+        # A vision-language policy reads each segment's images and videos.
+        self.takes_visuals = hasattr(abstract_model, "prepare_prefill")
         self.state: step_lib.TrainState | None = None
         self._step_fn: Callable | None = None
         self._batch_shardings: Any = None
@@ -132,8 +149,8 @@ class Learner:
         # this phase started from, kept in the mesh layout.
         self.ref_params: nnx.State | None = None
         self._ref_fn = jax.jit(
-            lambda params, tokens: step_lib.policy_logprobs(
-                nnx.merge(self.graphdef, params), tokens
+            lambda params, tokens, visual=None: step_lib.policy_logprobs(
+                nnx.merge(self.graphdef, params), tokens, visual
             )
         )
 
@@ -203,11 +220,20 @@ class Learner:
         if self.loss_config.kl_coef > 0:
             self.ref_params = jax.tree.map(lambda x: x.copy(), self.params())
 
-    def reference_logprobs(self, tokens: np.ndarray) -> np.ndarray:
-        """`float32[B, L]` log-probs of `tokens` under the frozen reference policy."""
+    def reference_logprobs(
+        self, tokens: np.ndarray, visual: Mapping[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """`float32[B, L]` log-probs of `tokens` under the frozen reference policy (with the
+        segments' vision inputs `visual` for a vision-language policy)."""
         if self.ref_params is None:
             raise RuntimeError("no reference policy: loss.kl_coef is 0")
-        return np.asarray(jax.device_get(self._ref_fn(self.ref_params, tokens)))
+        return np.asarray(jax.device_get(self._ref_fn(self.ref_params, tokens, visual)))
+
+    def _visual(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The vision inputs of loss inputs (None for a text-only policy)."""
+        if not self.takes_visuals:
+            return None
+        return {key: inputs[key] for key in VISUAL_KEYS}
 
     def _set_state(self, state: step_lib.TrainState) -> None:
         if self.step_kind == "pmap":
@@ -239,12 +265,13 @@ class Learner:
         """One update on a host batch; returns host float metrics incl. `step_time_s`."""
         if self.state is None:
             raise RuntimeError("the learner has no state yet: call initialize() or restore()")
-        inputs = trim_tokens(loss_inputs(batch), self.length_bucket)
+        inputs = trim_tokens(loss_inputs(batch, visual=self.takes_visuals), self.length_bucket)
+        visual = self._visual(inputs)
         if self.ref_params is not None:
-            inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"])
+            inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"], visual)
         if self.loss_config.old_logprobs == "recompute":  # the policy before this update
             inputs["old_logprobs"] = np.asarray(
-                jax.device_get(self._ref_fn(self.params(), inputs["tokens"]))
+                jax.device_get(self._ref_fn(self.params(), inputs["tokens"], visual))
             )
         if self._step_fn is None:
             self._compile(inputs)

@@ -16,6 +16,8 @@ Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +34,12 @@ from ml_collections import config_flags
 
 from vimrag_jax import config_checks, distributed, optim, publish
 from vimrag_jax.checkpointing import Checkpointer, run_metadata
-from vimrag_jax.data.pipeline import PolicyVersion, make_pipeline, options_from_config
+from vimrag_jax.data.pipeline import (
+    PolicyVersion,
+    make_pipeline,
+    options_from_config,
+    visual_stage_from_config,
+)
 from vimrag_jax.data.pipeline import pipeline_metrics as read_pipeline_counters
 from vimrag_jax.learner import Learner, batch_token_counts
 from vimrag_jax.metrics import MetricWriter
@@ -56,11 +63,11 @@ class NoRolloutData(RuntimeError):
     """No trajectory arrived for ``data.max_wait_s`` seconds."""
 
 
-def _dropped(data_state: dict) -> str:
-    """What the pipeline has read and thrown away, for a learner that waits in vain (a
-    policy whose every group got one reward, under ``data.skip_uniform_groups``, starves it
-    as surely as a dead worker)."""
-    c = read_pipeline_counters(data_state)
+def _dropped(counters: dict[str, int]) -> str:
+    """What the pipeline has read and thrown away (``PipelineOptions.progress``), for a learner
+    that waits in vain: a policy whose every group got one reward, under
+    ``data.skip_uniform_groups``, starves it as surely as a dead worker does."""
+    c = collections.defaultdict(int, counters)
     return (
         f"records read so far {c['records_read']}, dropped: {c['stale_records']} stale, "
         f"{c['uniform_records']} in groups with one reward for all, "
@@ -169,7 +176,14 @@ class Trainer:
     # --- shared pieces ----------------------------------------------------------------
 
     def _batches(self, options, data_state: dict | None):
-        dataset = make_pipeline(options, prefetch=int(self.cfg.data.prefetch))
+        # A vision-language policy's segments carry their images and videos (None: text only).
+        visual = visual_stage_from_config(
+            self.cfg,
+            self.model_fn,
+            self.experiment.store,
+            self.experiment.rollout_config().max_visual_patches,
+        )
+        dataset = make_pipeline(options, visual_inputs=visual, prefetch=int(self.cfg.data.prefetch))
         iterator = iter(dataset)
         if data_state:
             iterator.set_state(data_state)
@@ -354,6 +368,7 @@ class Trainer:
             current_version=current,
             skip_uniform_groups=bool(cfg.data.skip_uniform_groups),
         )
+        options = dataclasses.replace(options, progress={})
         workers = LocalWorkers(
             self.config_flags,
             self.workdir,
@@ -374,7 +389,7 @@ class Trainer:
                     if waited > float(cfg.data.max_wait_s):
                         raise NoRolloutData(
                             f"no trainable rollout arrived in {directory} for {waited:.0f} s "
-                            f"(data.max_wait_s); {_dropped(iterator.get_state())}. Are the "
+                            f"(data.max_wait_s); {_dropped(options.progress)}. Are the "
                             "rollout workers running?"
                         ) from None
                     logging.info("waiting for rollouts in %s (%.0f s)", directory, waited)

@@ -23,6 +23,11 @@ One step, for every live episode at once:
    so nothing is ever truncated.
 2. **Generate.** All prompts go to ``backend.generate`` in one call. Backends that declare
    ``wants_contexts = True`` (the scripted policies) also receive one ``RowContext`` per prompt.
+   Backends with ``takes_prefill_inputs`` true (the KV-cache sampler over a Qwen3-VL policy)
+   also receive each prompt's images and videos as ``prefill_inputs``: the processor-style
+   arrays ``data.vision.VisualPatches`` builds from the prompt's visual references, the very
+   references the record stores as ``segment_visuals``, so the learner rebuilds the same
+   pixels. Text-only backends get token ids only.
 3. **Act.** Each completion is parsed (``protocol.parse_action``) and checked against the graph
    (parents exist, ids new, search/memorize alternation, every retrieved item memorized, room
    left). Valid actions update the host mirror (ids and text, which JAX cannot hold) and are
@@ -59,9 +64,10 @@ import numpy as np
 from vimrag_jax.agent import graph_ops, prompts
 from vimrag_jax.agent.graph_ops import ActionKind
 from vimrag_jax.agent.protocol import ROOT_ID, Action, parse_action
+from vimrag_jax.data.vision import VisualPatches
 from vimrag_jax.envs import scripted
 from vimrag_jax.envs.rewards import outcome_reward
-from vimrag_jax.memory.energy import TOTAL_PIXELS, smart_resize
+from vimrag_jax.memory.energy import PIXELS_PER_TOKEN, TOTAL_PIXELS, smart_resize
 from vimrag_jax.memory.graph import Modality
 from vimrag_jax.retrieval.corpus import CorpusStore, ItemInfo
 from vimrag_jax.rollout.records import RecordDims, blank_record
@@ -202,6 +208,31 @@ class RolloutConfig:
     @property
     def max_prompt_tokens(self) -> int:
         return self.max_segment_tokens - self.max_new_tokens
+
+    @property
+    def observation_pixels(self) -> int:
+        """The pixel budget of one retrieved image (a video splits it over its frames)."""
+        return max(self.total_pixels // max(self.top_k, 1), PIXELS_PER_TOKEN)
+
+    @property
+    def max_visual_patches(self) -> int:
+        """An upper bound on the patch rows (16-px patches of a 2-frame temporal patch; a
+        merged visual token is 4) of one prompt's images and videos: the learner's
+        ``data.vision.VisualInputs`` cap when the config sets no ``data.max_patches``.
+
+        VimRAG shows its visual memory (at most ``total_pixels`` in all) plus one retrieval
+        observation (``retrieval_top_k`` items of ``observation_pixels`` each); a video's
+        frames pair up, so its patches are at most its pixels / 256 as an image's are. The
+        slack covers the one-token minimum of small items and odd frame counts. The
+        baselines may show up to ``max_visuals`` references of any budget.
+        """
+        minimum = 4 * (self.max_nodes * self.max_items * (self.max_keyframes + 1))
+        minimum += 4 * self.retrieval_top_k * prompts.MAX_VIDEO_FRAMES
+        if self.agent == "vimrag":
+            pixels = self.total_pixels + self.retrieval_top_k * self.observation_pixels
+        else:
+            pixels = self.max_visuals * max(self.total_pixels, self.observation_pixels)
+        return -(-(pixels // 256 + minimum) // 4) * 4
 
 
 class QuestionLike(Protocol):
@@ -372,7 +403,11 @@ class VimRAGAgent:
         self._updater = graph_ops.turn_updater(
             config.budget, config.lam, config.gamma, config.total_pixels, config.top_k
         )
-        self._observation_pixels = max(config.total_pixels // max(config.top_k, 1), 1024)
+        self._observation_pixels = config.observation_pixels
+        # Pixels for a backend whose model sees images and videos (None: token ids only).
+        self.visual_patches: VisualPatches | None = None
+        if getattr(backend, "takes_prefill_inputs", False):
+            self.visual_patches = VisualPatches.from_store(store)
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -460,6 +495,8 @@ class VimRAGAgent:
         )
         if getattr(self.backend, "wants_contexts", False):
             kwargs["contexts"] = [self.context(episodes[r]) for r, _, _ in ready]
+        if self.visual_patches is not None:
+            kwargs["prefill_inputs"] = [self.prefill_inputs(x.visuals) for _, x, _ in ready]
         began = time.perf_counter()
         completions = self.backend.generate([p for _, _, p in ready], **kwargs)
         stats.generate_s += time.perf_counter() - began
@@ -506,6 +543,14 @@ class VimRAGAgent:
         self._fill_tokens(buffers, searches, summaries)
         graphs, new_budgets = self._updater(graphs, graph_ops.pack_actions(buffers))
         return graphs, np.asarray(new_budgets)
+
+    def prefill_inputs(self, visuals: Sequence[prompts.VisualRef]) -> dict[str, np.ndarray] | None:
+        """A prompt's images and videos for the backend (None for a text-only prompt), built
+        from the references the record keeps as the segment's ``segment_visuals``."""
+        if not visuals or self.visual_patches is None:
+            return None
+        refs = np.array([ref.as_row() for ref in visuals], np.int64)
+        return self.visual_patches.prompt_inputs(refs)
 
     # -- prompts ---------------------------------------------------------------------------------
 

@@ -8,10 +8,11 @@ padded batches (`segments.stack_rows`). Its state is the `shards.Ledger` of the 
 returned, so ``get_state()`` / ``set_state()`` resume without repeating or skipping a
 segment, even when a trajectory's segments straddle batches.
 
-`make_pipeline` adds the optional visual stage (`vision.VisualInputs`) and grain's thread
-prefetch. Everything runs in threads of the learner process (no grain worker processes, the
-equivalent of ``worker_count=0``): decoding is cheap next to a learner step, and the
-iterator's ledger is not sliceable across processes.
+`make_pipeline` adds the optional visual stage (`vision.VisualInputs`; for a vision-language
+policy `visual_stage_from_config` builds it) and grain's thread prefetch. Everything runs in
+threads of the learner process (no grain worker processes, the equivalent of
+``worker_count=0``): decoding is cheap next to a learner step, and the iterator's ledger is
+not sliceable across processes.
 
 Following a directory: when no unread shard exists, the iterator polls every
 ``poll_interval_s``; after ``idle_timeout_s`` without progress it returns the partial batch
@@ -67,6 +68,9 @@ class PipelineOptions:
     rollouts all got the same reward; its advantages are all 0, so it adds nothing to the
     policy gradient but dilutes the batch (DAPO's dynamic sampling). ``process_index`` /
     ``process_count`` default to ``jax.process_index()`` / ``jax.process_count()``.
+    ``progress``: a dict the reader keeps equal to its counters as it reads — ahead of
+    ``get_state()``, which (through a prefetch thread too) describes the last batch handed
+    out; for messages about a learner that waits, never for checkpoints.
     """
 
     directory: str | Path
@@ -81,6 +85,7 @@ class PipelineOptions:
     skip_uniform_groups: bool = False
     process_index: int | None = None
     process_count: int | None = None
+    progress: dict[str, int] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.dims, RecordDims):
@@ -182,6 +187,7 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         self._pending.clear()
         self._live = self._emitted = ledger
         self._resume = None
+        self._report()
 
     def close(self) -> None:
         self._close_reader()
@@ -194,6 +200,11 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         for key, value in increments.items():
             counters[key] += value
         self._live = dataclasses.replace(self._live, counters=counters)
+        self._report()
+
+    def _report(self) -> None:
+        if self._opt.progress is not None:
+            self._opt.progress.update(self._live.counters)
 
     def _move(self, cursor: Cursor | None) -> None:
         self._live = dataclasses.replace(self._live, cursor=cursor)
@@ -380,3 +391,30 @@ def options_from_config(
         advantage=advantage,
         skip_uniform_groups=skip_uniform_groups,
     )
+
+
+def visual_stage_from_config(
+    cfg: Any, model_fn: Callable[[], Any], store: Any, max_patches: int
+) -> Callable[[dict[str, np.ndarray]], dict[str, Any]] | None:
+    """The learner's visual stage for the policy ``model_fn`` builds: a `vision.VisualInputs`
+    with the model's config for a vision-language policy (a model with ``prepare_prefill``),
+    None for a text-only one.
+
+    Pixels are read from the corpus ``store``'s directory through a store of the stage's own
+    (the stage runs in the prefetch thread; the learner's evaluation reads the same corpus
+    from the main thread). The patch cap is ``data.max_patches`` when the config sets it,
+    else ``max_patches`` (e.g. ``RolloutConfig.max_visual_patches``).
+    """
+    from flax import nnx
+
+    from vimrag_jax.data.vision import visual_stage
+    from vimrag_jax.retrieval.corpus import CorpusStore
+
+    with nnx.use_eager_sharding(False):  # shapes only: no weights, no mesh
+        model = nnx.eval_shape(model_fn)
+    if not hasattr(model, "prepare_prefill"):
+        return None
+    data = cfg.get("data")
+    configured = int(data.get("max_patches", 0) or 0) if data is not None else 0
+    pixels = CorpusStore.open(store.directory, store.embedder)
+    return visual_stage(model, pixels, max_patches=configured or int(max_patches))

@@ -1,4 +1,4 @@
-"""Pixels for the learner: rebuild each segment's images as Qwen3-VL's image processor does.
+"""Pixels of a prompt's images and videos, made as Qwen3-VL's processors make them.
 
 A record stores each segment's visual inputs as references (corpus item id, frame index,
 resized height, width; SPEC §6). Given the corpus loader, `image_patches` turns one into the
@@ -6,8 +6,7 @@ resized height, width; SPEC §6). Given the corpus loader, `image_patches` turns
 (``Qwen2VLImageProcessorPil`` with patch 16, mean = std = 0.5) produces for the same image
 resized to that size: PIL bicubic resize of the uint8 image, rescale by 1/255 in float64
 then float32, normalise in float32, temporal patch 2 by repeating the frame, 16 px patches
-ordered in 2×2 merge blocks. Each reference is one image (a video keyframe included, chosen
-by its frame index).
+ordered in 2×2 merge blocks.
 
 The video path is `video_patches` / `video_inputs`: the frames of one video item become
 ``pixel_values_videos`` rows and one ``video_grid_thw`` row as transformers'
@@ -18,19 +17,32 @@ count repeats the last frame), patches in the same 2×2 merge-block order. A vid
 ``F`` frames gives ``grid_t = ceil(F / 2)``: as many ``<t seconds>`` blocks as
 ``prompts.video_placeholder`` writes, each of ``h·w / 32²`` video tokens.
 
-`VisualInputs` is the pipeline stage: it adds ``pixel_values float32[B, P, 1536]``,
-``pixel_valid bool[B, P]`` and ``image_grid_thw int32[B, V, 3]`` to a batch, with each row's
-patches padded to a static ``max_patches`` (P). Leave it out for a text-only policy.
+`VisualPatches` turns a prompt's references into its images and videos (`group_refs`: an
+image reference is one image, consecutive frames of one video item at one size are one video)
+and their patches, with a small cache. It serves both sides: the agent loop hands the sampler
+each prompt's processor-style arrays (`VisualPatches.prompt_inputs`: ``pixel_values`` /
+``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw``), and the learner's
+pipeline stage `VisualInputs` builds each segment's pixels from the same references in the
+record, so the learner sees exactly the pixels the sampler saw.
+
+`VisualInputs` adds each segment's patches (images and videos in placeholder order) padded to
+a patch bucket, and, given the Qwen3-VL config, the vision tower's tables, the MRoPE
+positions and the placeholder-to-feature index the learner's forward pass reads
+(`segment_model_inputs`). `visual_stage` builds it for a policy (None for a text-only one).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vimrag_jax.models.mrope import IMAGE, TEXT, VIDEO, rope_index
+from vimrag_jax.models.qwen3_vl_vision import VisionTables, vision_tables
 
 PATCH_SIZE = 16
 TEMPORAL_PATCH_SIZE = 2
@@ -40,6 +52,7 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1536
 
 LoadVisual = Callable[[int, int], np.ndarray]
+ModalityOf = Callable[[int], str]
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -145,69 +158,298 @@ def num_patches(height: int, width: int) -> int:
     return (height // PATCH_SIZE) * (width // PATCH_SIZE)
 
 
-class VisualInputs:
-    """Pipeline stage adding each segment's pixels to a batch (see the module docstring).
+# --- a prompt's visual references -> images and videos ---------------------------------------
 
-    ``load_visual(item_id, frame) -> uint8[H, W, 3]`` reads the corpus. The last
-    ``cache_size`` patchified images are kept, since consecutive segments of a trajectory
-    mostly show the same memory bank.
+
+@dataclasses.dataclass(frozen=True)
+class VisualItem:
+    """One image or video of a prompt (in placeholder order) with its Qwen3-VL patches.
+
+    ``refs`` are its ``segment_visuals`` rows (one for an image, one per fed frame for a
+    video); ``patches`` are ``float32[t·gh·gw, 1536]`` and ``grid`` is ``(t, gh, gw)``.
     """
 
-    def __init__(self, load_visual: LoadVisual, *, max_patches: int, cache_size: int = 256):
-        if max_patches < 1:
-            raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+    modality: str
+    refs: tuple[tuple[int, int, int, int], ...]
+    patches: np.ndarray
+    grid: tuple[int, int, int]
+
+
+def group_refs(refs: np.ndarray, modality_of: ModalityOf) -> list[tuple[str, np.ndarray]]:
+    """A prompt's visual references ``int[V, 4]`` (placeholder order) as its images and videos.
+
+    An image reference is one image. Consecutive references to frames of one video item at
+    one size are one video: ``prompts.video_placeholder`` writes a video's frames as
+    consecutive pairs, so a run always holds whole pairs (two adjacent placeholders of the
+    same video at the same size form one run, which gives the same patches, grid rows and
+    placeholder tokens as two). ``modality_of(item_id)`` says ``"image"`` or ``"video"``.
+    Raises ValueError for malformed references or an item that is not an image or video.
+    """
+    refs = np.asarray(refs)
+    if refs.size == 0:
+        return []
+    if refs.ndim != 2 or refs.shape[1] != 4 or not np.issubdtype(refs.dtype, np.integer):
+        raise ValueError(f"visual references must be int[V, 4], got {refs.dtype}{list(refs.shape)}")
+    groups: list[tuple[str, list[np.ndarray]]] = []
+    for ref in refs:
+        item = int(ref[0])
+        modality = modality_of(item)
+        if modality not in ("image", "video"):
+            raise ValueError(
+                f"a visual reference names item {item}, which is a {modality!r} item, not an "
+                "image or video"
+            )
+        if modality == "video" and groups:
+            kind, last = groups[-1]
+            if kind == "video" and last[-1][0] == item and tuple(last[-1][2:]) == tuple(ref[2:]):
+                last.append(ref)
+                continue
+        groups.append((modality, [ref]))
+    return [(kind, np.stack(rows)) for kind, rows in groups]
+
+
+class VisualPatches:
+    """Patches of a prompt's images and videos, shared by the rollout and learner sides.
+
+    The sampler (through the agent loop) and the learner's `VisualInputs` stage both build
+    their pixels here from the same ``segment_visuals`` references, so the learner sees
+    exactly the pixels the sampler saw. ``load_visual(item_id, frame) -> uint8[H, W, 3]``
+    reads the corpus; ``modality_of(item_id)`` names an item's modality. The last
+    ``cache_size`` images / videos are kept, since consecutive prompts of an episode mostly
+    show the same memory bank.
+    """
+
+    def __init__(self, load_visual: LoadVisual, modality_of: ModalityOf, *, cache_size: int = 256):
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self._load = load_visual
-        self.max_patches = max_patches
-        self._cache: collections.OrderedDict[tuple[int, ...], tuple[np.ndarray, tuple]] = (
-            collections.OrderedDict()
-        )
+        self._modality_of = modality_of
+        self._cache: collections.OrderedDict[tuple, VisualItem] = collections.OrderedDict()
         self._cache_size = cache_size
 
-    def _patches(self, item: int, frame: int, height: int, width: int):
-        key = (item, frame, height, width)
+    @classmethod
+    def from_store(cls, store: Any, *, cache_size: int = 256) -> VisualPatches:
+        """Over a ``retrieval.corpus.CorpusStore`` (``load_visual`` and ``item().modality``)."""
+        return cls(store.load_visual, lambda item: store.item(item).modality, cache_size=cache_size)
+
+    def _item(self, modality: str, refs: np.ndarray) -> VisualItem:
+        key = (modality, tuple(tuple(int(v) for v in ref) for ref in refs))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        value = image_patches(self._load(item, frame), height, width)
-        self._cache[key] = value
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if modality == "image":
+            ((item, frame, height, width),) = key[1]
+            patches, grid = image_patches(self._load(item, frame), height, width)
+        else:
+            patches, grid = video_inputs(self._load, refs)
+        value = VisualItem(modality, key[1], patches, tuple(int(g) for g in grid))
+        if self._cache_size:
+            self._cache[key] = value
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return value
 
-    def segment(
-        self, visuals: np.ndarray, visual_valid: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(pixel_values[P, 1536], pixel_valid[P], image_grid_thw[V, 3])`` of one segment."""
-        pixel_values = np.zeros((self.max_patches, PATCH_DIM), np.float32)
-        grid_thw = np.zeros((len(visuals), 3), np.int32)
-        used = 0
-        for v, (item, frame, height, width) in enumerate(np.asarray(visuals).tolist()):
-            if not visual_valid[v]:
-                continue
-            patches, grid = self._patches(item, frame, height, width)
-            if used + len(patches) > self.max_patches:
-                raise ValueError(
-                    f"a segment's images need more than max_patches = {self.max_patches} patches; "
-                    "raise max_patches to at least the largest total pixel budget / 256"
-                )
-            pixel_values[used : used + len(patches)] = patches
-            grid_thw[v] = grid
-            used += len(patches)
-        return pixel_values, np.arange(self.max_patches) < used, grid_thw
+    def items(self, refs: np.ndarray) -> list[VisualItem]:
+        """The images and videos of references ``int[V, 4]``, in placeholder order."""
+        return [self._item(kind, rows) for kind, rows in group_refs(refs, self._modality_of)]
+
+    def prompt_inputs(self, refs: np.ndarray) -> dict[str, np.ndarray]:
+        """The Qwen3-VL processor's arrays for one prompt's references: ``pixel_values`` and
+        ``image_grid_thw`` of its images, ``pixel_values_videos`` and ``video_grid_thw`` of
+        its videos (keys only for the modalities present; ``{}`` for a text-only prompt). The
+        sampler's ``prefill_inputs`` take one such mapping per prompt."""
+        out: dict[str, np.ndarray] = {}
+        items = self.items(refs)
+        for modality, pixels_key, grid_key in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
+            chosen = [item for item in items if item.modality == modality]
+            if chosen:
+                out[pixels_key] = np.concatenate([item.patches for item in chosen])
+                out[grid_key] = np.array([item.grid for item in chosen], np.int64)
+        return out
+
+
+# --- the learner's pipeline stage ---------------------------------------------------------
+
+
+class VisualInputs:
+    """Pipeline stage adding each segment's pixels (and, for a model, its vision inputs).
+
+    Per batch row (segment) it looks up the images and videos of ``segment_visuals`` with
+    `VisualPatches` and adds:
+
+    - ``pixel_values float32[B, P, 1536]``: the row's image and video patches in placeholder
+      order, zero-padded to ``P`` rows; ``pixel_valid bool[B, P]``;
+    - ``visual_grid_thw int32[B, V, 3]``: each image's / video's grid in placeholder order,
+      zero rows after.
+
+    With ``model_config`` (a ``Qwen3VLConfig``) it also adds what the learner's forward pass
+    (``sampling.logprobs.visual_sequence_logprobs``) reads, all built on the host here:
+
+    - ``vision_interp_index int32[B, P, 4]``, ``vision_interp_weight float32[B, P, 4]``,
+      ``vision_rotary_hw int32[B, P, 2]``, ``vision_segment int32[B, P]``: the vision
+      tower's tables of each row's patches (``qwen3_vl_vision.vision_tables``; padding rows
+      have segment -1);
+    - ``position_ids int32[B, 3, L]``: MRoPE positions of the row's tokens (``rope_index``);
+    - ``visual_token_index int32[B, L]``: for each image / video placeholder token of the
+      prompt, its row among the row's merged visual tokens; -1 for every other token.
+      Placeholder ids inside the sampled tokens are text, as the sampler fed them.
+
+    ``P`` is the smallest power of two (at least 64) that holds the batch's largest row,
+    capped at ``max_patches`` (so a few shapes compile); with ``bucketed=False`` it is always
+    ``max_patches``. A row needing more than ``max_patches`` patches raises ValueError, as
+    does a prompt whose placeholders do not match its references. Leave the stage out for
+    a text-only policy.
+    """
+
+    def __init__(
+        self,
+        patches: VisualPatches,
+        *,
+        max_patches: int,
+        model_config: Any | None = None,
+        bucketed: bool = True,
+    ):
+        unit = MERGE_SIZE * MERGE_SIZE
+        if max_patches < unit or max_patches % unit:
+            raise ValueError(
+                f"max_patches must be a positive multiple of {unit}, got {max_patches}"
+            )
+        self.patches = patches
+        self.max_patches = int(max_patches)
+        self.model_config = model_config
+        self.bucketed = bucketed
+
+    def patch_rows(self, needed: int) -> int:
+        """``P`` for a batch whose largest row needs ``needed`` patches."""
+        if needed > self.max_patches:
+            raise ValueError(
+                f"a segment's images and videos need {needed} patches, more than max_patches = "
+                f"{self.max_patches}; raise max_patches (data.max_patches) to at least the "
+                "largest number of pixels a prompt shows / 256"
+            )
+        if not self.bucketed:
+            return self.max_patches
+        return min(self.max_patches, max(64, 1 << max(needed - 1, 0).bit_length()))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        rows = len(batch["segment_valid"])
-        visuals_valid = batch["segment_visual_valid"] & batch["segment_valid"][:, None]
-        pixel_values = np.zeros((rows, self.max_patches, PATCH_DIM), np.float32)
-        pixel_valid = np.zeros((rows, self.max_patches), bool)
-        grid_thw = np.zeros((rows, visuals_valid.shape[1], 3), np.int32)
-        for row in np.flatnonzero(visuals_valid.any(axis=1)):
-            pixel_values[row], pixel_valid[row], grid_thw[row] = self.segment(
-                batch["segment_visuals"][row], visuals_valid[row]
-            )
-        return {
+        visuals = np.asarray(batch["segment_visuals"])
+        valid = (
+            np.asarray(batch["segment_visual_valid"], bool)
+            & np.asarray(batch["segment_valid"], bool)[:, None]
+        )
+        rows, refs = valid.shape
+        items = [self.patches.items(visuals[row][valid[row]]) for row in range(rows)]
+        used = [sum(len(item.patches) for item in row_items) for row_items in items]
+        size = self.patch_rows(max(used, default=0))
+        pixel_values = np.zeros((rows, size, PATCH_DIM), np.float32)
+        grid_thw = np.zeros((rows, refs, 3), np.int32)
+        for row, row_items in enumerate(items):
+            if row_items:
+                pixel_values[row, : used[row]] = np.concatenate([i.patches for i in row_items])
+                grid_thw[row, : len(row_items)] = [item.grid for item in row_items]
+        out = {
             **batch,
             "pixel_values": pixel_values,
-            "pixel_valid": pixel_valid,
-            "image_grid_thw": grid_thw,
+            "pixel_valid": np.arange(size)[None, :] < np.asarray(used)[:, None],
+            "visual_grid_thw": grid_thw,
         }
+        if self.model_config is not None:
+            out.update(self._model_inputs(batch, items, size))
+        return out
+
+    def _model_inputs(
+        self, batch: Mapping[str, np.ndarray], items: list[list[VisualItem]], size: int
+    ) -> dict[str, np.ndarray]:
+        tokens = np.asarray(batch["tokens"])
+        loss_mask = np.asarray(batch["loss_mask"], bool)
+        rows, length = tokens.shape
+        out = {
+            "vision_interp_index": np.zeros((rows, size, 4), np.int32),
+            "vision_interp_weight": np.zeros((rows, size, 4), np.float32),
+            "vision_rotary_hw": np.zeros((rows, size, 2), np.int32),
+            "vision_segment": np.full((rows, size), -1, np.int32),
+            "position_ids": np.broadcast_to(
+                np.arange(length, dtype=np.int32), (rows, 3, length)
+            ).copy(),
+            "visual_token_index": np.full((rows, length), -1, np.int32),
+        }
+        for row, row_items in enumerate(items):
+            sampled = np.flatnonzero(loss_mask[row])
+            prompt_length = int(sampled[0]) if sampled.size else length
+            try:
+                positions, index, tables = segment_model_inputs(
+                    self.model_config, tokens[row], prompt_length, row_items, size
+                )
+            except ValueError as err:
+                raise ValueError(f"batch row {row}: {err}") from None
+            out["position_ids"][row] = positions
+            out["visual_token_index"][row] = index
+            if tables is not None:
+                out["vision_interp_index"][row] = tables.interp_index
+                out["vision_interp_weight"][row] = tables.interp_weight
+                out["vision_rotary_hw"][row] = tables.rotary_hw
+                out["vision_segment"][row] = tables.segment
+        return out
+
+
+def segment_model_inputs(
+    config: Any, tokens: np.ndarray, prompt_length: int, items: list[VisualItem], size: int
+) -> tuple[np.ndarray, np.ndarray, VisionTables | None]:
+    """One segment's MRoPE ``positions int[3, L]``, ``visual_token_index int[L]`` and vision
+    tables padded to ``size`` patches (None without images or videos).
+
+    ``config`` is a ``Qwen3VLConfig``; only the image / video placeholder tokens among the
+    first ``prompt_length`` tokens (the prompt) take visual features, as in the sampler,
+    which feeds every sampled token as text. Raises ValueError when the placeholders do not
+    match the items' grids.
+    """
+    tokens = np.asarray(tokens)
+    length = tokens.shape[0]
+    types = np.full((length,), TEXT, np.int64)
+    prompt = np.arange(length) < prompt_length
+    types[prompt & (tokens == config.image_token_id)] = IMAGE
+    types[prompt & (tokens == config.video_token_id)] = VIDEO
+    placeholders = np.flatnonzero(types != TEXT)
+    merged = sum(len(item.patches) for item in items) // config.vision.merge_unit
+    if len(placeholders) != merged:
+        raise ValueError(
+            f"the prompt holds {len(placeholders)} image/video placeholder tokens but its "
+            f"{len(items)} visual inputs give {merged} visual tokens"
+        )
+    index = np.full((length,), -1, np.int32)
+    index[placeholders] = np.arange(len(placeholders), dtype=np.int32)
+    if not items:
+        return np.broadcast_to(np.arange(length), (3, length)).astype(np.int32), index, None
+    grids = {
+        modality: np.array([item.grid for item in items if item.modality == modality], np.int64)
+        for modality in ("image", "video")
+    }
+    positions, _ = rope_index(
+        tokens[None],
+        types[None],
+        grids["image"] if len(grids["image"]) else None,
+        grids["video"] if len(grids["video"]) else None,
+        spatial_merge_size=config.vision.spatial_merge_size,
+    )
+    tables = vision_tables(
+        np.array([item.grid for item in items], np.int64), config.vision, pad_to=size
+    )
+    return positions[:, 0].astype(np.int32), index, tables
+
+
+def visual_stage(
+    model: Any, store: Any, *, max_patches: int, bucketed: bool = True
+) -> VisualInputs | None:
+    """The learner's `VisualInputs` for ``model`` (None for a text-only policy: a model
+    without ``prepare_prefill``), reading pixels from the corpus ``store``."""
+    if not hasattr(model, "prepare_prefill"):
+        return None
+    return VisualInputs(
+        VisualPatches.from_store(store),
+        max_patches=max_patches,
+        model_config=model.config,
+        bucketed=bucketed,
+    )

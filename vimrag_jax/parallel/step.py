@@ -4,6 +4,11 @@
 pjit step runs it on the global batch under a mesh (GSPMD inserts the collectives); the pmap step
 runs it per device on a slice of the batch with `axis_name` set, so the loss denominator, the
 gradients and the metrics are summed explicitly. Both wrap the same function so they cannot drift.
+
+A Qwen3-VL policy's batch also carries each segment's vision inputs (`VISUAL_KEYS`, built on
+the host by `vimrag_jax.data.vision.VisualInputs`); the loss forward then runs the policy on
+the segments' images and videos (`visual_sequence_logprobs`). Every such array has the segment
+axis first, so both steps split it like the rest of the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
 from vimrag_jax.rl.losses import LossConfig, num_valid_segments, policy_objective
 from vimrag_jax.rl.stats import reduce_stats, to_scalars
-from vimrag_jax.sampling.logprobs import sequence_logprobs
+from vimrag_jax.sampling.logprobs import VISUAL_KEYS, sequence_logprobs, visual_sequence_logprobs
 
 Batch = dict[str, jax.Array]
 PMAP_AXIS = "data"
@@ -37,15 +42,40 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def policy_logprobs(policy: nnx.Module, tokens_bl: jax.Array) -> jax.Array:
+def policy_logprobs(
+    policy: nnx.Module, tokens_bl: jax.Array, visual: dict[str, jax.Array] | None = None
+) -> jax.Array:
     """`float32[B, L]` per-token log-probs of `tokens` under `policy` (0 at t = 0).
 
-    Models with `hidden_states` / `head_weight` (Qwen3) go through the sampler's memory-lean
+    With `visual` (the `VISUAL_KEYS` arrays of the segments), a Qwen3-VL policy sees each
+    segment's images and videos (`visual_sequence_logprobs`, memory-lean). Otherwise models
+    with `hidden_states` / `head_weight` (Qwen3) go through the sampler's memory-lean
     `sequence_logprobs` (no `[B, L, V]` logits); others through their logits.
     """
+    if visual is not None:
+        if not hasattr(policy, "visual"):
+            raise ValueError(
+                f"visual inputs were given for a {type(policy).__name__}, which has no vision "
+                "tower; leave the visual stage out of a text-only policy's pipeline"
+            )
+        return visual_sequence_logprobs(policy, tokens_bl, visual)
     if hasattr(policy, "hidden_states") and hasattr(policy, "head_weight"):
         return sequence_logprobs(policy, tokens_bl)
     return token_logprobs(policy(tokens_bl), tokens_bl)
+
+
+def visual_inputs(batch: Batch) -> dict[str, jax.Array] | None:
+    """The batch's `VISUAL_KEYS` arrays, or None when it has none (a text-only policy).
+
+    Raises KeyError when only some are present (a half-built visual batch would silently
+    drop the images)."""
+    present = [key for key in VISUAL_KEYS if key in batch]
+    if not present:
+        return None
+    if len(present) != len(VISUAL_KEYS):
+        missing = [key for key in VISUAL_KEYS if key not in batch]
+        raise KeyError(f"the batch has visual inputs {present} but lacks {missing}")
+    return {key: batch[key] for key in VISUAL_KEYS}
 
 
 def token_logprobs(logits_blv: jax.Array, tokens_bl: jax.Array) -> jax.Array:
@@ -137,7 +167,7 @@ def update(
 
     def loss_fn(params: nnx.State):
         policy = nnx.merge(graphdef, params)
-        logp_bl = policy_logprobs(policy, batch["tokens"])
+        logp_bl = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
         return policy_objective(logp_bl, batch, loss_config, num_segments=num_segments)
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -9,16 +9,46 @@ so no second `[B, L, V]` log-softmax array is ever materialised.
 logits either. It runs the decoder to its final hidden states, then scans over the sequence in
 chunks, each computing `[B, C, V]` logits, their logsumexp and the picked logit. Its custom
 backward pass keeps only the logsumexps and recomputes one chunk's logits at a time.
+
+`visual_sequence_logprobs` is the same for a Qwen3-VL policy on segments whose prompts hold
+images and videos: it takes the per-segment vision inputs of `VISUAL_KEYS` (built on the host
+by `vimrag_jax.data.vision.VisualInputs`), runs the vision tower once per segment (vmapped, so
+attention stays within a segment's own patches and shapes stay static), places the merged
+visual tokens and DeepStack features at the prompt's placeholders, and runs the decoder with
+the MRoPE positions the host computed.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from vimrag_jax.models.mrope import mrope_cos_sin
+from vimrag_jax.models.qwen3_vl_vision import VisionTables
 
 DEFAULT_CHUNK_SIZE = 256
+
+#: Batch keys of a Qwen3-VL policy's per-segment vision inputs (B segments, P patch rows, L
+#: tokens): ``pixel_values float32[B, P, patch_dim]``, the vision tables
+#: ``vision_interp_index int32[B, P, 4]``, ``vision_interp_weight float32[B, P, 4]``,
+#: ``vision_rotary_hw int32[B, P, 2]``, ``vision_segment int32[B, P]`` (-1: padding row),
+#: MRoPE ``position_ids int32[B, 3, L]`` and ``visual_token_index int32[B, L]`` (each
+#: placeholder token's row among the segment's merged visual tokens, -1 elsewhere).
+VISUAL_KEYS = (
+    "pixel_values",
+    "vision_interp_index",
+    "vision_interp_weight",
+    "vision_rotary_hw",
+    "vision_segment",
+    "position_ids",
+    "visual_token_index",
+)
+#: The visual keys with a token axis (the last one).
+VISUAL_TOKEN_KEYS = ("position_ids", "visual_token_index")
 
 
 class HiddenStateModel(Protocol):
@@ -176,6 +206,82 @@ def sequence_logprobs(
     and at the first real token of each row are meaningless (mask them out).
     """
     hidden_bld = model.hidden_states(tokens_bl, attention_mask, positions)
+    return chunked_token_logprobs(hidden_bld, model.head_weight(), tokens_bl, chunk_size=chunk_size)
+
+
+def _call_layer(layer: Any, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
+    return layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+
+
+# Recomputes a decoder layer's activations in the backward pass (``config.text.remat``).
+_remat_call_layer = nnx.remat(_call_layer)
+
+
+def visual_hidden_states(
+    model: Any, tokens_bl: jax.Array, visual: Mapping[str, jax.Array]
+) -> jax.Array:
+    """Final hidden states `[B, L, D]` of a Qwen3-VL model on segments with vision inputs.
+
+    `model` is a `Qwen3VLForConditionalGeneration`; `visual` holds the `VISUAL_KEYS` arrays.
+    Equals the model's own forward pass on each segment alone (`model(...)` with its
+    images and videos, before the LM head): the tower runs per segment on the segment's
+    patch rows (images and videos together, which is what running them apart gives, as
+    attention is per frame), each placeholder token takes the merged row
+    `visual_token_index` names, DeepStack level i is added there after decoder layer i, and
+    the rotary tables come from `position_ids`. Segments are right-padded; padding needs no
+    mask (the decoder is causal and nothing reads past a segment's tokens).
+    """
+    missing = [key for key in VISUAL_KEYS if key not in visual]
+    if missing:
+        raise KeyError(f"visual inputs lack {missing}")
+    config = model.config
+    dtype = jnp.dtype(config.dtype)
+    b, length = tokens_bl.shape
+    index_bl = jnp.asarray(visual["visual_token_index"])
+    positions_b3l = jnp.asarray(visual["position_ids"])
+    if index_bl.shape != (b, length) or positions_b3l.shape != (b, 3, length):
+        raise ValueError(
+            f"visual_token_index {index_bl.shape} / position_ids {positions_b3l.shape} do not "
+            f"match tokens {(b, length)}"
+        )
+    tables = VisionTables(
+        visual["vision_interp_index"],
+        visual["vision_interp_weight"],
+        visual["vision_rotary_hw"],
+        visual["vision_segment"],
+    )
+    merged_bmd, deepstack_bkmd = jax.vmap(model.visual)(visual["pixel_values"], tables)
+    is_visual_bl = index_bl >= 0
+    rows_bl = jnp.maximum(index_bl, 0)
+
+    def place(rows_bmd: jax.Array) -> jax.Array:  # [B, M, D] -> [B, L, D], 0 at text tokens
+        gathered = jax.vmap(lambda r, i: jnp.take(r, i, axis=0, mode="clip"))(rows_bmd, rows_bl)
+        return jnp.where(is_visual_bl[..., None], gathered.astype(dtype), jnp.zeros((), dtype))
+
+    x_bld = jnp.where(is_visual_bl[..., None], place(merged_bmd), model.embed(tokens_bl))
+    text = config.text
+    cos_blk, sin_blk = mrope_cos_sin(
+        jnp.moveaxis(positions_b3l, 1, 0), text.head_dim, text.rope_theta, config.mrope_section
+    )
+    allowed_bqm = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
+    forward = _remat_call_layer if text.remat else _call_layer
+    for i, layer in enumerate(model.layers):
+        x_bld = forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm)
+        if i < deepstack_bkmd.shape[1]:
+            x_bld = x_bld + place(deepstack_bkmd[:, i])
+    return model.final_norm(x_bld)
+
+
+def visual_sequence_logprobs(
+    model: Any,
+    tokens_bl: jax.Array,
+    visual: Mapping[str, jax.Array],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """`float32[B, L]` log-probs of `tokens` under a Qwen3-VL `model` with each segment's
+    images and videos (`visual_hidden_states`), memory-lean as `sequence_logprobs`."""
+    hidden_bld = visual_hidden_states(model, tokens_bl, visual)
     return chunked_token_logprobs(hidden_bld, model.head_weight(), tokens_bl, chunk_size=chunk_size)
 
 

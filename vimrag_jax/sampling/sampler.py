@@ -196,6 +196,9 @@ class Sampler:
         of the largest bucket.
       length_buckets: prompt lengths compiled for (default 16, 32, ... up to max_prompt_len).
       chunk_size: decode steps per device call when stop strings must be checked on the host.
+      patch_bucket: for a model with prefill inputs, the patch rows its vision tower is
+        compiled for given a batch group's patch count (default: the model's, the next power
+        of two of at least 64).
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class Sampler:
         batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
         length_buckets: Sequence[int] | None = None,
         chunk_size: int = 16,
+        patch_bucket: Callable[[int], int] | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1 or chunk_size < 1:
             raise ValueError(
@@ -233,6 +237,7 @@ class Sampler:
             self.length_buckets += (max_prompt_len,)
         self.chunk_size = chunk_size
         self._takes_prefill_inputs = hasattr(model, "prepare_prefill")
+        self.patch_bucket = patch_bucket
         self._graphdef, self._state = nnx.split(model)
         self._prefill_fn = jax.jit(
             functools.partial(_prefill, self._graphdef),
@@ -242,6 +247,12 @@ class Sampler:
             functools.partial(_decode_loop, self._graphdef, pad_token_id=self.pad_token_id),
             donate_argnums=(1,),
         )
+
+    @property
+    def takes_prefill_inputs(self) -> bool:
+        """Whether `generate` accepts `prefill_inputs` (the model has a vision tower): the
+        agent loop then hands it every prompt's images and videos."""
+        return self._takes_prefill_inputs
 
     def set_weights(self, model_or_state: nnx.Module | nnx.State) -> None:
         """Swaps in new weights of the same architecture (no recompilation)."""
@@ -372,7 +383,7 @@ class Sampler:
             # Host-side work (grids -> tables, MRoPE positions); merging holds no copy of the
             # weights, and keeps no reference to an old policy's arrays after `set_weights`.
             model = nnx.merge(self._graphdef, self._state)
-            extra = model.prepare_prefill(ids, mask, row_inputs)
+            extra = model.prepare_prefill(ids, mask, row_inputs, patch_bucket=self.patch_bucket)
         loop = self._prefill_fn(
             self._state,
             ids,
