@@ -262,7 +262,6 @@ def test_uniform_reward_groups_are_skipped_and_counted(tmp_path, skip):
     assert (metrics["uniform_groups"], metrics["uniform_records"]) == ((2, 6) if skip else (0, 0))
 
 
-
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_progress_counts_what_was_read_before_any_batch(tmp_path, prefetch):
     # Only groups with one reward for all, skipped: no batch ever comes. Through a prefetch
@@ -274,6 +273,7 @@ def test_progress_counts_what_was_read_before_any_batch(tmp_path, prefetch):
     it = iter(make_pipeline(opts, prefetch=prefetch))
     assert list(it) == []
     assert (opts.progress["records_read"], opts.progress["uniform_records"]) == (6, 6)
+
 
 def test_states_saved_before_the_reward_counters_still_resume(three_shards):
     directory, groups = three_shards
