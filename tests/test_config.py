@@ -135,7 +135,7 @@ def test_loss_block_is_the_algorithm_preset(name):
     assert cfg.algorithm == name
     # The algorithm's preset, except the run's own settings (the same for every algorithm).
     run = {key: cfg.loss[key] for key in ggpo.RUN_LOSS_KEYS}
-    assert run == {"old_logprobs": "recompute", "tis_cap": 2.0}  # the tiny default
+    assert run == {"old_logprobs": "recompute", "tis_cap": 2.0, "kl_coef": 0.5}  # tiny default
     preset = dataclasses.replace(LossConfig.for_algorithm(name), **run)
     assert LossConfig.from_config(cfg.loss) == preset
     assert (cfg.loss.clip_low, cfg.loss.clip_high) == (
@@ -246,3 +246,16 @@ def test_question_splits_must_leave_rl_questions():
     assert "config.env.sft_questions must be an integer >= 0" in problem
     cfg.env.sft_questions = 19
     assert config_checks.find_problems(cfg, 1) == []
+
+
+def test_warm_start_batch_is_checked_against_the_mesh():
+    cfg = ggpo.get_config()
+    cfg.sft.batch_segments = 6
+    assert config_checks.find_problems(cfg, 4) == [
+        "config.sft.batch_segments=6 must be divisible by the batch shards (mesh data × fsdp = 4)"
+    ]
+    cfg.sft.batch_segments = -1
+    assert any(
+        "config.sft.batch_segments must be an integer >= 0" in p
+        for p in config_checks.find_problems(cfg, 1)
+    )

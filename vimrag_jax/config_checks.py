@@ -135,6 +135,8 @@ def _check_sft(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
     if not (_is_number(sft.learning_rate) and sft.learning_rate > 0):
         problems.append(f"config.sft.learning_rate must be > 0, got {sft.learning_rate!r}")
     _check_at_least(problems, sft, "config.sft", 0, "warmup_steps")
+    if "batch_segments" in sft:
+        _check_at_least(problems, sft, "config.sft", 0, "batch_segments")
     _check_positive(problems, sft, "config.sft", "num_trajectories")
     if sft.data and not os.path.isdir(sft.data):
         problems.append(f"config.sft.data={sft.data!r} is not a directory")
@@ -247,11 +249,13 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
                 "config.step='pmap' is data parallel only: set config.mesh.fsdp=1 and "
                 "config.mesh.tensor=1, or use config.step='pjit'"
             )
-        if cfg.data.batch_segments % (data * fsdp):
-            problems.append(
-                f"config.data.batch_segments={cfg.data.batch_segments} must be divisible by the "
-                f"batch shards (mesh data × fsdp = {data * fsdp})"
-            )
+        for block, key in (("data", "batch_segments"), ("sft", "batch_segments")):
+            value = cfg[block].get(key, 0)
+            if _is_int(value) and value % (data * fsdp):
+                problems.append(
+                    f"config.{block}.{key}={value} must be divisible by the "
+                    f"batch shards (mesh data × fsdp = {data * fsdp})"
+                )
 
     _check_positive(
         problems,

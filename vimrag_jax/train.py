@@ -252,6 +252,8 @@ class Trainer:
             logging.info("resumed the warm start at step %d", learner.step)
         directory = self._sft_data()
         options = options_from_config(self.cfg, directory, self.dims, follow=False, advantage="one")
+        if self.cfg.sft.get("batch_segments", 0):
+            options = dataclasses.replace(options, batch_segments=int(self.cfg.sft.batch_segments))
         epoch = int(data_state.get("epoch", 0))
         iterator = self._batches(options, data_state.get("iterator"))
         while learner.step < self.sft_calls:
