@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_model_calls = 20
     c.rollout.retrieval_top_k = 3
     c.rollout.max_policy_lag = 2
+    c.rollout.max_shards_per_version = 0  # a worker waits for a newer policy after this many
     c.rollout.embedded_workers = 1  # local worker processes the trainer starts (0 on pods)
     c.rollout.backend = "embedded"  # embedded (JAX KV-cache sampler) | openai (vLLM / SGLang)
     c.rollout.server_url = ""  # openai backend: e.g. http://host:8000/v1
@@ -256,6 +257,9 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.rollout.temperature = 0.3
         c.rollout.group_size = 4
         c.rollout.max_policy_lag = 4
+        # The worker shares the CPU with the learner: 3 shards (48 rollouts) per update is what
+        # one update of 48 segments uses, uniform groups skipped; more would go stale.
+        c.rollout.max_shards_per_version = 3
         c.data.batch_segments = 48
         c.optim.learning_rate = 1.5e-4
         c.optim.final_lr_ratio = 0.2

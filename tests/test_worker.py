@@ -15,6 +15,8 @@ from vimrag_jax.rollout.records import list_shards, read_shard, validate_record
 from vimrag_jax.rollout.worker import next_sequence, questions_for_batch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import ggpo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +192,55 @@ def test_experiment_loads_published_weights(tmp_path):
     cfg.env.sft_questions = 6
     with pytest.raises(ValueError, match="env.sft_questions=6 must leave RL questions"):
         Experiment.from_config(cfg, tmp_path)
+
+
+def _throttled_config():
+    import ml_collections
+
+    cfg = ggpo.get_config()
+    cfg.model.name = "tiny"
+    cfg.data.max_segment_tokens = 2048
+    cfg.rollout.group_size = 2
+    cfg.rollout.questions_per_batch = 1
+    cfg.rollout.max_new_tokens = 12
+    cfg.rollout.max_model_calls = 4
+    cfg.rollout.max_shards_per_version = 1
+    cfg.env = ml_collections.ConfigDict(
+        dict(num_entities=12, num_questions=24, eval_questions=4, max_hops=2)
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("publish_newer", [True, False])
+def test_throttled_worker_waits_for_a_newer_policy(tmp_path, monkeypatch, caplog, publish_newer):
+    # One shard per version: the second shard waits for v1 (published once the first shard
+    # exists), or, when none comes, is written anyway after THROTTLE_MAX_WAIT_S.
+    import threading
+
+    from flax import nnx
+
+    from vimrag_jax import publish
+    from vimrag_jax.experiment import Experiment
+    from vimrag_jax.rollout import worker
+
+    monkeypatch.setattr(worker, "THROTTLE_MAX_WAIT_S", 120.0 if publish_newer else 0.5)
+    cfg = _throttled_config()
+    directory = tmp_path / "rollouts"
+
+    def publish_after_first_shard():
+        while not list_shards(directory):
+            time.sleep(0.05)
+        model = Experiment.from_config(cfg, tmp_path).initial_model()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        publish.publish_policy(params, tmp_path, version=1)
+
+    publisher = threading.Thread(target=publish_after_first_shard, daemon=True)
+    if publish_newer:
+        publisher.start()
+    with caplog.at_level("INFO"):
+        written = worker.run_worker(cfg, str(tmp_path), worker_id="w0", policy="model",
+                                    max_trajectories=4)  # fmt: skip
+    assert written == 4
+    versions = [[r["policy_version"] for r in records] for _, records in _records(directory)]
+    assert versions == ([[0, 0], [1, 1]] if publish_newer else [[0, 0], [0, 0]])
+    assert "shards of policy v0 written (rollout.max_shards_per_version)" in caplog.text

@@ -300,6 +300,8 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
             f"config.rollout.retrieval_top_k={rollout.retrieval_top_k} exceeds the "
             f"memory slots per node config.graph.max_items={cfg.graph.max_items}"
         )
+    if "max_shards_per_version" in rollout:
+        _check_at_least(problems, rollout, "config.rollout", 0, "max_shards_per_version")
     if rollout.max_policy_lag < 0:
         problems.append(f"config.rollout.max_policy_lag must be >= 0, got {rollout.max_policy_lag}")
 

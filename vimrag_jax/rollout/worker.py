@@ -15,6 +15,11 @@ Loop, one batch at a time:
    readers never see a partial shard; each group's rollouts consecutive in it);
 5. log throughput: trajectories/s, generated tokens/s, invalid-action rate, mean reward.
 
+With ``rollout.max_shards_per_version`` > 0 a model worker writes at most that many shards per
+published policy version, then waits for the next one (at most ``THROTTLE_MAX_WAIT_S`` per
+extra shard, so a learner still short of a batch is never starved): on a machine it shares with
+the learner it would otherwise spend the CPU on rollouts the learner drops as stale.
+
 SIGTERM (and SIGINT) set a flag: the worker finishes the batch and shard in flight, then exits 0.
 On restart the shard sequence continues after the highest one on disk for this worker id.
 ``--policy=scripted_expert|scripted_noisy`` swaps the model for a scripted policy (SFT data).
@@ -67,6 +72,8 @@ def _define_flags() -> None:
 
 
 ROLLOUT_DIR = "rollouts"
+THROTTLE_POLL_S = 0.25  # how often a throttled worker looks for a newer policy
+THROTTLE_MAX_WAIT_S = 20.0  # after this long without one it writes another shard anyway
 
 
 class StopFlag:
@@ -178,13 +185,33 @@ def run_worker(
         sequence,
         directory,
     )
+    # On a machine shared with the learner, rollouts of a policy the learner has moved well past
+    # are dropped as stale: at most this many shards per published version (0: no limit).
+    per_version = int(cfg.rollout.get("max_shards_per_version", 0)) if model is not None else 0
+    at_version = 0  # shards written with the current version
+    waiting_since = None
     while not stop.stop and (max_trajectories <= 0 or written < max_trajectories):
         if model is not None:
             newer = experiment.load_latest(model, newer_than=loaded)
             if newer is not None:
                 agent.backend.set_weights(model)
                 version = loaded = newer
+                at_version, waiting_since = 0, None
                 logging.info("worker %s: policy version %d", worker_id, version)
+            elif per_version and at_version >= per_version:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    logging.info(
+                        "worker %s: %d shards of policy v%d written "
+                        "(rollout.max_shards_per_version); waiting for a newer one",
+                        worker_id, at_version, version,
+                    )  # fmt: skip
+                # Bounded: a learner still short of a full batch (most groups skipped as
+                # uniform, say) publishes nothing until more rollouts come.
+                if time.monotonic() - waiting_since < THROTTLE_MAX_WAIT_S:
+                    time.sleep(THROTTLE_POLL_S)
+                    continue
+                waiting_since = None  # one more shard, then wait again
         count = rc.questions_per_batch
         if max_trajectories > 0:
             count = min(count, -(-(max_trajectories - written) // rc.group_size))
@@ -221,6 +248,7 @@ def run_worker(
             100 * stats.outside_model_share,
         )
         sequence += 1
+        at_version += 1
     logging.info("worker %s: stopped after %d trajectories", worker_id, written)
     return written
 
