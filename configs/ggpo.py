@@ -222,7 +222,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         # the warm start it makes well-formed tool calls (the 205k `tiny` breaks ~half of
         # them), but neither learns in minutes to copy names out of its context, so searches
         # and answers are partly memorised, partly guessed; RL raises the training reward
-        # only slowly (0.18 -> 0.21 over 90 updates; README, issue 5's notes).
+        # only slowly (0.19 -> 0.23 over 90 updates; README, issue 5's notes).
         c.model.name = "tiny-agent"
         # The policy is text-only: ask only about facts stated in text, in one hop (the corpus
         # keeps its pictures, videos and distractors as retrieval candidates).
