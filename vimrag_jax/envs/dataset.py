@@ -20,12 +20,12 @@ Bad input stops with one ``DatasetError`` naming the file, the line and the prob
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
+from vimrag_jax import jsonl
 from vimrag_jax.envs.synthetic import Question
 
 KEYS = ("id", "question", "answer", "evidence_ids")
@@ -93,31 +93,18 @@ def load_questions(path: str | os.PathLike, store: Any = None) -> list[Question]
     known = None if store is None else {int(i) for i in store.ids}
     questions: list[Question] = []
     seen: dict[str, int] = {}  # question id -> line
-    with open(source, encoding="utf-8") as handle:
-        line_no = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as error:
-                raise DatasetError(f"{source}:{line_no + 1}: not UTF-8 text ({error})") from None
-            if not line:
-                break
-            line_no += 1
-            if not line.strip():
-                continue
-            try:
-                question = parse_question(json.loads(line), known)
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{source}:{line_no}: malformed JSON: {error}") from None
-            except ValueError as error:
-                raise DatasetError(f"{source}:{line_no}: {error}") from None
-            if question.question_id in seen:
-                raise DatasetError(
-                    f"{source}:{line_no}: duplicate id {question.question_id!r} "
-                    f"(first used on line {seen[question.question_id]})"
-                )
-            seen[question.question_id] = line_no
-            questions.append(question)
+    for line_no, record in jsonl.records(source, DatasetError):
+        try:
+            question = parse_question(record, known)
+        except ValueError as error:
+            raise DatasetError(f"{source}:{line_no}: {error}") from None
+        if question.question_id in seen:
+            raise DatasetError(
+                f"{source}:{line_no}: duplicate id {question.question_id!r} "
+                f"(first used on line {seen[question.question_id]})"
+            )
+        seen[question.question_id] = line_no
+        questions.append(question)
     if not questions:
         raise DatasetError(f"{source}: no questions (the file is empty)")
     return questions

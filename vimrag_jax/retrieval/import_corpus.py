@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from vimrag_jax import jsonl
 from vimrag_jax.agent.prompts import VIDEO_FPS
 from vimrag_jax.retrieval.corpus import (
     MANIFEST,
@@ -228,40 +229,25 @@ def read_items(
     seen: dict[int, int] = {}  # item id -> line
     frames = 0
     began = time.perf_counter()
-    with open(source, encoding="utf-8") as handle:
-        line_no = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as error:
-                raise _fail(str(source), line_no + 1, f"not UTF-8 text ({error})") from None
-            if not line:
-                break
-            line_no += 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _fail(str(source), line_no, f"malformed JSON: {error}") from None
-            try:
-                item = parse_item(record, root)
-            except (OSError, ValueError) as error:
-                raise _fail(str(source), line_no, str(error)) from None
-            if item.item_id in seen:
-                raise _fail(
-                    str(source),
-                    line_no,
-                    f"duplicate id {item.item_id} (first used on line {seen[item.item_id]})",
-                )
-            seen[item.item_id] = line_no
-            items.append(item)
-            frames += item.num_frames
-            if log and progress_every > 0 and len(items) % progress_every == 0:
-                log(
-                    f"read {len(items)} items ({frames} images/frames) "
-                    f"in {time.perf_counter() - began:.1f}s"
-                )
+    for line_no, record in jsonl.records(source, CorpusImportError):
+        try:
+            item = parse_item(record, root)
+        except (OSError, ValueError) as error:
+            raise _fail(str(source), line_no, str(error)) from None
+        if item.item_id in seen:
+            raise _fail(
+                str(source),
+                line_no,
+                f"duplicate id {item.item_id} (first used on line {seen[item.item_id]})",
+            )
+        seen[item.item_id] = line_no
+        items.append(item)
+        frames += item.num_frames
+        if log and progress_every > 0 and len(items) % progress_every == 0:
+            log(
+                f"read {len(items)} items ({frames} images/frames) "
+                f"in {time.perf_counter() - began:.1f}s"
+            )
     if not items:
         raise CorpusImportError(f"{source}: no items (the file is empty)")
     return items
