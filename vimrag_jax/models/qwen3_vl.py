@@ -468,11 +468,24 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         )
         causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
         allowed_bqm = causal_qm[None] & attention_mask.astype(bool)[:, None, :]
-        cos_blk, sin_blk = self._rope_tables(position_ids)
+        hidden_bld = self.decode_hidden(x_bld, position_ids, allowed_bqm, add_deepstack)
+        return self.logits(hidden_bld)
+
+    def decode_hidden(
+        self,
+        x_bld: jax.Array,
+        position_ids_3bl: jax.Array,
+        allowed_bqm: jax.Array,
+        add_deepstack: Callable[[int, jax.Array], jax.Array],
+    ) -> jax.Array:
+        """Final (normed) hidden states `[B, L, D]` of the decoder stack on input embeddings
+        `x_bld` (visual features already placed), with MRoPE `position_ids [3, B, L]`, the
+        attention pattern `allowed_bqm` and `add_deepstack(i, x)` applied after layer i."""
+        cos_blk, sin_blk = self._rope_tables(position_ids_3bl)
         forward = _remat_layer_forward if self.config.text.remat else _layer_forward
         for i, layer in enumerate(self.layers):
             x_bld = add_deepstack(i, forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm))
-        return self.logits(self.final_norm(x_bld))
+        return self.final_norm(x_bld)
 
     def _embed_inputs(
         self,

@@ -25,9 +25,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from vimrag_jax.models.mrope import mrope_cos_sin
 from vimrag_jax.models.qwen3_vl_vision import VisionTables
 
 DEFAULT_CHUNK_SIZE = 256
@@ -209,14 +207,6 @@ def sequence_logprobs(
     return chunked_token_logprobs(hidden_bld, model.head_weight(), tokens_bl, chunk_size=chunk_size)
 
 
-def _call_layer(layer: Any, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
-    return layer(x_bld, cos_blk, sin_blk, allowed_bqm)
-
-
-# Recomputes a decoder layer's activations in the backward pass (``config.text.remat``).
-_remat_call_layer = nnx.remat(_call_layer)
-
-
 def visual_hidden_states(
     model: Any, tokens_bl: jax.Array, visual: Mapping[str, jax.Array]
 ) -> jax.Array:
@@ -259,17 +249,12 @@ def visual_hidden_states(
         return jnp.where(is_visual_bl[..., None], gathered.astype(dtype), jnp.zeros((), dtype))
 
     x_bld = jnp.where(is_visual_bl[..., None], place(merged_bmd), model.embed(tokens_bl))
-    text = config.text
-    cos_blk, sin_blk = mrope_cos_sin(
-        jnp.moveaxis(positions_b3l, 1, 0), text.head_dim, text.rope_theta, config.mrope_section
-    )
+
+    def add_deepstack(i: int, x: jax.Array) -> jax.Array:
+        return x + place(deepstack_bkmd[:, i]) if i < deepstack_bkmd.shape[1] else x
+
     allowed_bqm = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
-    forward = _remat_call_layer if text.remat else _call_layer
-    for i, layer in enumerate(model.layers):
-        x_bld = forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm)
-        if i < deepstack_bkmd.shape[1]:
-            x_bld = x_bld + place(deepstack_bkmd[:, i])
-    return model.final_norm(x_bld)
+    return model.decode_hidden(x_bld, jnp.moveaxis(positions_b3l, 1, 0), allowed_bqm, add_deepstack)
 
 
 def visual_sequence_logprobs(
