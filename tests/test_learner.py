@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
+import learner_cases
 import numpy as np
 import pytest
-from flax import nnx
 
 from vimrag_jax.checkpointing import Checkpointer
-from vimrag_jax.data.segments import batch_spec
 from vimrag_jax.learner import (
     LOSS_KEYS,
     Learner,
@@ -17,53 +15,11 @@ from vimrag_jax.learner import (
     loss_inputs,
     trim_tokens,
 )
-from vimrag_jax.models.presets import init_model, preset_config
-from vimrag_jax.optim import make_optimizer
 from vimrag_jax.parallel.mesh import make_mesh
 from vimrag_jax.rl.losses import LossConfig
-from vimrag_jax.rollout.records import RecordDims
 
-_VOCAB = 256
-_DIMS = RecordDims(nodes=4, items=2, segments=3, tokens=24, visuals=1)
-
-
-def _model_fn():
-    hf = preset_config("tiny")
-    hf["vocab_size"] = _VOCAB
-    return init_model(hf, rngs=nnx.Rngs(0))
-
-
-def _optimizer():
-    cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=1, total_steps=4,
-            final_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-            accumulate_steps=1,
-        )
-    )  # fmt: skip
-    return make_optimizer(cfg)
-
-
-def _batch(seed: int, rows: int = 8) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    spec = batch_spec(rows, _DIMS)
-    batch = {key: np.zeros(shape, dtype) for key, (shape, dtype) in spec.items()}
-    length = _DIMS.tokens
-    batch["tokens"] = rng.integers(1, _VOCAB, (rows, length)).astype(np.int32)
-    batch["loss_mask"][:, length // 2 :] = True
-    batch["behavior_logprobs"] = np.where(
-        batch["loss_mask"], rng.normal(-5.5, 0.1, (rows, length)), 0.0
-    ).astype(np.float32)
-    batch["segment_valid"][: rows - 2] = True  # two padding rows
-    batch["reward"] = (np.arange(rows) % 2).astype(np.float32)
-    batch["advantage"] = np.where(batch["reward"] > 0, 1.0, -1.0).astype(np.float32)
-    # A root -> 1 -> 2 (answer) chain with a dead end 3; each segment sits on a node.
-    batch["adjacency"][:, 0, 1] = batch["adjacency"][:, 1, 2] = batch["adjacency"][:, 0, 3] = True
-    batch["node_valid"][:] = True
-    batch["answer_node"][:] = 2
-    batch["segment_node"] = (np.arange(rows) % 4).astype(np.int32)
-    batch["relevant"][:, 1] = True
-    return batch
+_VOCAB, _DIMS = learner_cases.VOCAB, learner_cases.DIMS
+_model_fn, _optimizer, _batch = learner_cases.model_fn, learner_cases.optimizer, learner_cases.batch
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +113,8 @@ def test_checkpoint_resume_restores_state_and_data_position(mesh, tmp_path):
         _model_fn, _optimizer(), LossConfig.for_algorithm("ggpo"), mesh, step_kind="pmap"
     )
     with Checkpointer(tmp_path, every_steps=1, keep=2, async_save=False) as ckpt:
-        data_state, metadata = resumed.restore(ckpt)
+        restored = resumed.restore(ckpt)
+        data_state, metadata = restored.data_state, restored.metadata
     assert (data_state, metadata, resumed.step) == ({"cursor": 7}, {"phase": "rl"}, 1)
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(resumed.params()), strict=True):
         np.testing.assert_array_equal(x, np.asarray(y))

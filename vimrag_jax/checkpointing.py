@@ -8,7 +8,11 @@ holds three items:
 - ``state``: the ``TrainState`` pytree (arrays may be sharded over a multi-host mesh; every
   process writes its own shards);
 - ``data``: the input pipeline's state, an opaque JSON-serialisable dict, so a resumed run
-  reads the trajectory shards from where it stopped;
+  reads the trajectory shards from where it stopped. Each process reads its own shards, so a
+  multi-process save gathers every process's state into the one item (orbax writes JSON from
+  process 0 only) and a restore hands each process its own (``Restored.data_state``; a
+  checkpoint written by another number of processes cannot say where each should resume:
+  ``CheckpointMismatchError`` when the caller asks for it);
 - ``metadata``: JSON such as the published policy version and the config
   (``run_metadata``).
 
@@ -34,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from vimrag_jax.distributed import gather_json
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules
 from vimrag_jax.parallel.step import TrainState, train_state_shardings
 
@@ -44,12 +49,39 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint exists but does not hold arrays of the state being restored."""
 
 
+# The data item of a multi-process checkpoint: {PER_PROCESS: [state of process 0, ...]}.
+PER_PROCESS = "per_process"
+
+
 class Restored(NamedTuple):
-    """What ``restore_latest`` gives back: ``state, data_state, metadata = restored``."""
+    """What ``restore_latest`` gives back: ``state, data_state, metadata = restored``.
+
+    ``data_state`` is this process's input pipeline state; from a checkpoint written by another
+    number of processes it is ``{PER_PROCESS: [state of each process that saved it]}``, which
+    ``this_process_data`` refuses.
+    """
 
     state: Any
     data_state: dict
     metadata: dict
+
+
+def this_process_data(restored: Restored) -> dict:
+    """This process's input pipeline state from ``restored``.
+
+    Raises ``CheckpointMismatchError`` when the checkpoint was written by another number of
+    processes: each process read its own subset of the shards, so the saved positions do not
+    say where a different split should resume (resuming would repeat or skip trajectories).
+    """
+    data = restored.data_state
+    if PER_PROCESS in data:
+        raise CheckpointMismatchError(
+            f"the checkpoint's input pipeline position was saved by {len(data[PER_PROCESS])} "
+            f"process(es) and this run has {jax.process_count()}; each process reads its own "
+            "shards, so the run must resume with the same number of processes (or start a new "
+            "--workdir)"
+        )
+    return data
 
 
 def abstract_state(shapes: Any, shardings: Any) -> Any:
@@ -187,10 +219,16 @@ class Checkpointer:
     ) -> bool:
         """Saves ``state`` at ``step`` when the interval says so (always with ``force``).
 
-        Every process must call it with its shards of the same state. Returns whether a save
-        was started; with async saving it may still be writing (see ``wait``).
+        Every process must call it with its shards of the same state and its own
+        ``data_state``. Returns whether a save was started; with async saving it may still be
+        writing (see ``wait``).
         """
-        items = {"data": dict(data_state or {}), "metadata": dict(metadata or {})}
+        if not (force or self.should_save(step)):
+            return False
+        data = dict(data_state or {})
+        if jax.process_count() > 1:  # every process calls save for the same steps
+            data = {PER_PROCESS: gather_json(data)}
+        items = {"data": data, "metadata": dict(metadata or {})}
         for name, item in items.items():
             try:
                 json.dumps(item)
@@ -243,7 +281,12 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"cannot restore {self.directory}/{step} into the given train state: {err}"
             ) from err
-        return Restored(restored.state, dict(restored.data), dict(restored.metadata))
+        data = dict(restored.data)
+        if PER_PROCESS not in data and data and jax.process_count() > 1:
+            data = {PER_PROCESS: [data]}  # saved by one process
+        if PER_PROCESS in data and len(data[PER_PROCESS]) == jax.process_count():
+            data = dict(data[PER_PROCESS][jax.process_index()])
+        return Restored(restored.state, data, dict(restored.metadata))
 
     def restore_latest(self, abstract: Any) -> Restored | None:
         """The newest checkpoint restored into ``abstract``'s shardings; None when there is none."""

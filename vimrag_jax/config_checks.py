@@ -224,8 +224,29 @@ def _check_distributed(problems: list[str], dist: ml_collections.ConfigDict) -> 
     _check_positive(problems, dist, "config.distributed", "initialization_timeout_s")
 
 
-def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-    """Every problem with ``cfg`` on a job of ``num_devices`` devices (empty when fine)."""
+def _multi_process_problems(
+    cfg: ml_collections.ConfigDict, batch_shards: int, process_count: int
+) -> list[str]:
+    """A learner over several processes: each reads its own rows of every batch."""
+    problems = []
+    if cfg.step == "pmap":
+        problems.append(
+            f"config.step='pmap' runs on one process, this job has {process_count}: "
+            "use config.step='pjit'"
+        )
+    if batch_shards % process_count:
+        problems.append(
+            f"the batch shards (mesh data × fsdp = {batch_shards}) must be a multiple of the "
+            f"{process_count} processes: each process feeds its own rows of the batch"
+        )
+    return problems
+
+
+def find_problems(
+    cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1
+) -> list[str]:
+    """Every problem with ``cfg`` on a job of ``num_devices`` devices over ``process_count``
+    processes (empty when fine)."""
     problems: list[str] = []
     missing = [name for name in REQUIRED_BLOCKS if name not in cfg]
     if missing:
@@ -256,6 +277,8 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
                     f"config.{block}.{key}={value} must be divisible by the "
                     f"batch shards (mesh data × fsdp = {data * fsdp})"
                 )
+        if process_count > 1:
+            problems.extend(_multi_process_problems(cfg, data * fsdp, process_count))
 
     _check_positive(
         problems,
@@ -357,8 +380,8 @@ def find_problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]
     return problems
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate(cfg: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
     """Raises ``ConfigError`` listing every problem with ``cfg``."""
-    problems = find_problems(cfg, num_devices)
+    problems = find_problems(cfg, num_devices, process_count)
     if problems:
         raise ConfigError(problems)

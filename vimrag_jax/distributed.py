@@ -12,17 +12,27 @@ processes before JAX touches a device; a single-host run must not try. ``config.
   JAX cannot detect (empty / -1: leave them to the environment).
 
 Call ``maybe_initialize(config)`` first thing in ``main``, before any other JAX call.
+
+The rest of this module holds the few cross-process agreements the learner needs once it runs
+on several processes (each one is a collective: every process must call it, in the same order):
+the token length of a step's batch (``max_over_processes``), the input pipelines' positions
+saved in one checkpoint (``gather_json``), decisions only process 0 can make
+(``broadcast_from_main``) and whole parameters for the process that evaluates or exports
+(``to_host``). With one process they return at once, without touching a device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +138,48 @@ def maybe_initialize(
 def is_main_process() -> bool:
     """True on the process that writes metrics, policy files and logs (process 0)."""
     return jax.process_index() == 0
+
+
+def max_over_processes(value: int) -> int:
+    """The largest ``value`` any process passed (collective)."""
+    if jax.process_count() == 1:
+        return int(value)
+    values = multihost_utils.process_allgather(np.asarray(value, np.int64))
+    return int(np.max(values))
+
+
+def broadcast_from_main(value: int) -> int:
+    """Process 0's ``value`` on every process (collective): for decisions that read files
+    only process 0 writes, so that every process then takes the same branch."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-serialisable ``value``, indexed by process (collective).
+
+    Used for per-process state that one file must hold, such as each process's input pipeline
+    position in a checkpoint (orbax writes JSON items from process 0 only).
+    """
+    if jax.process_count() == 1:
+        return [value]
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    longest = max_over_processes(encoded.size)
+    padded = np.zeros(longest + 8, np.uint8)  # 8 bytes of length, then the text
+    padded[:8] = np.frombuffer(np.asarray(encoded.size, "<u8").tobytes(), np.uint8)
+    padded[8 : 8 + encoded.size] = encoded
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    values = []
+    for row in rows.reshape(jax.process_count(), -1):
+        size = int(np.frombuffer(row[:8].tobytes(), "<u8")[0])
+        values.append(json.loads(row[8 : 8 + size].tobytes().decode()))
+    return values
+
+
+def to_host(leaf: Any) -> np.ndarray:
+    """The whole array as a NumPy array on this host; shards held by other processes are
+    gathered (collective when ``leaf`` is not fully addressable)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))

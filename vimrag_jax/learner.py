@@ -13,6 +13,12 @@ and the recomputed old log-probs all read. A text-only policy ignores them.
 
 Checkpoints always hold the mesh-layout state (a pmap learner saves device 0's copy and
 replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"` on resume.
+
+On several processes (pjit only) each process feeds its own slice of the global batch, as its
+input pipeline read it: the slices become one global array per key
+(`jax.make_array_from_process_local_data`), the token length is agreed across processes, and
+the reference and recomputed old log-probs are computed on the devices, in the batch's layout,
+so no process ever needs another's rows on its host.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from vimrag_jax.checkpointing import Checkpointer, abstract_train_state
+from vimrag_jax import distributed
+from vimrag_jax.checkpointing import Checkpointer, Restored, abstract_train_state
 from vimrag_jax.parallel import step as step_lib
 from vimrag_jax.parallel.sharding import batch_shardings
 from vimrag_jax.rl.losses import LossConfig
@@ -70,23 +77,35 @@ def loss_inputs(batch: Mapping[str, np.ndarray], *, visual: bool = False) -> dic
 TOKEN_AXIS_KEYS = ("tokens", "loss_mask", "behavior_logprobs", *VISUAL_TOKEN_KEYS)
 
 
-def trim_tokens(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
-    """``inputs`` with the token axis cut after the last trained token, rounded up to a
-    multiple of ``bucket`` (0 keeps the full length).
+def trimmed_length(inputs: Mapping[str, np.ndarray], bucket: int) -> int:
+    """The token length ``trim_tokens`` cuts ``inputs`` to: just past the last trained token,
+    rounded up to a multiple of ``bucket`` (0: the full length)."""
+    if bucket < 0:
+        raise ValueError(f"bucket must be >= 0, got {bucket}")
+    full = int(np.shape(inputs["tokens"])[-1])
+    if bucket == 0:
+        return full
+    used = np.flatnonzero(np.any(np.asarray(inputs["loss_mask"], bool), axis=0))
+    needed = int(used[-1]) + 1 if used.size else 1
+    return min(full, -(-needed // bucket) * bucket)
+
+
+def trim_tokens(
+    inputs: Mapping[str, np.ndarray], bucket: int, *, length: int | None = None
+) -> dict[str, np.ndarray]:
+    """``inputs`` with the token axis cut to ``length`` (default: ``trimmed_length``, i.e.
+    after the last trained token, rounded up to a multiple of ``bucket``; 0 keeps the full
+    length).
 
     Exact for every loss: the policy is causal, so the log-prob of a token never depends on
     the tokens after it, and no term reads a position past the last one in ``loss_mask``.
     Records are padded to ``data.max_segment_tokens`` while most segments are much shorter;
-    a few bucket lengths (one compile each) save the rest of the work.
+    a few bucket lengths (one compile each) save the rest of the work. On several processes
+    the learner passes the longest of their lengths, so every process's slice of the global
+    batch has one shape.
     """
-    if bucket < 0:
-        raise ValueError(f"bucket must be >= 0, got {bucket}")
-    if bucket == 0:
-        return dict(inputs)
-    full = int(np.shape(inputs["tokens"])[-1])
-    used = np.flatnonzero(np.any(np.asarray(inputs["loss_mask"], bool), axis=0))
-    needed = int(used[-1]) + 1 if used.size else 1
-    length = min(full, -(-needed // bucket) * bucket)
+    if length is None:
+        length = trimmed_length(inputs, bucket)
     return {
         key: (value[..., :length] if key in TOKEN_AXIS_KEYS else value)
         for key, value in inputs.items()
@@ -129,6 +148,10 @@ class Learner:
             raise ValueError(f"step must be 'pjit' or 'pmap', got {step_kind!r}")
         if length_bucket < 0:
             raise ValueError(f"length_bucket must be >= 0, got {length_bucket}")
+        if step_kind == "pmap" and jax.process_count() > 1:
+            raise ValueError(
+                "the pmap step runs on one process; use step='pjit' on several processes"
+            )
         self.length_bucket = int(length_bucket)
         self.model_fn = model_fn
         self.optimizer = optimizer
@@ -148,11 +171,12 @@ class Learner:
         # The frozen reference policy of the k3 KL term (loss.kl_coef > 0): the parameters
         # this phase started from, kept in the mesh layout.
         self.ref_params: nnx.State | None = None
-        self._ref_fn = jax.jit(
-            lambda params, tokens, visual=None: step_lib.policy_logprobs(
-                nnx.merge(self.graphdef, params), tokens, visual
-            )
-        )
+        self._ref_fn = jax.jit(self._policy_logprobs)
+        # The same forward with its output in the batch's layout (pjit; set by `_compile`).
+        self._logprob_fn: Callable | None = None
+
+    def _policy_logprobs(self, params, tokens, visual=None):
+        return step_lib.policy_logprobs(nnx.merge(self.graphdef, params), tokens, visual)
 
     # --- state ----------------------------------------------------------------------
 
@@ -169,14 +193,15 @@ class Learner:
         self._set_state(state)
         self._keep_reference()
 
-    def restore(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
-        """Loads the newest checkpoint; returns `(data_state, metadata)` or None."""
+    def restore(self, checkpointer: Checkpointer) -> Restored | None:
+        """Loads the newest checkpoint into the learner; returns what it held (its
+        ``data_state`` through `checkpointing.this_process_data`) or None."""
         restored = checkpointer.restore_latest(self.abstract)
         if restored is None:
             return None
         self._set_state(restored.state)
         self._keep_reference()
-        return restored.data_state, restored.metadata
+        return restored
 
     def save(
         self,
@@ -205,8 +230,16 @@ class Learner:
         return self.mesh_state().params
 
     def model(self) -> nnx.Module:
-        """The policy as an NNX module over the current parameters (for evaluation)."""
-        return nnx.merge(self.graphdef, self.params())
+        """The policy as an NNX module over the current parameters (for evaluation, export).
+
+        On several processes its parameters are whole NumPy arrays gathered onto this host
+        (collective: every process must call it), so that one process can run or save the
+        policy alone; on one process they stay on the devices.
+        """
+        params = self.params()
+        if jax.process_count() > 1:
+            params = jax.tree.map(distributed.to_host, params)
+        return nnx.merge(self.graphdef, params)
 
     @property
     def step(self) -> int:
@@ -243,12 +276,27 @@ class Learner:
 
     # --- the update -----------------------------------------------------------------
 
-    def _compile(self, batch: Mapping[str, np.ndarray]) -> None:
+    def _logprob_keys(self) -> tuple[str, ...]:
+        """The log-prob inputs the learner adds to each batch before the update."""
+        keys = ("ref_logprobs",) if self.ref_params is not None else ()
+        if self.loss_config.old_logprobs == "recompute":  # the policy before this update
+            keys += ("old_logprobs",)
+        return keys
+
+    def _compile(self, inputs: Mapping[str, np.ndarray]) -> None:
         kwargs = dict(
             graphdef=self.graphdef, optimizer=self.optimizer, loss_config=self.loss_config
         )
         if self.step_kind == "pjit":
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+            # Shardings follow the global batch: every process holds 1/process_count of it.
+            count = jax.process_count()
+            abstract = {
+                key: jax.ShapeDtypeStruct((value.shape[0] * count, *value.shape[1:]), value.dtype)
+                for key, value in inputs.items()
+            }
+            tokens = abstract["tokens"]
+            for key in self._logprob_keys():
+                abstract[key] = jax.ShapeDtypeStruct(tokens.shape, np.float32)
             self._batch_shardings = batch_shardings(abstract, self.mesh)
             self._step_fn = step_lib.make_pjit_step(
                 **kwargs,
@@ -256,30 +304,51 @@ class Learner:
                 state_shardings=self.shardings,
                 batch_shardings=self._batch_shardings,
             )
+            self._logprob_fn = jax.jit(
+                self._policy_logprobs, out_shardings=self._batch_shardings["tokens"]
+            )
         else:
             devices = self.mesh.devices.reshape(-1).tolist()
             self._devices = devices
             self._step_fn = step_lib.make_pmap_step(**kwargs, devices=devices)
 
+    def _place(self, inputs: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of the batch, as global arrays over the mesh (pjit)."""
+        count = jax.process_count()
+        return {
+            key: jax.make_array_from_process_local_data(
+                self._batch_shardings[key],
+                value,
+                (value.shape[0] * count, *value.shape[1:]),
+            )
+            for key, value in inputs.items()
+        }
+
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """One update on a host batch; returns host float metrics incl. `step_time_s`."""
+        """One update on this process's host batch; returns host float metrics incl.
+        `step_time_s` (placement, the reference / old log-prob forwards and the update)."""
         if self.state is None:
             raise RuntimeError("the learner has no state yet: call initialize() or restore()")
-        inputs = trim_tokens(loss_inputs(batch, visual=self.takes_visuals), self.length_bucket)
-        visual = self._visual(inputs)
-        if self.ref_params is not None:
-            inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"], visual)
-        if self.loss_config.old_logprobs == "recompute":  # the policy before this update
-            inputs["old_logprobs"] = np.asarray(
-                jax.device_get(self._ref_fn(self.params(), inputs["tokens"], visual))
-            )
+        inputs = loss_inputs(batch, visual=self.takes_visuals)
+        length = distributed.max_over_processes(trimmed_length(inputs, self.length_bucket))
+        inputs = trim_tokens(inputs, self.length_bucket, length=length)
         if self._step_fn is None:
             self._compile(inputs)
         began = time.perf_counter()
         if self.step_kind == "pjit":
-            placed = jax.device_put(inputs, self._batch_shardings)
+            placed = self._place(inputs)
+            visual = self._visual(placed)
+            for key in self._logprob_keys():
+                params = self.ref_params if key == "ref_logprobs" else self.state.params
+                placed[key] = self._logprob_fn(params, placed["tokens"], visual)
             self.state, metrics = self._step_fn(self.state, placed)
         else:
+            visual = self._visual(inputs)
+            for key in self._logprob_keys():
+                params = self.ref_params if key == "ref_logprobs" else self.params()
+                inputs[key] = np.asarray(
+                    jax.device_get(self._ref_fn(params, inputs["tokens"], visual))
+                )
             placed = step_lib.shard_batch_for_pmap(inputs, self._devices)
             self.state, metrics = self._step_fn(self.state, placed)
             metrics = step_lib.unreplicate(metrics)

@@ -33,8 +33,9 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
+
+from vimrag_jax.distributed import to_host
 
 POLICY_DIR = "policy"
 LATEST = "LATEST"
@@ -58,13 +59,6 @@ def flatten_params(params: Any) -> tuple[list[str], list[Any], Any]:
     if len(set(names)) != len(names):
         raise ValueError("parameter paths are not unique after joining with '/'")
     return names, [leaf for _, leaf in leaves_with_paths], treedef
-
-
-def _to_host(leaf: Any) -> np.ndarray:
-    """The whole array on this host, gathering shards other processes hold."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    return np.asarray(jax.device_get(leaf))
 
 
 def version_dir(workdir: str | os.PathLike, version: int) -> Path:
@@ -117,7 +111,7 @@ def publish_policy(
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
     names, leaves, _ = flatten_params(params)
-    arrays = [_to_host(leaf) for leaf in leaves]
+    arrays = [to_host(leaf) for leaf in leaves]
     if jax.process_index() != 0:
         return None
 

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vimrag_jax import config_checks, distributed, optim, publish
-from vimrag_jax.checkpointing import Checkpointer, run_metadata
+from vimrag_jax.checkpointing import Checkpointer, run_metadata, this_process_data
 from vimrag_jax.data.pipeline import (
     PolicyVersion,
     make_pipeline,
@@ -248,12 +248,17 @@ class Trainer:
         if restored is None:
             learner.initialize(_initial_params(self.experiment))
         else:
-            data_state = restored[0]
+            data_state = this_process_data(restored)
             logging.info("resumed the warm start at step %d", learner.step)
         directory = self._sft_data()
-        options = options_from_config(self.cfg, directory, self.dims, follow=False, advantage="one")
-        if self.cfg.sft.get("batch_segments", 0):
-            options = dataclasses.replace(options, batch_segments=int(self.cfg.sft.batch_segments))
+        options = options_from_config(
+            self.cfg,
+            directory,
+            self.dims,
+            follow=False,
+            advantage="one",
+            batch_segments=int(self.cfg.sft.get("batch_segments", 0)) or None,
+        )
         epoch = int(data_state.get("epoch", 0))
         iterator = self._batches(options, data_state.get("iterator"))
         while learner.step < self.sft_calls:
@@ -288,11 +293,13 @@ class Trainer:
 
     def _evaluate(self, learner: Learner, version: int, global_step: int) -> None:
         """Greedy episodes on the held-out questions with the learner's current policy."""
-        if self.cfg.rollout.backend != "embedded" or not _main_process():
+        if self.cfg.rollout.backend != "embedded":
             return  # a served policy is evaluated with `python -m vimrag_jax.eval` instead
+        model = learner.model()  # every process: several gather the parameters for process 0
+        if not _main_process():
+            return
         from vimrag_jax import eval as eval_lib
 
-        model = learner.model()
         if self._eval_backend is None:
             self._eval_backend = self.experiment.make_backend(model)
         else:
@@ -310,13 +317,16 @@ class Trainer:
 
     def _export(self, learner: Learner) -> None:
         """The final policy (and tokenizer) as a Hugging Face checkpoint in WORKDIR/export."""
-        if not self.cfg.export.hf or not _main_process():
+        if not self.cfg.export.hf:
+            return
+        model = learner.model()  # every process: several gather the parameters for process 0
+        if not _main_process():
             return
         from vimrag_jax.models.hf import save_pretrained
 
         directory = self.workdir / "export"
         try:
-            save_pretrained(learner.model(), directory, dtype=self.cfg.export.dtype)
+            save_pretrained(model, directory, dtype=self.cfg.export.dtype)
         except NotImplementedError as err:  # e.g. a model without an exporter yet
             logging.warning("no Hugging Face export: %s", err)
             return
@@ -342,8 +352,8 @@ class Trainer:
         version = 0
         self.checkpointer.wait()  # the warm start's last save may still be in flight
         restored = learner.restore(self.checkpointer)
-        if restored is not None and restored[1].get("phase") == "rl":
-            data_state, metadata = restored
+        if restored is not None and restored.metadata.get("phase") == "rl":
+            data_state, metadata = this_process_data(restored), restored.metadata
             version = int(metadata.get("policy_version", 0))
             logging.info("resumed RL at step %d, policy version %d", learner.step, version)
         else:
@@ -357,8 +367,9 @@ class Trainer:
         offset = self.sft_calls  # checkpoint steps continue after the warm start's
         _write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})
 
+        # Only process 0 reads the policy directory; every process joins the publication.
         latest = publish.latest_policy(self.workdir)
-        if latest is None or latest[0] < version:
+        if distributed.broadcast_from_main(latest is None or latest[0] < version):
             self._publish(learner, version)
         current = PolicyVersion(version)
         directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
@@ -462,7 +473,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--workdir is required (checkpoints, metrics and rollouts go there)")
     distributed.maybe_initialize(cfg)
     try:
-        config_checks.validate(cfg, len(jax.devices()))
+        config_checks.validate(cfg, len(jax.devices()), process_count=jax.process_count())
     except config_checks.ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -368,6 +368,15 @@ def make_pipeline(
     return dataset
 
 
+def rows_per_process(global_rows: int, process_count: int | None = None) -> int:
+    """This process's share of a global batch of ``global_rows`` segments (each process's
+    pipeline builds its own rows; ``config_checks`` requires an even split)."""
+    count = default_process()[1] if process_count is None else process_count
+    if global_rows % count:
+        raise ValueError(f"a batch of {global_rows} segments does not split over {count} processes")
+    return global_rows // count
+
+
 def options_from_config(
     cfg: Any,
     directory: str | Path,
@@ -377,14 +386,17 @@ def options_from_config(
     follow: bool = True,
     advantage: str = "group",
     skip_uniform_groups: bool = False,
+    batch_segments: int | None = None,
 ) -> PipelineOptions:
-    """`PipelineOptions` from the experiment config (``data.batch_segments``,
-    ``rollout.max_policy_lag``); the lag applies only with ``current_version``."""
+    """`PipelineOptions` from the experiment config (``rollout.max_policy_lag``; the lag applies
+    only with ``current_version``). ``batch_segments`` (default ``data.batch_segments``) is the
+    global batch: this process builds its share of it (`rows_per_process`)."""
     lag = int(cfg.rollout.max_policy_lag) if current_version is not None else None
+    rows = int(cfg.data.batch_segments if batch_segments is None else batch_segments)
     return PipelineOptions(
         directory=directory,
         dims=dims,
-        batch_segments=int(cfg.data.batch_segments),
+        batch_segments=rows_per_process(rows),
         follow=follow,
         max_policy_lag=lag,
         current_version=current_version,
