@@ -4,18 +4,23 @@ worker on the imported store. Everything is built in the test (no downloads)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from vimrag_jax import config_checks
+from vimrag_jax.agent.prompts import VIDEO_FPS
 from vimrag_jax.envs.dataset import DatasetError, load_questions
-from vimrag_jax.retrieval.corpus import CorpusStore
+from vimrag_jax.retrieval.corpus import CorpusStore, corpus_fingerprint
 from vimrag_jax.retrieval.embedders import HashingEmbedder
 from vimrag_jax.retrieval.import_corpus import (
     CorpusImportError,
@@ -23,6 +28,7 @@ from vimrag_jax.retrieval.import_corpus import (
     main,
     parse_embedder,
     read_items,
+    resample_to_grid,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,12 +230,27 @@ BAD_ITEMS = {
         1,
         "strictly increasing",
     ),
-    "timestamps_off_the_1fps_grid": (
+    "timestamps_sparser_than_1fps": (
         [{**VIDEO_ROW, "timestamps": [0, 1.5, 3]}],
         1,
-        "frame 1 is at 1.5 s: extract the video's frames at 1 fps",
+        r"no frame in second 1 \(none rounds to it; the nearest are at 0 s and 1.5 s\): it is "
+        "sparser than 1 fps there",
     ),
+    "fps_sparser_than_1fps": (
+        [TEXT_ROW, {**VIDEO_ROW, "fps": 0.5}],
+        2,
+        r"no frame in second 1 .*nearest are at 0 s and 2 s.*extract the frames at 1 fps or more",
+    ),
+    "fps_and_timestamps": (
+        [{**VIDEO_ROW, "fps": 1, "timestamps": [0, 1, 2]}],
+        1,
+        "a video gives 'timestamps' or 'fps', not both",
+    ),
+    "fps_not_positive": ([{**VIDEO_ROW, "fps": 0}], 1, "'fps' must be a positive number"),
+    "fps_not_a_number": ([{**VIDEO_ROW, "fps": "30"}], 1, "'fps' must be a positive number"),
     "timestamps_on_image": ([_row(timestamps=[0.0])], 1, "an image item has no 'timestamps'"),
+    "fps_on_image": ([_row(fps=30)], 1, "an image item has no 'fps'"),
+    "fps_on_text": ([{**TEXT_ROW, "fps": 30}], 1, "a text item has no 'fps'"),
 }
 
 
@@ -244,7 +265,7 @@ def test_bad_items_name_file_line_and_problem(case, media, tmp_path):
     assert re.search(problem, message), message
     error = caught.value  # raised on its own: no chained traceback from deep inside
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
-    assert not (tmp_path / "store").exists()  # nothing written on bad input
+    assert os.listdir(tmp_path) == ["items.jsonl"]  # no store, no staging directory
 
 
 def test_cli_imports_and_reports_errors_without_traceback(media, tmp_path, capsys):
@@ -471,3 +492,193 @@ def test_agent_keeps_imported_pictures_and_video_frames(dataset, tmp_path):
         assert [int(r[1]) for r in refs] == frames
         for ref in refs:  # what the learner reads back
             assert experiment.store.load_visual(int(ref[0]), int(ref[1])).shape[-1] == 3
+
+
+# -- streaming import ---------------------------------------------------------------------------
+
+
+def _store_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> dict:
+    """300 items (text, 4x4 images, 3-frame videos at 1 fps and at 10 fps) and their media."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(1)
+    rows: list[dict] = []
+    for i in range(300):
+        row = {"id": 1000 + i, "title": f"entity {i % 17}", "text": f"passage {i} about {i % 7}"}
+        if i % 10 == 3:
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(root / f"{i}.png")
+            row.update(modality="image", path=f"{i}.png")
+        elif i % 50 == 7:
+            (root / f"v{i}").mkdir()
+            for f in range(21):
+                frame = rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)
+                Image.fromarray(frame).save(root / f"v{i}" / f"{f:03d}.png")
+            row.update(modality="video", path=f"v{i}", fps=10 if i % 100 == 7 else 1)
+        else:
+            row.update(modality="text")
+        rows.append(row)
+    return {"root": root, "rows": rows}
+
+
+def test_streamed_import_equals_the_in_memory_build(many, tmp_path):
+    items_path = _write_jsonl(tmp_path / "items.jsonl", many["rows"])
+    lines: list[str] = []
+    store = import_corpus(
+        items_path,
+        tmp_path / "store",
+        media_root=many["root"],
+        progress_every=100,
+        log=lines.append,
+        embed_batch=16,
+    )
+    assert [line.split(" in ")[0] for line in lines[:4]] == [
+        "read 100 items (34 images/frames)",  # 10 images, a 10 fps and a 1 fps video
+        "read 200 items (68 images/frames)",
+        "read 300 items (102 images/frames)",
+        "read 300 items (102 images/frames)",  # then the final step
+    ]
+    assert lines[3].endswith(f"; finishing {tmp_path / 'store'}") and len(lines) == 5
+    items = read_items(items_path, many["root"])
+    assert sum(item.modality == "video" for item in items) == 6
+    assert {item.num_frames for item in items if item.modality == "video"} == {3, 21}
+    embedder = HashingEmbedder()
+    assert store.fingerprint == corpus_fingerprint(items, embedder)
+    np.testing.assert_array_equal(store.embeddings, embedder.embed_items(items))
+    built = CorpusStore.build(items, str(tmp_path / "built"))
+    assert built.fingerprint == store.fingerprint
+    assert _store_bytes(tmp_path / "store") == _store_bytes(tmp_path / "built")
+    for item in items[::7] + [item for item in items if item.modality != "text"]:
+        loaded = store.load_item(item.item_id)
+        assert (loaded.text, loaded.timestamps) == (item.text, item.timestamps)
+        np.testing.assert_array_equal(loaded.pixels, item.pixels)
+    assert sorted(os.listdir(tmp_path)) == ["built", "items.jsonl", "store"]
+
+
+class _FailingEmbedder(HashingEmbedder):
+    """Fails on its third batch: an error found only after many items were written."""
+
+    calls = 0
+
+    def embed_items(self, items):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("the embedder ran out of memory")
+        return super().embed_items(items)
+
+
+def test_late_errors_leave_no_store_and_keep_an_old_one(many, tmp_path):
+    rows = many["rows"]
+    bad_json = _write_jsonl(tmp_path / "bad.jsonl", rows[:289] + ["{not json", *rows[289:]])
+    missing = [*rows[:294], {**rows[3], "id": 5000, "path": "absent.png"}, *rows[294:]]
+    bad_media = _write_jsonl(tmp_path / "missing.jsonl", missing)
+    for path, line, problem in [
+        (bad_json, 290, "malformed JSON"),
+        (bad_media, 295, "image file .*absent.png.* does not exist"),
+    ]:
+        with pytest.raises(CorpusImportError, match=f"^{re.escape(str(path))}:{line}: {problem}"):
+            import_corpus(path, tmp_path / "store", media_root=many["root"], embed_batch=8)
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        import_corpus(
+            _write_jsonl(tmp_path / "ok.jsonl", rows),
+            tmp_path / "store",
+            media_root=many["root"],
+            embedder=_FailingEmbedder(),
+            embed_batch=8,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "missing.jsonl", "ok.jsonl"]
+    old = import_corpus(tmp_path / "ok.jsonl", tmp_path / "store", media_root=many["root"])
+    before = _store_bytes(tmp_path / "store")
+    with pytest.raises(CorpusImportError, match=":290: malformed JSON"):
+        import_corpus(bad_json, tmp_path / "store", media_root=many["root"], overwrite=True)
+    assert _store_bytes(tmp_path / "store") == before
+    assert CorpusStore.open(str(tmp_path / "store")).fingerprint == old.fingerprint
+    assert "store" in os.listdir(tmp_path) and len(os.listdir(tmp_path)) == 4
+
+
+# -- videos at any frame rate -------------------------------------------------------------------
+
+
+def _reference_resample(times: list[float]) -> list[int] | None:
+    """Loop-level reference of the 1 fps rule: for each second from round(first) to round(last)
+    the frame nearest to it (ties: the earlier); None when a second has no frame rounding to it."""
+    seconds = range(round(times[0]), round(times[-1]) + 1)
+    if any(all(round(t) != s for t in times) for s in seconds):
+        return None
+    return [min(range(len(times)), key=lambda j: (abs(times[j] - s), j)) for s in seconds]
+
+
+@st.composite
+def _frame_times(draw) -> list[float]:
+    kind = draw(st.sampled_from(["gaps", "ticks", "covered", "fps"]))
+    if kind == "gaps":
+        start = draw(st.floats(0, 4))
+        gaps = draw(st.lists(st.floats(0.01, 1.6), max_size=40))
+        return list(itertools.accumulate(gaps, initial=start))
+    if kind == "ticks":  # halves and quarters: many exact ties between two frames
+        per_second = draw(st.sampled_from([2, 4]))
+        ticks = draw(
+            st.lists(st.integers(0, 12 * per_second), min_size=1, max_size=30, unique=True)
+        )
+        return [tick / per_second for tick in sorted(ticks)]
+    if kind == "covered":  # every second has frames, often two equally near ones
+        times: set[float] = set()
+        for second in range(draw(st.integers(1, 12))):
+            near = [-0.25, 0.0, 0.25] + ([-0.5, 0.5] if second % 2 == 0 else [])  # round to it
+            offsets = draw(st.sets(st.sampled_from(near), min_size=1))
+            times |= {second + offset for offset in offsets if second + offset >= 0}
+        return sorted(times) or [0.0]
+    fps = draw(st.floats(0.4, 60))
+    return [i / fps for i in range(draw(st.integers(1, 120)))]
+
+
+@given(times=_frame_times())
+def test_resampling_keeps_the_nearest_frame_of_every_second(times):
+    assert VIDEO_FPS == 1.0  # the reference works in seconds
+    want = _reference_resample(times)
+    if want is None:
+        with pytest.raises(ValueError, match="no frame in second .* sparser than 1 fps"):
+            resample_to_grid(times)
+        return
+    kept, stored = resample_to_grid(times)
+    assert list(kept) == want
+    first = round(times[0])
+    assert [round(times[k]) for k in kept] == list(range(first, first + len(kept)))
+    if all(round(t) == i for i, t in enumerate(times)):  # already at 1 fps: stored as given
+        assert stored == tuple(times)
+    else:
+        assert stored == tuple(float(i) for i in range(len(kept)))
+
+
+def test_resampling_hand_checked_cases():
+    assert resample_to_grid([0.0, 1.1, 2.2]) == ((0, 1, 2), (0.0, 1.1, 2.2))  # as before
+    assert resample_to_grid([i / 30 for i in range(61)]) == ((0, 30, 60), (0.0, 1.0, 2.0))
+    # 89 frames at 30 fps end at 2.93 s, which rounds to second 3: its nearest frame is the last.
+    assert resample_to_grid([i / 30 for i in range(89)])[0] == (0, 30, 60, 88)
+    # Second 2 lies half-way between 1.5 and 2.5 (both round to 2): the earlier frame wins.
+    assert resample_to_grid([0, 1, 1.5, 2.5, 3]) == ((0, 1, 2, 4), (0.0, 1.0, 2.0, 3.0))
+    # A clip starting at 5 s is stored from 0 s: stored frame i is second i.
+    assert resample_to_grid([5.0, 6.2, 7.1]) == ((0, 1, 2), (0.0, 1.0, 2.0))
+    with pytest.raises(ValueError, match="no frame in second 1 .* at 0 s and 2 s"):
+        resample_to_grid([0, 2, 4])  # 0.5 fps
+
+
+def test_a_30fps_video_is_imported_at_1fps_decoding_only_the_kept_frames(tmp_path):
+    (tmp_path / "clip").mkdir()
+    for i in range(89):
+        path = tmp_path / "clip" / f"{i:03d}.png"
+        if i % 30 and i != 88:  # dropped frames are never opened: these are not even images
+            path.write_bytes(b"not a png")
+        else:
+            Image.fromarray(np.full((2, 2, 3), i, np.uint8)).save(path)
+    row = {**VIDEO_ROW, "path": "clip", "fps": 30}
+    (item,) = read_items(_write_jsonl(tmp_path / "items.jsonl", [row]))
+    assert item.timestamps == (0.0, 1.0, 2.0, 3.0)
+    assert item.pixels[:, 0, 0, 0].tolist() == [0, 30, 60, 88]
+    starts_late = {**VIDEO_ROW, "path": "clip", "timestamps": [5 + i / 30 for i in range(89)]}
+    (item,) = read_items(_write_jsonl(tmp_path / "late.jsonl", [starts_late]))
+    assert item.timestamps == (0.0, 1.0, 2.0, 3.0)
+    assert item.pixels[:, 0, 0, 0].tolist() == [0, 30, 60, 88]  # 5, 6, 7 and 7.93 s

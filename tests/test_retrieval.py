@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh
 
 from vimrag_jax.envs.synthetic import SyntheticConfig, build, hop_query
-from vimrag_jax.retrieval.corpus import CorpusItem, CorpusStore, RetrievalError
+from vimrag_jax.retrieval.corpus import (
+    CorpusItem,
+    CorpusStore,
+    RetrievalError,
+    StoreBuilder,
+    corpus_fingerprint,
+)
 from vimrag_jax.retrieval.embedders import Embedder, HashingEmbedder
 from vimrag_jax.retrieval.index import TopKIndex
 
@@ -358,3 +364,143 @@ def test_corpus_store_with_the_hf_embedder(hf_checkpoint, hf_embedder, tmp_path)
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
     with pytest.raises(RetrievalError, match="embedded with"):
         CorpusStore.open(str(tmp_path / "store"), HFEmbedder(other, max_length=24))
+
+
+def _legacy_build(items, directory, embedder):
+    """The in-memory writer ``CorpusStore.build`` used before ``StoreBuilder`` (kept verbatim in
+    spirit): every file written from the whole item list at once. Stores written by it exist."""
+    import hashlib
+
+    import msgpack
+    from array_record.python import array_record_module
+
+    def metadata(item, record):
+        return {
+            "id": int(item.item_id),
+            "modality": item.modality,
+            "title": item.title,
+            "text": item.text,
+            "timestamps": [float(t) for t in item.timestamps],
+            "shape": [] if item.pixels is None else [int(s) for s in item.pixels.shape],
+            "record": record,
+        }
+
+    def frames(item):
+        if item.pixels is None:
+            return []
+        return [item.pixels] if item.modality == "image" else list(item.pixels)
+
+    digest = hashlib.sha256(b"vimrag-corpus-v1")
+    digest.update(json.dumps(embedder.spec(), sort_keys=True).encode())
+    for item in items:
+        digest.update(msgpack.packb(metadata(item, 0)))
+        for frame in frames(item):
+            digest.update(np.ascontiguousarray(frame).tobytes())
+    os.makedirs(directory)
+    writer = array_record_module.ArrayRecordWriter(
+        os.path.join(directory, "pixels.array_record"), "group_size:1"
+    )
+    rows, record = [], 0
+    for item in items:
+        rows.append(metadata(item, record if item.pixels is not None else -1))
+        for frame in frames(item):
+            writer.write(np.ascontiguousarray(frame).tobytes())
+            record += 1
+    writer.close()
+    with open(os.path.join(directory, "metadata.msgpack"), "wb") as f:
+        f.write(msgpack.packb(rows))
+    embeddings = np.asarray(embedder.embed_items(items), np.float32)
+    np.save(os.path.join(directory, "embeddings.npy"), embeddings, allow_pickle=False)
+    files = {
+        name: os.path.getsize(os.path.join(directory, name))
+        for name in ("metadata.msgpack", "pixels.array_record", "embeddings.npy")
+    }
+    manifest = {
+        "format": 1,
+        "fingerprint": digest.hexdigest(),
+        "num_items": len(items),
+        "num_pixel_records": record,
+        "embedder": embedder.spec(),
+        "files": files,
+    }
+    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def _store_bytes(directory):
+    return {
+        name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)
+    }
+
+
+@pytest.mark.parametrize("batch", [(1, 1 << 30), (7, 1 << 30), (64, 600)])
+def test_streaming_builder_writes_the_in_memory_format_byte_for_byte(world, tmp_path, batch):
+    items = world[0]
+    assert {item.modality for item in items} == {"text", "image", "video"}
+    embedder = HashingEmbedder(dim=32)
+    legacy = str(tmp_path / "legacy")
+    _legacy_build(items, legacy, embedder)
+    streamed = str(tmp_path / "streamed")
+    embed_batch, embed_batch_bytes = batch  # by count, or by pixel bytes (600: ~every image)
+    with StoreBuilder(
+        streamed, embedder, embed_batch=embed_batch, embed_batch_bytes=embed_batch_bytes
+    ) as builder:
+        for item in items:
+            builder.add(item)
+        assert builder.fingerprint == corpus_fingerprint(items, embedder)
+        store = builder.finish()
+    assert not store.reused and store.fingerprint == corpus_fingerprint(items, embedder)
+    assert _store_bytes(streamed) == _store_bytes(legacy)
+    assert sorted(os.listdir(tmp_path)) == ["legacy", "streamed"]  # no staging left behind
+    # A store written by the old writer opens, and building the same corpus on it reuses it.
+    old = CorpusStore.open(legacy)
+    np.testing.assert_array_equal(old.embeddings, embedder.embed_items(items))
+    video = next(item for item in items if item.modality == "video")
+    np.testing.assert_array_equal(old.load_item(video.item_id).pixels, video.pixels)
+    assert CorpusStore.build(items, legacy, embedder).reused
+
+
+class _FailingEmbedder(HashingEmbedder):
+    """Fails on its ``fail_on``-th call of ``embed_items``: a late error in a build."""
+
+    def __init__(self, fail_on):
+        super().__init__(dim=16)
+        self.calls, self.fail_on = 0, fail_on
+
+    def embed_items(self, items):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RetrievalError("embedder failed")
+        return super().embed_items(items)
+
+
+def test_failed_builds_leave_nothing_and_keep_the_old_store(world, tmp_path):
+    items = world[0]
+    target = str(tmp_path / "store")
+    with pytest.raises(RetrievalError, match="embedder failed"):
+        with StoreBuilder(target, _FailingEmbedder(fail_on=3), embed_batch=5) as builder:
+            for item in items:
+                builder.add(item)
+            builder.finish()
+    assert os.listdir(tmp_path) == []  # neither the store nor its staging directory
+    with pytest.raises(RetrievalError, match="appears twice"):
+        with StoreBuilder(target) as builder:
+            builder.add(items[0])
+            builder.add(items[1])
+            builder.add(items[0])
+    with pytest.raises(RetrievalError, match="empty corpus"):
+        StoreBuilder(target).finish()
+    assert os.listdir(tmp_path) == []
+    first = CorpusStore.build(items[:10], target)
+    before = _store_bytes(target)
+    with pytest.raises(RetrievalError, match="embedder failed"):  # fails in finish's last batch
+        CorpusStore.build(items[:12], target, _FailingEmbedder(fail_on=1))
+    assert _store_bytes(target) == before and os.listdir(tmp_path) == ["store"]
+    assert CorpusStore.open(target).fingerprint == first.fingerprint
+
+
+def test_a_relative_store_directory_is_built_beside_itself(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = CorpusStore.build(world[0][:5], "rel")
+    assert store.directory == "rel" and sorted(os.listdir(tmp_path)) == ["rel"]
+    assert CorpusStore.open("rel").fingerprint == store.fingerprint

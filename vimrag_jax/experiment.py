@@ -27,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +72,24 @@ def synthetic_config(cfg: Any) -> synthetic.SyntheticConfig:
     return synthetic.SyntheticConfig(**fields)
 
 
-def tokenizer_texts(items, questions) -> list[str]:
-    """What the tiny tokenizer is trained on: the world's texts and the prompt templates.
+# Prompt templates are repeated so BPE learns their words (it merges only pairs seen twice).
+TEMPLATE_REPEATS = 4
 
-    The templates (system prompt with the tool schemas, observation cues) are repeated so BPE
-    learns their words (it merges only pairs seen at least twice).
-    """
-    templates = [
+
+def template_texts() -> list[str]:
+    """The prompt templates the tiny tokenizer learns: the system prompt with the tool schemas
+    and the observation cues."""
+    return [
         prompts.system_prompt(),
         prompts.error_observation("the tool call is not valid JSON"),
         prompts.retrieval_observation([]).text,
         prompts.graph_prompt("", []).text,
     ]
-    return synthetic.corpus_texts(items, questions) + templates * 4
+
+
+def tokenizer_texts(items, questions) -> list[str]:
+    """What the tiny tokenizer is trained on: the world's texts and the prompt templates."""
+    return synthetic.corpus_texts(items, questions) + template_texts() * TEMPLATE_REPEATS
 
 
 @contextlib.contextmanager
@@ -97,19 +105,95 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _load_or_build_tokenizer(directory: Path, texts_fn, vocab_size: int):
+#: Written beside the cached tiny tokenizer: what it was built from (``_tokenizer_source``).
+TOKENIZER_SOURCE = "vimrag_tokenizer_source.json"
+_LOG = logging.getLogger(__name__)
+
+
+def _tokenizer_source(texts: Sequence[str], vocab_size: int) -> dict[str, Any]:
+    """What a tiny tokenizer is built from: the vocab size and a sha256 of the training texts.
+
+    The texts are hashed in order, each length-prefixed (so ``["ab", "c"]`` and ``["a", "bc"]``
+    differ), because BPE training depends on both the texts and their order.
+    """
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return {
+        "vocab_size": int(vocab_size),
+        "num_texts": len(texts),
+        "texts_sha256": digest.hexdigest(),
+    }
+
+
+def _check_tokenizer_source(directory: Path, source: dict[str, Any]) -> None:
+    """Refuses a cached tokenizer built from other texts or another vocab size (ValueError).
+
+    It is never rebuilt in place: the checkpoints and published policies of the workdir hold
+    embeddings indexed by its token ids. A cache written before sources were recorded (no
+    ``TOKENIZER_SOURCE`` file) cannot be checked and is used as is, with a warning.
+    """
+    path = directory / TOKENIZER_SOURCE
+    if not path.is_file():
+        _LOG.warning(
+            "the tokenizer cached in %s records no source (%s; written by an older version): "
+            "using it as is, unchecked against this run's corpus and vocab size",
+            directory,
+            TOKENIZER_SOURCE,
+        )
+        return
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        differs = [key for key in source if cached[key] != source[key]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot read the tokenizer source record {path}: {error}") from None
+    if not differs:
+        return
+    what = []
+    if "vocab_size" in differs:
+        what.append(f"vocab size {cached['vocab_size']} then, {source['vocab_size']} now")
+    if "texts_sha256" in differs or "num_texts" in differs:
+        what.append(
+            f"other training texts: {cached['num_texts']} then, {source['num_texts']} now, "
+            "with another sha256 (the corpus or the questions changed)"
+        )
+    raise ValueError(
+        f"workdir {directory.parent}: the cached tokenizer in {directory} was built from a "
+        f"different corpus/vocab ({'; '.join(what)}). The checkpoints in this workdir use its "
+        "token ids, so it is not rebuilt: start this run in a new --workdir (or run with the "
+        "corpus and env.tokenizer_vocab_size the workdir was made with)"
+    )
+
+
+def _load_or_build_tokenizer(
+    directory: Path, texts_fn: Callable[[], Sequence[str]], vocab_size: int
+):
+    """The tiny BPE cached in ``directory``: built from the world's texts ``texts_fn()`` and the
+    prompt templates on first start (published by an atomic rename, with its
+    ``TOKENIZER_SOURCE`` record), else loaded after checking that it was built from the same
+    world texts and vocab size (``_check_tokenizer_source``). The templates are left out of the
+    record: a change of prompt wording in the code must not lock a run out of its workdir (the
+    cached tokenizer still encodes any text)."""
     from transformers import PreTrainedTokenizerFast
 
     from vimrag_jax.agent.tokenizer import build_tokenizer
 
+    texts = list(texts_fn())
+    source = _tokenizer_source(texts, vocab_size)
     if not directory.is_dir():
-        tokenizer = build_tokenizer(texts_fn(), vocab_size=vocab_size)
+        tokenizer = build_tokenizer(
+            texts + template_texts() * TEMPLATE_REPEATS, vocab_size=vocab_size
+        )
         staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
         tokenizer.save_pretrained(str(staging))
+        (staging / TOKENIZER_SOURCE).write_text(json.dumps(source, indent=1), encoding="utf-8")
         try:
             os.rename(staging, directory)
         except OSError:  # someone else published it first (shared filesystem without flock)
             shutil.rmtree(staging, ignore_errors=True)
+    _check_tokenizer_source(directory, source)  # also checks one published by someone else
     return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -151,9 +235,13 @@ def _open_dataset(cfg: Any) -> tuple[CorpusStore, list[synthetic.Question]]:
     return store, dataset.load_questions(path, store)
 
 
-def _tokenizer(cfg: Any, workdir: Path, texts_fn, vocab: int) -> tuple[Any, int]:
+def _tokenizer(
+    cfg: Any, workdir: Path, texts_fn: Callable[[], Sequence[str]], vocab: int
+) -> tuple[Any, int]:
     """(tokenizer, vocab size): ``model.path``'s for ``model.name == "hf"``, else the tiny BPE
-    under ``WORKDIR/tokenizer/`` (built from ``texts_fn()`` on first start). Call under the lock."""
+    under ``WORKDIR/tokenizer/`` (built from ``texts_fn()`` on first start; a later start with
+    other texts or another vocab size is refused, see ``_check_tokenizer_source``). Call under
+    the lock."""
     model = cfg.get("model")
     if _get(model, "name", "tiny") == "hf":
         from transformers import AutoTokenizer
@@ -194,7 +282,7 @@ class Experiment:
             train, evaluation, sft = _split_questions(cfg, questions)
             with workdir_lock(workdir):  # only the tokenizer is built in the workdir
                 tokenizer, vocab = _tokenizer(
-                    cfg, workdir, lambda: tokenizer_texts(list(store), questions), vocab
+                    cfg, workdir, lambda: synthetic.corpus_texts(list(store), questions), vocab
                 )
             entities: dict[str, str] = {}  # a real corpus names no entity kinds
             env_name = "dataset"
@@ -204,7 +292,7 @@ class Experiment:
             with workdir_lock(workdir):
                 store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
                 tokenizer, vocab = _tokenizer(
-                    cfg, workdir, lambda: tokenizer_texts(items, questions), vocab
+                    cfg, workdir, lambda: synthetic.corpus_texts(items, questions), vocab
                 )
             entities = synthetic.entity_kinds(items)
             env_name = "synthetic"

@@ -1,7 +1,8 @@
 """Multimodal corpus items and their on-disk store: metadata, pixels, embeddings and search.
 
-A store directory holds four files, written once by ``CorpusStore.build`` and memory-mapped or read
-on demand by ``CorpusStore.open`` — nothing is rebuilt at start-up:
+A store directory holds four files, written once by ``StoreBuilder`` (``CorpusStore.build`` wraps
+it for an in-memory item list) and memory-mapped or read on demand by ``CorpusStore.open`` —
+nothing is rebuilt at start-up:
 
 - ``manifest.json``: format version, corpus fingerprint, embedder spec, item count, file sizes;
 - ``metadata.msgpack``: one map per item (id, modality, title, text, frame timestamps, pixel shape,
@@ -11,17 +12,20 @@ on demand by ``CorpusStore.open`` — nothing is rebuilt at start-up:
 - ``embeddings.npy``: float32[items, dim], memory-mapped (``allow_pickle=False``).
 
 Nothing is pickled: records are plain bytes and msgpack maps of strings and numbers. The fingerprint
-hashes the items (text and pixels) and the embedder spec, so ``build`` on a directory that already
-holds the same corpus reuses it instead of writing it again. Rows of the index follow item order;
-search returns item ids, best first, equal scores by lower row first.
+hashes the items (text and pixels, in order) and the embedder spec, one item after the other, so a
+streaming build computes it as items go by; building on a directory that already holds the same
+corpus reuses it instead of writing it again. Rows of the index follow item order; search returns
+item ids, best first, equal scores by lower row first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +42,12 @@ MANIFEST = "manifest.json"
 METADATA = "metadata.msgpack"
 PIXELS = "pixels.array_record"
 EMBEDDINGS = "embeddings.npy"
+#: Items (and bytes of their pixels) gathered before ``StoreBuilder`` embeds them as one batch.
+DEFAULT_EMBED_BATCH = 64
+DEFAULT_EMBED_BATCH_BYTES = 256 << 20
+_ROWS_SPOOL = "metadata.rows"  # msgpack rows, one after the other, until the count is known
+_VECTORS_SPOOL = "embeddings.f32"  # raw float32 rows, until the count is known
+_COPY_ROWS = 4096  # embedding rows copied at a time from the spool into embeddings.npy
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -138,11 +148,20 @@ def _frames(item: CorpusItem) -> list[np.ndarray]:
     return [item.pixels] if item.modality == "image" else list(item.pixels)
 
 
-def corpus_fingerprint(items: Sequence[CorpusItem], embedder: Embedder) -> str:
-    """sha256 over the format version, the embedder spec and every item's metadata and pixels."""
+def _fingerprint_start(embedder: Embedder):
     digest = hashlib.sha256()
     digest.update(f"vimrag-corpus-v{FORMAT_VERSION}".encode())
     digest.update(json.dumps(embedder.spec(), sort_keys=True).encode())
+    return digest
+
+
+def corpus_fingerprint(items: Sequence[CorpusItem], embedder: Embedder) -> str:
+    """sha256 over the format version, the embedder spec and every item's metadata and pixels.
+
+    The hash is fed item by item in order, which is what lets ``StoreBuilder`` compute the same
+    value incrementally without holding the corpus.
+    """
+    digest = _fingerprint_start(embedder)
     for item in items:
         digest.update(msgpack.packb(_metadata(item, 0)))
         for frame in _frames(item):
@@ -177,6 +196,15 @@ def _files_intact(directory: str, manifest: dict) -> str | None:
         if os.path.getsize(path) != size:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {size}"
     return None
+
+
+def _stored_fingerprint(directory: str) -> str | None:
+    """The fingerprint of the intact store in ``directory``, None when there is none."""
+    try:
+        manifest = _read_manifest(directory)
+    except RetrievalError:
+        return None
+    return manifest["fingerprint"] if _files_intact(directory, manifest) is None else None
 
 
 class CorpusStore:
@@ -257,7 +285,9 @@ class CorpusStore:
         """Writes ``items`` and their embeddings to ``directory`` and opens the result.
 
         When the directory already holds a complete store with the same fingerprint nothing is
-        written and the returned store has ``reused = True``.
+        written and the returned store has ``reused = True``. The items are already in memory
+        here, so the fingerprint is checked before anything is written; the writing itself is
+        ``StoreBuilder``'s (the same bytes an importer streaming the same items writes).
         """
         if not items:
             raise RetrievalError("cannot build a corpus store from an empty corpus (no items)")
@@ -266,66 +296,14 @@ class CorpusStore:
             duplicate = next(i for i in ids if ids.count(i) > 1)
             raise RetrievalError(f"item ids must be unique; id {duplicate} appears twice")
         embedder = embedder or HashingEmbedder()
-        fingerprint = corpus_fingerprint(items, embedder)
-        try:
-            manifest = _read_manifest(directory)
-            same = manifest["fingerprint"] == fingerprint
-            if same and _files_intact(directory, manifest) is None:
-                store = cls(directory, embedder, mesh=mesh)
-                store.reused = True
-                return store
-        except RetrievalError:
-            pass  # nothing usable there: build it
-
-        os.makedirs(directory, exist_ok=True)
-        staging = os.path.join(directory, f".building-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        try:
-            writer = array_record_module.ArrayRecordWriter(
-                os.path.join(staging, PIXELS), "group_size:1"
-            )
-            rows, record = [], 0
+        if _stored_fingerprint(directory) == corpus_fingerprint(items, embedder):
+            store = cls(directory, embedder, mesh=mesh)
+            store.reused = True
+            return store
+        with StoreBuilder(directory, embedder) as builder:
             for item in items:
-                rows.append(_metadata(item, record if item.pixels is not None else -1))
-                for frame in _frames(item):
-                    writer.write(np.ascontiguousarray(frame).tobytes())
-                    record += 1
-            writer.close()
-            with open(os.path.join(staging, METADATA), "wb") as f:
-                f.write(msgpack.packb(rows))
-            embeddings = np.asarray(embedder.embed_items(items), np.float32)
-            if embeddings.shape != (len(items), embedder.dim):
-                raise RetrievalError(
-                    f"embedder returned shape {embeddings.shape} for {len(items)} items, "
-                    f"expected ({len(items)}, {embedder.dim})"
-                )
-            np.save(os.path.join(staging, EMBEDDINGS), embeddings, allow_pickle=False)
-            files = {
-                name: os.path.getsize(os.path.join(staging, name))
-                for name in (METADATA, PIXELS, EMBEDDINGS)
-            }
-            manifest = {
-                "format": FORMAT_VERSION,
-                "fingerprint": fingerprint,
-                "num_items": len(items),
-                "num_pixel_records": record,
-                "embedder": embedder.spec(),
-                "files": files,
-            }
-            # The old manifest goes first and the new one last, so a crash in between leaves a
-            # directory that open() rejects instead of one that mixes two corpora.
-            manifest_path = os.path.join(directory, MANIFEST)
-            if os.path.exists(manifest_path):
-                os.remove(manifest_path)
-            for name in files:
-                os.replace(os.path.join(staging, name), os.path.join(directory, name))
-            with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-            os.replace(os.path.join(staging, MANIFEST), manifest_path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return cls(directory, embedder, mesh=mesh)
+                builder.add(item)
+            return builder.finish(mesh=mesh)
 
     # -- items ----------------------------------------------------------------------------------
 
@@ -415,11 +393,207 @@ class CorpusStore:
         return self.ids[rows], scores
 
 
+class StoreBuilder:
+    """Writes a corpus store one item at a time, so memory holds a batch of items, not the corpus.
+
+    Items go into a staging directory beside ``directory`` (``.NAME.building-PID-HEX``, on the
+    same filesystem so publishing is a rename): each item's pixels straight into the pixel
+    records, its metadata row into a spool file, its bytes into the running fingerprint, and its
+    embedding once ``embed_batch`` items or ``embed_batch_bytes`` bytes of pixels have gathered
+    (whichever comes first, so one big video ends its batch at once). ``finish`` writes
+    ``metadata.msgpack`` and ``embeddings.npy`` from the spools, then the manifest, and publishes:
+    the staging directory is renamed to ``directory`` when that does not exist, else its files
+    replace the old store's (manifest removed first and written last, so a crash in between leaves
+    a directory ``open`` rejects rather than one mixing two corpora). When ``directory`` already
+    holds an intact store with the same fingerprint, the staging copy is dropped and that store is
+    opened (``reused``). ``abort`` — also run when a ``with`` block is left by an exception or
+    without ``finish`` — deletes the staging directory: a failed build leaves nothing behind.
+
+    Held in memory: the items of one embedding batch (with their pixels), the set of item ids
+    seen (for the uniqueness check) and a sha256 state. The files are byte-for-byte those an
+    in-memory build of the same items writes, and the fingerprint is ``corpus_fingerprint``'s.
+    Publishing over an existing store needs disk space for both copies until the rename.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        embedder: Embedder | None = None,
+        *,
+        embed_batch: int = DEFAULT_EMBED_BATCH,
+        embed_batch_bytes: int = DEFAULT_EMBED_BATCH_BYTES,
+    ):
+        if embed_batch < 1:
+            raise ValueError(f"embed_batch must be positive, got {embed_batch}")
+        self.directory = os.fspath(directory)  # as given: the opened store reports it so
+        self.embedder = embedder or HashingEmbedder()
+        self.num_items = 0
+        self.num_records = 0  # pixel records: images plus video frames
+        self._embed_batch = embed_batch
+        self._embed_batch_bytes = embed_batch_bytes
+        self._digest = _fingerprint_start(self.embedder)
+        self._ids: set[int] = set()
+        self._pending: list[CorpusItem] = []
+        self._pending_bytes = 0
+        self._packer = msgpack.Packer()
+        self._open = True
+        parent, name = os.path.split(os.path.normpath(os.path.abspath(self.directory)))
+        os.makedirs(parent, exist_ok=True)
+        self.staging = os.path.join(
+            parent, f".{name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        os.makedirs(self.staging)
+        try:
+            self._rows = open(os.path.join(self.staging, _ROWS_SPOOL), "wb")
+            self._vectors = open(os.path.join(self.staging, _VECTORS_SPOOL), "wb")
+            self._pixels = array_record_module.ArrayRecordWriter(
+                os.path.join(self.staging, PIXELS), "group_size:1"
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> StoreBuilder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.abort()  # a no-op after finish
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the items added so far (``corpus_fingerprint`` of that list)."""
+        return self._digest.copy().hexdigest()
+
+    def add(self, item: CorpusItem) -> None:
+        """Writes one item's pixels and metadata and queues it for embedding.
+
+        ``RetrievalError`` when its id was added before (the build is then unusable: abort it).
+        """
+        if not self._open:
+            raise RetrievalError("this StoreBuilder is finished or aborted; start a new one")
+        item_id = int(item.item_id)
+        if item_id in self._ids:
+            raise RetrievalError(f"item ids must be unique; id {item_id} appears twice")
+        self._ids.add(item_id)
+        row = _metadata(item, self.num_records if item.pixels is not None else -1)
+        self._rows.write(self._packer.pack(row))
+        self._digest.update(msgpack.packb(_metadata(item, 0)))
+        for frame in _frames(item):
+            data = np.ascontiguousarray(frame).tobytes()
+            self._pixels.write(data)
+            self._digest.update(data)
+            self.num_records += 1
+        self.num_items += 1
+        self._pending.append(item)
+        self._pending_bytes += 0 if item.pixels is None else item.pixels.nbytes
+        if (
+            len(self._pending) >= self._embed_batch
+            or self._pending_bytes >= self._embed_batch_bytes
+        ):
+            self._embed_pending()
+
+    def _embed_pending(self) -> None:
+        if not self._pending:
+            return
+        count, dim = len(self._pending), self.embedder.dim
+        vectors = np.asarray(self.embedder.embed_items(self._pending), np.float32)
+        if vectors.shape != (count, dim):
+            raise RetrievalError(
+                f"embedder returned shape {vectors.shape} for {count} items, "
+                f"expected ({count}, {dim})"
+            )
+        self._vectors.write(np.ascontiguousarray(vectors).tobytes())
+        self._pending, self._pending_bytes = [], 0
+
+    def _seal(self) -> dict:
+        """Writes the final files and the manifest into the staging directory; the manifest."""
+        self._embed_pending()
+        if self.num_items == 0:
+            raise RetrievalError("cannot build a corpus store from an empty corpus (no items)")
+        self._pixels.close()
+        self._rows.close()
+        self._vectors.close()
+        rows_path = os.path.join(self.staging, _ROWS_SPOOL)
+        with open(os.path.join(self.staging, METADATA), "wb") as out, open(rows_path, "rb") as src:
+            out.write(self._packer.pack_array_header(self.num_items))  # = msgpack.packb(rows)
+            shutil.copyfileobj(src, out)
+        os.remove(rows_path)
+        vectors_path = os.path.join(self.staging, _VECTORS_SPOOL)
+        shape = (self.num_items, self.embedder.dim)
+        spool = np.memmap(vectors_path, np.float32, "r", shape=shape)
+        # open_memmap writes the header np.save writes, so the file is np.save's byte for byte.
+        table = np.lib.format.open_memmap(
+            os.path.join(self.staging, EMBEDDINGS), "w+", np.float32, shape
+        )
+        for start in range(0, self.num_items, _COPY_ROWS):
+            table[start : start + _COPY_ROWS] = spool[start : start + _COPY_ROWS]
+        table.flush()
+        del table, spool
+        os.remove(vectors_path)
+        files = {
+            name: os.path.getsize(os.path.join(self.staging, name))
+            for name in (METADATA, PIXELS, EMBEDDINGS)
+        }
+        manifest = {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "num_items": self.num_items,
+            "num_pixel_records": self.num_records,
+            "embedder": self.embedder.spec(),
+            "files": files,
+        }
+        with open(os.path.join(self.staging, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        return manifest
+
+    def finish(self, *, mesh=None) -> CorpusStore:
+        """Completes the store, publishes it in ``directory`` (or reuses an identical one there)
+        and opens it; ``RetrievalError`` for an empty corpus or a failing embedder."""
+        if not self._open:
+            raise RetrievalError("this StoreBuilder is finished or aborted; start a new one")
+        try:
+            manifest = self._seal()
+            if _stored_fingerprint(self.directory) == manifest["fingerprint"]:
+                self.abort()
+                store = CorpusStore(self.directory, self.embedder, mesh=mesh)
+                store.reused = True
+                return store
+            self._publish(manifest)
+        finally:
+            self.abort()
+        return CorpusStore(self.directory, self.embedder, mesh=mesh)
+
+    def _publish(self, manifest: dict) -> None:
+        if not os.path.lexists(self.directory):
+            try:
+                os.rename(self.staging, self.directory)
+                return
+            except OSError:
+                pass  # created meanwhile (or not renamable): move the files in instead
+        os.makedirs(self.directory, exist_ok=True)
+        manifest_path = os.path.join(self.directory, MANIFEST)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)
+        for name in manifest["files"]:
+            os.replace(os.path.join(self.staging, name), os.path.join(self.directory, name))
+        os.replace(os.path.join(self.staging, MANIFEST), manifest_path)
+
+    def abort(self) -> None:
+        """Stops the build and deletes the staging directory (safe to call more than once)."""
+        if self._open:
+            self._open = False
+            for handle in ("_rows", "_vectors", "_pixels"):
+                with contextlib.suppress(Exception):
+                    getattr(self, handle).close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
 __all__ = [
     "MODALITIES",
     "CorpusItem",
     "CorpusStore",
     "ItemInfo",
     "RetrievalError",
+    "StoreBuilder",
     "corpus_fingerprint",
 ]
