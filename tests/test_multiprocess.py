@@ -1,6 +1,9 @@
-"""The learner over two JAX processes (CPU devices joined by `jax.distributed`, gloo) trains
-exactly like one process over the same eight devices, and each process resumes its own input
-pipeline position. The processes run `multiprocess_learner.py`."""
+"""Multi-host on one machine: JAX processes of four CPU devices each, joined by
+`jax.distributed` (gloo collectives).
+
+The learner over two processes (`multiprocess_learner.py`) trains exactly like one process over
+the same eight devices, and each process resumes its own input pipeline position; the train
+command itself runs, checkpoints and resumes on two processes."""
 
 from __future__ import annotations
 
@@ -16,10 +19,18 @@ import learner_cases
 import multiprocess_learner as job
 import numpy as np
 import pytest
+import train_command
 
-from vimrag_jax.checkpointing import Checkpointer, CheckpointMismatchError, this_process_data
+from vimrag_jax.checkpointing import (
+    PER_PROCESS,
+    Checkpointer,
+    CheckpointMismatchError,
+    this_process_data,
+)
+from vimrag_jax.data.shards import owned_shards
 from vimrag_jax.learner import Learner
 from vimrag_jax.parallel.mesh import make_mesh
+from vimrag_jax.rollout.records import list_shards
 
 SCRIPT = Path(__file__).with_name("multiprocess_learner.py")
 
@@ -116,3 +127,87 @@ def test_each_process_resumes_its_own_pipeline_position(job_dir):
     assert restored.metadata == {"phase": "rl"} and learner.step == 2
     with pytest.raises(CheckpointMismatchError, match="saved by 2 process"):
         this_process_data(restored)
+
+
+# --- the train command as two processes --------------------------------------------------
+
+
+def _run_two_processes(workdir: Path, total_steps: int) -> list[str]:
+    """`train_command` on two processes of four CPU devices each; returns their logs."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    procs, logs = [], []
+    for process in range(2):
+        log = open(workdir.parent / f"{workdir.name}-{total_steps}-{process}.log", "w+")  # noqa: SIM115
+        command = train_command.train_command(
+            workdir,
+            total_steps,
+            "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={process}",
+            "--config.distributed.initialization_timeout_s=120",
+        )
+        procs.append(
+            subprocess.Popen(
+                command, cwd=train_command.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+        logs.append(log)
+    try:
+        codes = [proc.wait(timeout=400) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("train") / "run"
+    first = _run_two_processes(workdir, total_steps=2)
+    return workdir, first
+
+
+def _checkpoint_data(workdir: Path, step: int) -> list[dict]:
+    (path,) = (workdir / "checkpoints" / str(step) / "data").glob("metadata")
+    return json.loads(path.read_text())[PER_PROCESS]
+
+
+def test_the_train_command_runs_on_two_processes(two_process_run):
+    workdir, _ = two_process_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row["step"] for row in rows if "loss" in row or "sft/loss" in row]
+    assert trained == [1, 2, 3]  # one writer: process 0
+    # The warm-start data was written in enough shards for both processes to read some.
+    assert len(list_shards(workdir / "sft_data")) >= 2
+    # Each process saved its own pipeline position, over shards of its own.
+    positions = _checkpoint_data(workdir, 3)
+    assert len(positions) == 2
+    names = [p["cursor"]["shard"] for p in positions if p["cursor"]["shard"]]
+    names += [name for p in positions for name in p["done_shards"]]
+    for process, position in enumerate(positions):
+        own = owned_shards(names, process, 2, follow=True)
+        mine = [position["cursor"]["shard"]] if position["cursor"]["shard"] else []
+        assert set(mine + position["done_shards"]) <= set(own)
+    assert (workdir / "export" / "config.json").is_file()
+    assert (workdir / "policy" / "LATEST").read_text().strip() == "2"
+
+
+def test_two_processes_resume_where_they_stopped(two_process_run):
+    workdir, _ = two_process_run
+    before = _checkpoint_data(workdir, 3)
+    logs = _run_two_processes(workdir, total_steps=3)
+    assert all("resumed RL at step 2, policy version 2" in log for log in logs)
+    after = _checkpoint_data(workdir, 4)
+    for old, new in zip(before, after, strict=True):  # each ledger moved on from its own
+        assert new["counters"]["records_consumed"] >= old["counters"]["records_consumed"]
+        assert set(old["done_shards"]) <= set(new["done_shards"])
+    assert (workdir / "policy" / "LATEST").read_text().strip() == "3"

@@ -5,57 +5,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import train_command
 
 from vimrag_jax.models import from_pretrained
 from vimrag_jax.rollout.records import list_shards, read_shard
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# The tiny preset, shrunk so a run takes about a minute on two cores: one warm-start step on
-# four expert trajectories, then RL steps on rollouts of a local worker subprocess.
-_SMALL = (
-    "--config=configs/ggpo.py",
-    # The smallest policy; a random policy's groups are all reward 0, so keep them.
-    "--config.model.name=tiny",
-    "--config.data.skip_uniform_groups=False",
-    "--config.eval.every_steps=0",
-    "--config.sft.steps=1",
-    "--config.sft.warmup_steps=1",
-    "--config.sft.num_trajectories=4",
-    "--config.optim.warmup_steps=1",
-    "--config.rollout.group_size=2",
-    "--config.rollout.questions_per_batch=2",
-    "--config.rollout.max_model_calls=9",
-    "--config.rollout.max_new_tokens=192",
-    "--config.data.batch_segments=8",
-    "--config.data.max_wait_s=240",
-    "--config.checkpoint.every_steps=1",
-    "--config.metrics.every_steps=1",
-    "--config.eval.num_questions=2",
-    "--config.export.dtype=float32",
-)
-
 
 def _train(workdir: Path, total_steps: int, *overrides: str) -> subprocess.CompletedProcess:
-    """The small run; ``overrides`` (``--config.KEY=VALUE``) replace `_SMALL`'s values."""
-    keys = {flag.split("=")[0] for flag in overrides}
-    small = [flag for flag in _SMALL if flag.split("=")[0] not in keys]
+    """The small run (`train_command.SMALL`; ``overrides`` replace its values)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vimrag_jax.train",
-            *small,
-            *overrides,
-            f"--config.optim.total_steps={total_steps}",
-            f"--workdir={workdir}",
-        ],
-        cwd=ROOT,
+        train_command.train_command(workdir, total_steps, *overrides),
+        cwd=train_command.ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ Restarting with the same ``--workdir`` resumes: the newest orbax checkpoint give
 state, the phase, the policy version and the input pipeline's ledger, so no trajectory is read
 twice or skipped. ``WORKDIR/phase.json`` records that the RL phase has begun.
 
-Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time.
+Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time (or no warm-start data).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ EXIT_NO_DATA = 3
 
 class NoRolloutData(RuntimeError):
     """No trajectory arrived for ``data.max_wait_s`` seconds."""
+
+
+class NoWarmStartData(RuntimeError):
+    """A pass over the warm-start shards gave this process no batch."""
 
 
 def _dropped(counters: dict[str, int]) -> str:
@@ -212,17 +216,19 @@ class Trainer:
                 "writing %d scripted-expert trajectories for the warm start to %s",
                 self.cfg.sft.num_trajectories, directory,
             )  # fmt: skip
-            expert = LocalWorkers(
-                self.config_flags,
-                self.workdir,
-                count=1,
-                extra_flags=[
-                    "--policy=scripted_expert",
-                    "--questions=sft",
-                    f"--max_trajectories={int(self.cfg.sft.num_trajectories)}",
-                    f"--shard_dir={directory}",
-                ],
-            )
+            trajectories = int(self.cfg.sft.num_trajectories)
+            extra = [
+                "--policy=scripted_expert",
+                "--questions=sft",
+                f"--max_trajectories={trajectories}",
+                f"--shard_dir={directory}",
+            ]
+            if jax.process_count() > 1:  # every process reads its own shards: write enough
+                group, count = int(self.cfg.rollout.group_size), jax.process_count()
+                per_shard = max(1, trajectories // (group * count))
+                questions = min(int(self.cfg.rollout.questions_per_batch), per_shard)
+                extra.append(f"--config.rollout.questions_per_batch={questions}")
+            expert = LocalWorkers(self.config_flags, self.workdir, count=1, extra_flags=extra)
             code = expert.run_once("expert")
             if code != 0:
                 raise RuntimeError(
@@ -261,14 +267,22 @@ class Trainer:
         )
         epoch = int(data_state.get("epoch", 0))
         iterator = self._batches(options, data_state.get("iterator"))
+        batches_this_epoch = 0
         while learner.step < self.sft_calls:
             began = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:  # one pass over the expert data done
-                epoch += 1
+                if batches_this_epoch == 0 and not data_state:
+                    raise NoWarmStartData(
+                        f"process {jax.process_index()} of {jax.process_count()} found no "
+                        f"warm-start segments in {directory} (every process reads its own "
+                        "shards: a shard set needs at least one per process)"
+                    ) from None
+                epoch, batches_this_epoch, data_state = epoch + 1, 0, {}
                 iterator = self._batches(options, None)
                 continue
+            batches_this_epoch += 1
             wait = time.perf_counter() - began
             metrics = learner.train_step(batch)
             metrics["epoch"] = float(epoch)
@@ -453,7 +467,7 @@ class Trainer:
                 params = self.run_sft()
             if self.rl_calls > 0:
                 self.run_rl(params)
-        except NoRolloutData as err:
+        except (NoRolloutData, NoWarmStartData) as err:
             logging.error("%s", err)
             return EXIT_NO_DATA
         finally:
