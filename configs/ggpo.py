@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Learner batches of segments (one model call = one segment).
     c.data = ml_collections.ConfigDict()
-    c.data.batch_segments = 32
+    c.data.batch_segments = 32  # global: each process feeds batch_segments / processes rows
     c.data.max_segment_tokens = 1024
     # Each batch's token axis is cut after its last trained token, rounded up to a multiple
     # of this (exact: the policy is causal); one compile per length met. 0: never cut.

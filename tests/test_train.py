@@ -99,3 +99,11 @@ def test_a_learner_starved_of_trainable_groups_says_why(first_run, tmp_path):
     assert result.returncode == 3, result.stderr[-4000:]
     assert "no trainable rollout arrived" in result.stderr
     assert f"records read so far {records}, dropped: 0 stale, {records} in groups" in result.stderr
+
+
+def test_warm_start_data_without_a_segment_is_a_clear_exit(tmp_path):
+    empty = tmp_path / "expert_shards"
+    empty.mkdir()
+    result = _train(tmp_path / "run", 1, f"--config.sft.data={empty}")
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "process 0 of 1 found no warm-start segments" in result.stderr
