@@ -127,6 +127,17 @@ def kl_k3(logp, ref_logp, token_mask, num_segments=None):
     return total / _denominator(token_mask, num_segments)
 
 
+def kl_token_max(logp, ref_logp, token_mask):
+    """The largest per-token k3 term over the masked tokens."""
+    terms = [
+        math.expm1(float(ref_logp[s][t]) - float(logp[s][t]))
+        - (float(ref_logp[s][t]) - float(logp[s][t]))
+        for s in range(len(token_mask))
+        for t in _tokens(token_mask, s)
+    ]
+    return max(terms)
+
+
 def group_advantages(rewards, group_ids, valid, eps=1e-6):
     """float64[B]: (r - group mean) / (population std + eps) over valid members."""
     out = np.zeros(len(rewards))

@@ -458,6 +458,9 @@ def test_kl_term_and_missing_reference():
     kl = ref.kl_k3(logp, batch["ref_logprobs"], mask)
     np.testing.assert_allclose(loss, base + 0.1 * kl, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(to_scalars(metrics)["kl"], kl, rtol=1e-4)
+    want_max = ref.kl_token_max(logp, batch["ref_logprobs"], mask)
+    assert want_max > kl  # one token's term exceeds the segment-mean estimate
+    np.testing.assert_allclose(to_scalars(metrics)["kl_token_max"], want_max, rtol=1e-4)
     del batch["ref_logprobs"]
     with pytest.raises(KeyError, match="ref_logprobs"):
         policy_objective(logp, batch, config)

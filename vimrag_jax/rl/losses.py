@@ -491,6 +491,9 @@ def policy_objective(
         loss = loss + config.kl_coef * kl_k3(logp, ref_logp, token_mask, num_segments=num_segments)
         kl_s = jax.lax.stop_gradient(_segment_kl_k3(logp, ref_logp, token_mask))
         metrics["kl"] = Mean.of(jnp.where(valid, kl_s, 0.0), valid)
+        # k3's tail: one token far from the reference can dominate a batch's gradient.
+        delta = jax.lax.stop_gradient(_log_ratio(ref_logp, logp, token_mask))
+        metrics["kl_token_max"] = Max.of(jnp.expm1(delta) - delta, token_mask)
     if tis_weight is not None:
         metrics["tis_weight"] = Mean.of(jnp.where(valid, tis_weight, 0.0), valid)
         metrics["tis_truncated_fraction"] = Mean.of(tis_weight >= config.tis_cap, valid)
