@@ -197,6 +197,10 @@ def test_the_train_command_runs_on_two_processes(two_process_run):
         own = owned_shards(names, process, 2, follow=True)
         mine = [position["cursor"]["shard"]] if position["cursor"]["shard"] else []
         assert set(mine + position["done_shards"]) <= set(own)
+    # The data metrics count both processes' pipelines.
+    last = next(row for row in rows if row["step"] == 3 and "loss" in row)
+    for key in ("records_read", "segments_emitted"):
+        assert last[f"data/{key}"] == sum(p["counters"][key] for p in positions), key
     assert (workdir / "export" / "config.json").is_file()
     assert (workdir / "policy" / "LATEST").read_text().strip() == "2"
 

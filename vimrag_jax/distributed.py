@@ -15,7 +15,8 @@ Call ``maybe_initialize(config)`` first thing in ``main``, before any other JAX 
 
 The rest of this module holds the few cross-process agreements the learner needs once it runs
 on several processes (each one is a collective: every process must call it, in the same order):
-the token length of a step's batch (``max_over_processes``), the input pipelines' positions
+the token length of a step's batch (``max_over_processes``), whole-job data counters
+(``sum_over_processes``), the input pipelines' positions
 saved in one checkpoint (``gather_json``), decisions only process 0 can make
 (``broadcast_from_main``) and whole parameters for the process that evaluates or exports
 (``to_host``). With one process they return at once, without touching a device.
@@ -146,6 +147,17 @@ def max_over_processes(value: int) -> int:
         return int(value)
     values = multihost_utils.process_allgather(np.asarray(value, np.int64))
     return int(np.max(values))
+
+
+def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
+    """Each key's sum over the processes (collective; every process passes the same keys):
+    counters and token counts of per-process input pipelines, as whole-job metrics."""
+    keys = sorted(values)
+    if jax.process_count() == 1:
+        return {key: values[key] for key in keys}
+    local = np.asarray([float(values[key]) for key in keys], np.float64)
+    total = np.sum(np.asarray(multihost_utils.process_allgather(local)), axis=0)
+    return {key: float(value) for key, value in zip(keys, total, strict=True)}
 
 
 def broadcast_from_main(value: int) -> int:

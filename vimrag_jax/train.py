@@ -131,14 +131,14 @@ class RolloutReward:
     report (every complete group, before the stale and uniform-reward filters), i.e. how well
     the workers' recent policies do; absent from a step that read nothing new."""
 
-    def __init__(self, data_state: dict | None = None):
-        self._last = self._read(read_pipeline_counters(data_state)) if data_state else (0, 0)
+    def __init__(self, counters: dict[str, float] | None = None):
+        self._last = self._read(counters) if counters else (0, 0)
 
     @staticmethod
-    def _read(counters: dict[str, int]) -> tuple[int, int]:
+    def _read(counters: dict[str, float]) -> tuple[int, int]:
         return int(counters["records_read"]), int(counters["rewarded_records"])
 
-    def update(self, counters: dict[str, int]) -> dict[str, float]:
+    def update(self, counters: dict[str, float]) -> dict[str, float]:
         now = self._read(counters)
         last, self._last = self._last, now
         if now[0] <= last[0]:
@@ -196,14 +196,20 @@ class Trainer:
     def _log(
         self, global_step: int, metrics: dict[str, float], batch, data_wait_s: float, prefix=""
     ):
-        tokens, trained = batch_token_counts(batch, self.pad_id)
+        tokens, trained = batch_token_counts(batch, self.pad_id)  # this process's rows
+        counts = distributed.sum_over_processes({"tokens": tokens, "trained": trained})
         metrics = {
             **metrics,
-            "tokens_per_s": tokens / max(metrics["step_time_s"], 1e-9),
-            "trained_tokens": float(trained),
+            "tokens_per_s": counts["tokens"] / max(metrics["step_time_s"], 1e-9),
+            "trained_tokens": counts["trained"],
             "data_wait_s": data_wait_s,
         }
         self.writer.write(global_step, {prefix + key: value for key, value in metrics.items()})
+
+    @staticmethod
+    def _counters(data_state: dict) -> dict[str, float]:
+        """The input pipelines' counters (``data/*`` metrics), summed over the processes."""
+        return distributed.sum_over_processes(read_pipeline_counters(data_state))
 
     # --- supervised warm start --------------------------------------------------------
 
@@ -402,7 +408,7 @@ class Trainer:
             count=int(cfg.rollout.embedded_workers) if _main_process() else 0,
         )
         workers.start()
-        rollout_reward = RolloutReward(data_state)
+        rollout_reward = RolloutReward(self._counters(data_state) if data_state else None)
         try:
             iterator = self._batches(options, data_state)
             last_data = time.monotonic()
@@ -440,8 +446,8 @@ class Trainer:
                     metrics["policy_lag"] = float(lag)
                 metrics["policy_version"] = float(version)
                 metrics["learning_rate"] = optim.learning_rate_at(cfg.optim, learner.step - 1)
-                counters = read_pipeline_counters(iterator.get_state())
-                metrics.update({f"data/{k}": float(v) for k, v in counters.items()})
+                counters = self._counters(iterator.get_state())
+                metrics.update({f"data/{k}": v for k, v in counters.items()})
                 metrics.update(rollout_reward.update(counters))
                 metrics["workers_restarted"] = float(workers.restarts)
                 self._log(offset + learner.step, metrics, batch, wait)
