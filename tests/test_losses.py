@@ -542,8 +542,17 @@ def test_recomputed_old_logprobs_with_truncated_importance_weights():
     assert scalars["clip_fraction"] == 0.0
     np.testing.assert_allclose(scalars["tis_weight"], weight[has_tokens].mean(), rtol=1e-5)
     assert 0.0 < scalars["tis_truncated_fraction"] < 1.0
-    del batch["old_logprobs"]
-    with pytest.raises(KeyError, match="old_logprobs"):
-        policy_objective(logp, batch, config)
+    # Without the key the denominator is the forward's own log-probs: same loss and gradient.
+    same = {key: value for key, value in batch.items() if key != "old_logprobs"}
+
+    def with_key(x):
+        return policy_objective(x, dict(batch, old_logprobs=batch["old_logprobs"]), config)[0]
+
+    at = jnp.asarray(batch["old_logprobs"])
+    got, got_grad = jax.value_and_grad(lambda x: policy_objective(x, same, config)[0])(at)
+    want, want_grad = jax.value_and_grad(with_key)(at)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert np.abs(np.asarray(got_grad)).max() > 0
     with pytest.raises(ValueError, match="old_logprobs"):
         LossConfig(old_logprobs="fresh")

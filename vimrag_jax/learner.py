@@ -8,8 +8,8 @@ pipeline into the arrays the loss reads. `vimrag_jax.train` drives phases with i
 
 A Qwen3-VL policy (a model with `prepare_prefill`) trains on its segments' images and videos:
 its batches must carry the vision inputs of `sampling.logprobs.VISUAL_KEYS` (the pipeline's
-`data.vision.VisualInputs` stage adds them), which the update, the frozen reference policy
-and the recomputed old log-probs all read. A text-only policy ignores them.
+`data.vision.VisualInputs` stage adds them), which the update and the frozen reference policy
+read. A text-only policy ignores them.
 
 Checkpoints always hold the mesh-layout state (a pmap learner saves device 0's copy and
 replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"` on resume.
@@ -17,8 +17,8 @@ replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"`
 On several processes (pjit only) each process feeds its own slice of the global batch, as its
 input pipeline read it: the slices become one global array per key
 (`jax.make_array_from_process_local_data`), the token length is agreed across processes, and
-the reference and recomputed old log-probs are computed on the devices, in the batch's layout,
-so no process ever needs another's rows on its host.
+the frozen reference policy's log-probs are computed on the devices, in the batch's layout, so
+no process ever needs another's rows on its host.
 """
 
 from __future__ import annotations
@@ -276,13 +276,6 @@ class Learner:
 
     # --- the update -----------------------------------------------------------------
 
-    def _logprob_keys(self) -> tuple[str, ...]:
-        """The log-prob inputs the learner adds to each batch before the update."""
-        keys = ("ref_logprobs",) if self.ref_params is not None else ()
-        if self.loss_config.old_logprobs == "recompute":  # the policy before this update
-            keys += ("old_logprobs",)
-        return keys
-
     def _compile(self, inputs: Mapping[str, np.ndarray]) -> None:
         kwargs = dict(
             graphdef=self.graphdef, optimizer=self.optimizer, loss_config=self.loss_config
@@ -294,9 +287,9 @@ class Learner:
                 key: jax.ShapeDtypeStruct((value.shape[0] * count, *value.shape[1:]), value.dtype)
                 for key, value in inputs.items()
             }
-            tokens = abstract["tokens"]
-            for key in self._logprob_keys():
-                abstract[key] = jax.ShapeDtypeStruct(tokens.shape, np.float32)
+            if self.ref_params is not None:  # added on the devices before each update
+                shape = abstract["tokens"].shape
+                abstract["ref_logprobs"] = jax.ShapeDtypeStruct(shape, np.float32)
             self._batch_shardings = batch_shardings(abstract, self.mesh)
             self._step_fn = step_lib.make_pjit_step(
                 **kwargs,
@@ -338,17 +331,13 @@ class Learner:
         if self.step_kind == "pjit":
             placed = self._place(inputs)
             visual = self._visual(placed)
-            for key in self._logprob_keys():
-                params = self.ref_params if key == "ref_logprobs" else self.state.params
-                placed[key] = self._logprob_fn(params, placed["tokens"], visual)
+            if self.ref_params is not None:
+                placed["ref_logprobs"] = self._logprob_fn(self.ref_params, placed["tokens"], visual)
             self.state, metrics = self._step_fn(self.state, placed)
         else:
             visual = self._visual(inputs)
-            for key in self._logprob_keys():
-                params = self.ref_params if key == "ref_logprobs" else self.params()
-                inputs[key] = np.asarray(
-                    jax.device_get(self._ref_fn(params, inputs["tokens"], visual))
-                )
+            if self.ref_params is not None:
+                inputs["ref_logprobs"] = self.reference_logprobs(inputs["tokens"], visual)
             placed = step_lib.shard_batch_for_pmap(inputs, self._devices)
             self.state, metrics = self._step_fn(self.state, placed)
             metrics = step_lib.unreplicate(metrics)

@@ -340,8 +340,11 @@ class LossConfig:
     kl_coef: float = 0.0
     # "behavior": the ratio's denominator is the sampler's log-probs (the record's
     # behavior_logprobs). "recompute": the learner's own log-probs of the batch before the
-    # update (batch["old_logprobs"]), with a truncated importance weight
-    # min(exp(mean_t(old - behavior)), tis_cap) per segment for the sampler/learner mismatch.
+    # update, with a truncated importance weight min(exp(mean_t(old - behavior)), tis_cap) per
+    # segment for the sampler/learner mismatch. The learner trains each batch in one optimizer
+    # update (micro-batches of an accumulated update share its parameters), so those are the
+    # log-probs its forward computes, under stop_gradient; batch["old_logprobs"] overrides
+    # them (e.g. a batch reused for several updates).
     old_logprobs: str = "behavior"
     tis_cap: float = 2.0
 
@@ -433,8 +436,9 @@ def policy_objective(
       batch: ``tokens``, ``loss_mask``, ``behavior_logprobs``, ``segment_valid``,
         ``segment_node``, ``advantage``, ``reward`` and, when ``config.ggpo_mask``, the
         graph arrays ``answer_node``, ``adjacency``, ``node_valid``, ``relevant``;
-        ``ref_logprobs`` when ``config.kl_coef > 0``; ``old_logprobs`` when
-        ``config.old_logprobs == "recompute"``.
+        ``ref_logprobs`` when ``config.kl_coef > 0``; optionally ``old_logprobs`` with
+        ``config.old_logprobs == "recompute"`` (default: ``stop_gradient(logp)``, see
+        `LossConfig`).
       config: the loss (static under jit).
       num_segments: global ``S`` when the batch is one shard of a larger one.
     """
@@ -458,12 +462,7 @@ def policy_objective(
     behavior = batch["behavior_logprobs"]
     tis_weight = None
     if config.old_logprobs == "recompute":
-        if "old_logprobs" not in batch:
-            raise KeyError(
-                "old_logprobs='recompute' needs batch['old_logprobs'] (the learner's log-probs "
-                "before the update)"
-            )
-        old_logp = jax.lax.stop_gradient(batch["old_logprobs"])
+        old_logp = jax.lax.stop_gradient(batch.get("old_logprobs", logp))
         # The objective is linear in a positive advantage scale, so the truncated importance
         # weight multiplies the advantage.
         log_w = _masked_mean(_log_ratio(old_logp, behavior, token_mask), token_mask)
