@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -77,3 +79,26 @@ def test_a_cache_without_a_source_record_is_used_with_a_warning(tmp_path, caplog
     (directory / TOKENIZER_SOURCE).write_text("{broken")
     with pytest.raises(ValueError, match="cannot read the tokenizer source record"):
         _load_or_build_tokenizer(directory, lambda: TEXTS, VOCAB)
+
+
+def test_a_workdir_made_with_another_world_is_refused_before_its_corpus_changes(tmp_path):
+    from vimrag_jax.experiment import CORPUS_DIR, Experiment
+    from vimrag_jax.retrieval.corpus import MANIFEST
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from configs import ggpo
+
+    def config(seed):
+        cfg = ggpo.get_config()
+        cfg.seed = seed
+        cfg.env.num_entities, cfg.env.num_questions, cfg.env.eval_questions = 8, 8, 2
+        cfg.env.tokenizer_vocab_size = 400
+        return cfg
+
+    Experiment.from_config(config(0), tmp_path)
+    manifest = tmp_path / CORPUS_DIR / MANIFEST
+    before = manifest.read_text()
+    Experiment.from_config(config(0), tmp_path)  # the same world: reopened
+    with pytest.raises(ValueError, match="built from a different corpus/vocab"):
+        Experiment.from_config(config(1), tmp_path)
+    assert manifest.read_text() == before  # the old corpus store is untouched

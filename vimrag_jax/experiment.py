@@ -290,10 +290,12 @@ class Experiment:
             items, questions = synthetic.build(synthetic_config(cfg))
             train, evaluation, sft = _split_questions(cfg, questions)
             with workdir_lock(workdir):
-                store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
+                # The tokenizer first: a workdir made with another world is refused before its
+                # corpus store is rebuilt.
                 tokenizer, vocab = _tokenizer(
                     cfg, workdir, lambda: synthetic.corpus_texts(items, questions), vocab
                 )
+                store = CorpusStore.build(items, str(workdir / CORPUS_DIR))
             entities = synthetic.entity_kinds(items)
             env_name = "synthetic"
         return cls(
