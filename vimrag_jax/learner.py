@@ -319,7 +319,7 @@ class Learner:
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         """One update on this process's host batch; returns host float metrics incl.
-        `step_time_s` (placement, the reference / old log-prob forwards and the update)."""
+        `step_time_s` (placement, the reference policy's forward and the update)."""
         if self.state is None:
             raise RuntimeError("the learner has no state yet: call initialize() or restore()")
         inputs = loss_inputs(batch, visual=self.takes_visuals)
