@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,8 +133,11 @@ def test_each_process_resumes_its_own_pipeline_position(job_dir):
 # --- the train command as two processes --------------------------------------------------
 
 
-def _run_two_processes(workdir: Path, total_steps: int) -> list[str]:
-    """`train_command` on two processes of four CPU devices each; returns their logs."""
+def _run_two_processes(
+    workdir: Path, total_steps: int, *overrides: str, expect: int = 0
+) -> list[str]:
+    """`train_command` on two processes of four CPU devices each (both must exit with
+    ``expect``); returns their logs."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -148,6 +152,7 @@ def _run_two_processes(workdir: Path, total_steps: int) -> list[str]:
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={process}",
             "--config.distributed.initialization_timeout_s=120",
+            *overrides,
         )
         procs.append(
             subprocess.Popen(
@@ -165,7 +170,7 @@ def _run_two_processes(workdir: Path, total_steps: int) -> list[str]:
         log.seek(0)
         texts.append(log.read())
         log.close()
-    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+    assert codes == [expect, expect], "\n".join(text[-3000:] for text in texts)
     return texts
 
 
@@ -215,3 +220,27 @@ def test_two_processes_resume_where_they_stopped(two_process_run):
         assert new["counters"]["records_consumed"] >= old["counters"]["records_consumed"]
         assert set(old["done_shards"]) <= set(new["done_shards"])
     assert (workdir / "policy" / "LATEST").read_text().strip() == "3"
+
+
+def test_processes_give_up_together_when_one_gets_no_rollouts(two_process_run, tmp_path):
+    # One shard, owned by process 0: process 1 never gets a batch. Both must stop with exit 3
+    # (a process that gave up alone would leave the other blocked in a collective).
+    workdir, _ = two_process_run
+    shards = [
+        path
+        for path in list_shards(workdir / "rollouts")
+        if owned_shards([path.name], 0, 2, follow=True)
+    ]
+    rollouts = tmp_path / "rollouts"
+    rollouts.mkdir()
+    shutil.copy(shards[0], rollouts / shards[0].name)
+    logs = _run_two_processes(
+        tmp_path / "run",
+        1,
+        "--config.sft.steps=0",
+        "--config.rollout.embedded_workers=0",
+        f"--config.data.shard_dir={rollouts}",
+        "--config.data.max_wait_s=5",
+        expect=3,
+    )
+    assert all("no trainable rollout arrived" in log for log in logs)

@@ -106,4 +106,4 @@ def test_warm_start_data_without_a_segment_is_a_clear_exit(tmp_path):
     empty.mkdir()
     result = _train(tmp_path / "run", 1, f"--config.sft.data={empty}")
     assert result.returncode == 3, result.stderr[-4000:]
-    assert "process 0 of 1 found no warm-start segments" in result.stderr
+    assert "this process (process 0 of 1) found no warm-start segments" in result.stderr

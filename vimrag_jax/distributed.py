@@ -149,6 +149,11 @@ def max_over_processes(value: int) -> int:
     return int(np.max(values))
 
 
+def all_processes(flag: bool) -> bool:
+    """True when ``flag`` is True on every process (collective)."""
+    return not max_over_processes(not flag)
+
+
 def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
     """Each key's sum over the processes (collective; every process passes the same keys):
     counters and token counts of per-process input pipelines, as whole-job metrics."""

@@ -17,6 +17,7 @@ Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time (or no warm
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -273,22 +274,35 @@ class Trainer:
         )
         epoch = int(data_state.get("epoch", 0))
         iterator = self._batches(options, data_state.get("iterator"))
-        batches_this_epoch = 0
+        batches_this_pass, resumed = 0, bool(data_state)
+
+        def next_batch():
+            """This process's next batch, starting a new pass over the shards when one ends;
+            None when a whole pass (not a resumed one) gave nothing."""
+            nonlocal epoch, iterator, batches_this_pass, resumed
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:  # one pass over the expert data done
+                    if batches_this_pass == 0 and not resumed:
+                        return None
+                    epoch, batches_this_pass, resumed = epoch + 1, 0, False
+                    iterator = self._batches(options, None)
+                    continue
+                batches_this_pass += 1
+                return batch
+
         while learner.step < self.sft_calls:
             began = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:  # one pass over the expert data done
-                if batches_this_epoch == 0 and not data_state:
-                    raise NoWarmStartData(
-                        f"process {jax.process_index()} of {jax.process_count()} found no "
-                        f"warm-start segments in {directory} (every process reads its own "
-                        "shards: a shard set needs at least one per process)"
-                    ) from None
-                epoch, batches_this_epoch, data_state = epoch + 1, 0, {}
-                iterator = self._batches(options, None)
-                continue
-            batches_this_epoch += 1
+            batch = next_batch()
+            # Every process steps together: all stop when any of them has nothing to read.
+            if distributed.max_over_processes(batch is None):
+                where = "this process" if batch is None else "another process"
+                raise NoWarmStartData(
+                    f"{where} (process {jax.process_index()} of {jax.process_count()}) found no "
+                    f"warm-start segments in {directory}; every process reads its own shards, "
+                    "so a shard set needs at least one per process"
+                )
             wait = time.perf_counter() - began
             metrics = learner.train_step(batch)
             metrics["epoch"] = float(epoch)
@@ -412,21 +426,25 @@ class Trainer:
         try:
             iterator = self._batches(options, data_state)
             last_data = time.monotonic()
+            pending = None  # this process's next batch, held until every process has one
             while learner.step < self.rl_calls:
-                began = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:  # nothing new within data.idle timeout; keep waiting
+                if pending is None:
+                    began = time.perf_counter()
+                    with contextlib.suppress(StopIteration):  # none within the idle timeout
+                        pending = next(iterator)
+                if not distributed.all_processes(pending is not None):
                     workers.check()
                     waited = time.monotonic() - last_data
-                    if waited > float(cfg.data.max_wait_s):
+                    # Process 0's clock decides, so that every process gives up together.
+                    if distributed.broadcast_from_main(waited > float(cfg.data.max_wait_s)):
                         raise NoRolloutData(
                             f"no trainable rollout arrived in {directory} for {waited:.0f} s "
                             f"(data.max_wait_s); {_dropped(options.progress)}. Are the "
                             "rollout workers running?"
-                        ) from None
+                        )
                     logging.info("waiting for rollouts in %s (%.0f s)", directory, waited)
                     continue
+                batch, pending = pending, None
                 last_data = time.monotonic()
                 wait = time.perf_counter() - began
                 metrics = learner.train_step(batch)
