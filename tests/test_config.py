@@ -259,3 +259,25 @@ def test_warm_start_batch_is_checked_against_the_mesh():
         "config.sft.batch_segments must be an integer >= 0" in p
         for p in config_checks.find_problems(cfg, 1)
     )
+
+
+def test_several_processes_need_pjit_and_a_batch_axis_over_them():
+    cfg = ggpo.get_config()  # tiny: data=-1 fills the 8 devices, batches of 48 and 16
+    assert config_checks.find_problems(cfg, 8, process_count=2) == []
+    cfg.step = "pmap"
+    assert config_checks.find_problems(cfg, 8, process_count=2) == [
+        "config.step='pmap' runs on one process, this job has 2: use config.step='pjit'"
+    ]
+    assert config_checks.find_problems(cfg, 8) == []  # one process: pmap is fine
+    cfg.step = "pjit"
+    cfg.mesh.data, cfg.mesh.tensor = 1, 8  # the batch is not split: no rows per process
+    cfg.data.batch_segments = cfg.sft.batch_segments = 8
+    assert config_checks.find_problems(cfg, 8, process_count=2) == [
+        "the batch shards (mesh data × fsdp = 1) must be a multiple of the 2 processes: "
+        "each process feeds its own rows of the batch"
+    ]
+    from vimrag_jax.data.pipeline import rows_per_process
+
+    assert rows_per_process(48, 2) == 24 and rows_per_process(48, 1) == 48
+    with pytest.raises(ValueError, match="does not split over 2 processes"):
+        rows_per_process(7, 2)
