@@ -1,5 +1,8 @@
 """Learner checkpoints (save, restore into another mesh, keep-N, resume) and policy publishing."""
 
+import logging
+import os
+
 import jax
 import ml_collections
 import ml_dtypes
@@ -109,6 +112,51 @@ def test_run_metadata_holds_the_config_as_json():
     meta = checkpointing.run_metadata(cfg, 3, note="x")
     assert meta["policy_version"] == 3 and meta["note"] == "x"
     assert meta["config"]["optim"]["accumulate_steps"] == 2
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _from_orbax(records):
+    package = os.sep + "orbax" + os.sep
+    return [r for r in records if package in r.pathname]
+
+
+def test_orbax_info_lines_are_kept_off_the_console_but_warnings_pass(tmp_path):
+    root, absl_logger = logging.getLogger(), logging.getLogger("absl")
+    levels = root.level, absl_logger.level
+    loud, quiet = _Collect(), _Collect()
+    checkpointing.quiet_orbax_info(quiet)
+    checkpointing.quiet_orbax_info(quiet)  # a second call adds no second filter
+    assert len(quiet.filters) == 1
+    for handler in (loud, quiet):
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    absl_logger.setLevel(logging.DEBUG)
+    try:
+        mesh = mesh_lib.make_mesh(8, 1, 1)
+        with checkpointing.Checkpointer(tmp_path, every_steps=1, keep=1) as ckpt:
+            ckpt.save(1, _state(mesh)[0])
+        warning = logging.LogRecord(
+            "absl", logging.WARNING, _from_orbax(loud.records)[0].pathname, 1, "w", None, None
+        )
+        for handler in (loud, quiet):
+            handler.handle(warning)
+        logging.getLogger("vimrag_jax.test").info("ours")
+    finally:
+        for handler in (loud, quiet):
+            root.removeHandler(handler)
+        root.setLevel(levels[0])
+        absl_logger.setLevel(levels[1])
+    assert len(_from_orbax(loud.records)) > 5  # a save does log at INFO
+    assert _from_orbax(quiet.records) == [warning]
+    assert [r.getMessage() for r in quiet.records if r.name == "vimrag_jax.test"] == ["ours"]
 
 
 # --- policy publishing (vimrag_jax.publish) -------------------------------------------

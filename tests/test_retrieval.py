@@ -4,6 +4,8 @@ the on-disk corpus store (round trip, memory map, rebuild skipped, errors) and e
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh
 
 from vimrag_jax.envs.synthetic import SyntheticConfig, build, hop_query
+from vimrag_jax.retrieval import corpus as corpus_module
 from vimrag_jax.retrieval.corpus import (
     CorpusItem,
     CorpusStore,
@@ -504,3 +507,21 @@ def test_a_relative_store_directory_is_built_beside_itself(world, tmp_path, monk
     store = CorpusStore.build(world[0][:5], "rel")
     assert store.directory == "rel" and sorted(os.listdir(tmp_path)) == ["rel"]
     assert CorpusStore.open("rel").fingerprint == store.fingerprint
+
+
+def test_a_killed_builds_staging_is_removed_by_the_next_build_of_this_host(world, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = corpus_module._host_tag()
+    left = {
+        "killed": f".store.building-{host}-{dead.pid}-0a1b2c3d",
+        "live": f".store.building-{host}-{os.getpid()}-0a1b2c3d",
+        "other host": f".store.building-{host}x-{dead.pid}-0a1b2c3d",
+        "other store": f".other.building-{host}-{dead.pid}-0a1b2c3d",
+    }
+    for name in left.values():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "pixels.array_record").write_bytes(b"partial")
+    CorpusStore.build(world[0][:4], str(tmp_path / "store"))
+    kept = sorted(set(left.values()) - {left["killed"]})
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, "store"])

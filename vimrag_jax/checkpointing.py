@@ -26,6 +26,7 @@ it is given, which may belong to a different mesh than the one that saved.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -43,6 +45,24 @@ from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules
 from vimrag_jax.parallel.step import TrainState, train_state_shardings
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class _QuietOrbaxInfo(logging.Filter):
+    """Drops INFO and DEBUG records logged from inside orbax's package; warnings and errors pass."""
+
+    _PACKAGE = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self._PACKAGE)
+
+
+def quiet_orbax_info(handler: logging.Handler | None = None) -> None:
+    """Keeps orbax's INFO lines off the console (by default absl's handler, where every log
+    record of an absl app ends up). orbax logs ~30 of them per checkpoint save, two thirds of a
+    training run's console; its warnings and errors still show. Calling it twice adds nothing."""
+    handler = handler or absl_logging.get_absl_handler()
+    if not any(isinstance(f, _QuietOrbaxInfo) for f in handler.filters):
+        handler.addFilter(_QuietOrbaxInfo())
 
 
 class CheckpointMismatchError(ValueError):

@@ -34,7 +34,12 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vimrag_jax import config_checks, distributed, optim, publish
-from vimrag_jax.checkpointing import Checkpointer, run_metadata, this_process_data
+from vimrag_jax.checkpointing import (
+    Checkpointer,
+    quiet_orbax_info,
+    run_metadata,
+    this_process_data,
+)
 from vimrag_jax.data.pipeline import (
     PolicyVersion,
     make_pipeline,
@@ -509,6 +514,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("--config is required, e.g. --config=configs/ggpo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints, metrics and rollouts go there)")
+    quiet_orbax_info()
     distributed.maybe_initialize(cfg)
     try:
         config_checks.validate(cfg, len(jax.devices()), process_count=jax.process_count())

@@ -23,8 +23,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ from array_record.python import array_record_module
 
 from vimrag_jax.retrieval.embedders import Embedder, HashingEmbedder, embedder_from_spec
 from vimrag_jax.retrieval.index import RetrievalError, TopKIndex
+
+_LOG = logging.getLogger(__name__)
 
 MODALITIES = ("text", "image", "video")
 FORMAT_VERSION = 1
@@ -393,11 +398,42 @@ class CorpusStore:
         return self.ids[rows], scores
 
 
+def _host_tag() -> str:
+    """This machine's name as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_staging(parent: str, name: str, host: str) -> list[str]:
+    """Deletes the staging directories of killed builds of store ``name`` in ``parent`` that ran
+    on ``host`` (``StoreBuilder`` names them ``.NAME.building-HOST-PID-HEX``); returns their paths.
+    Staging directories of live processes and of other hosts are kept."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.building-{re.escape(host)}-(\d+)-[0-9a-f]+")
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        match = pattern.fullmatch(entry)
+        if match and not _process_alive(int(match.group(1))):
+            path = os.path.join(parent, entry)
+            shutil.rmtree(path, ignore_errors=True)
+            _LOG.warning("removed %s, left behind by a killed build of %s", path, name)
+            removed.append(path)
+    return removed
+
+
 class StoreBuilder:
     """Writes a corpus store one item at a time, so memory holds a batch of items, not the corpus.
 
-    Items go into a staging directory beside ``directory`` (``.NAME.building-PID-HEX``, on the
-    same filesystem so publishing is a rename): each item's pixels straight into the pixel
+    Items go into a staging directory beside ``directory`` (``.NAME.building-HOST-PID-HEX``, on
+    the same filesystem so publishing is a rename): each item's pixels straight into the pixel
     records, its metadata row into a spool file, its bytes into the running fingerprint, and its
     embedding once ``embed_batch`` items or ``embed_batch_bytes`` bytes of pixels have gathered
     (whichever comes first, so one big video ends its batch at once). ``finish`` writes
@@ -407,7 +443,10 @@ class StoreBuilder:
     a directory ``open`` rejects rather than one mixing two corpora). When ``directory`` already
     holds an intact store with the same fingerprint, the staging copy is dropped and that store is
     opened (``reused``). ``abort`` — also run when a ``with`` block is left by an exception or
-    without ``finish`` — deletes the staging directory: a failed build leaves nothing behind.
+    without ``finish`` — deletes the staging directory: a failed build leaves nothing behind. A
+    killed build cannot clean up after itself: the next build of the same store deletes the staging
+    directories of this host's builds whose process is gone (other hosts' are left alone, their
+    process ids mean nothing here).
 
     Held in memory: the items of one embedding batch (with their pixels), the set of item ids
     seen (for the uniqueness check) and a sha256 state. The files are byte-for-byte those an
@@ -439,8 +478,10 @@ class StoreBuilder:
         self._open = True
         parent, name = os.path.split(os.path.normpath(os.path.abspath(self.directory)))
         os.makedirs(parent, exist_ok=True)
+        host = _host_tag()
+        remove_dead_staging(parent, name, host)
         self.staging = os.path.join(
-            parent, f".{name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            parent, f".{name}.building-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
         os.makedirs(self.staging)
         try:
