@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.group_size = 8  # G rollouts per question
     c.rollout.max_model_calls = 20
     c.rollout.retrieval_top_k = 3
+    # Rollouts sampled more than this many versions before the policy they would update are
+    # dropped: whole groups when the pipeline reads them, single segments again at the update
+    # (a prefetched batch can fall behind). Both counted: data/stale_*, late_segments.
     c.rollout.max_policy_lag = 2
     c.rollout.max_shards_per_version = 0  # a worker waits for a newer policy after this many
     c.rollout.embedded_workers = 1  # local worker processes the trainer starts (0 on pods)
@@ -222,7 +225,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         # the warm start it makes well-formed tool calls (the 205k `tiny` breaks ~half of
         # them), but neither learns in minutes to copy names out of its context, so searches
         # and answers are partly memorised, partly guessed; RL raises the training reward
-        # only slowly (0.19 -> 0.23 over 90 updates; README, issue 5's notes).
+        # only slowly (0.19 -> 0.25 over 90 updates; README, issue 5's notes).
         c.model.name = "tiny-agent"
         # The policy is text-only: ask only about facts stated in text, in one hop (the corpus
         # keeps its pictures, videos and distractors as retrieval candidates).
@@ -257,8 +260,10 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         c.rollout.temperature = 0.3
         c.rollout.group_size = 4
         c.rollout.max_policy_lag = 4
-        # The worker shares the CPU with the learner: 3 shards (48 rollouts) per update is what
-        # one update of 48 segments uses, uniform groups skipped; more would go stale.
+        # The worker shares the CPU with the learner. 3 shards (48 rollouts, ~150 segments, about
+        # half of them in uniform groups) per version is a little more than an update of 48
+        # segments uses: the learner never waits, and what falls 4 versions behind is dropped
+        # (~20 % of segments). With 2 nothing lags, but the learner waits ~7 s per update.
         c.rollout.max_shards_per_version = 3
         c.data.batch_segments = 48
         c.optim.learning_rate = 1.5e-4

@@ -18,6 +18,7 @@ from vimrag_jax.data import segments
 from vimrag_jax.data.pipeline import (
     PipelineOptions,
     PolicyVersion,
+    drop_late_segments,
     make_pipeline,
     pipeline_metrics,
 )
@@ -232,6 +233,25 @@ def test_stale_groups_are_dropped_and_counted(tmp_path):
     assert pipeline_metrics(it.get_state())["stale_records"] == 4
     with pytest.raises(ValueError, match="current_version"):
         options(tmp_path, max_policy_lag=2)
+
+
+def test_segments_lagging_at_the_update_are_dropped_and_counted(tmp_path):
+    # A group read while fresh can wait in the prefetch buffer while the policy moves on.
+    rng = np.random.default_rng(5)
+    write_shard(tmp_path, shard_name("w0", 0), [make_group(rng, 2, version=v) for v in (3, 5)])
+    version = PolicyVersion(5)
+    opts = options(tmp_path, batch=64, max_policy_lag=2, current_version=version)
+    (batch,) = list(make_pipeline(opts, prefetch=0))
+    valid = np.asarray(batch["segment_valid"], bool)
+    versions = np.asarray(batch["policy_version"])
+    assert set(versions[valid]) == {3, 5}
+    kept, late = drop_late_segments(batch, trained_version=6, max_policy_lag=2)
+    assert late == int(np.sum(valid & (versions == 3)))
+    np.testing.assert_array_equal(kept["segment_valid"], valid & (versions == 5))
+    assert kept["tokens"] is batch["tokens"] and batch["segment_valid"] is not kept["segment_valid"]
+    np.testing.assert_array_equal(batch["segment_valid"], valid)  # the input is left alone
+    same, none = drop_late_segments(batch, trained_version=5, max_policy_lag=2)  # lag 2: kept
+    assert none == 0 and np.array_equal(same["segment_valid"], valid)
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -42,6 +42,7 @@ from vimrag_jax.checkpointing import (
 )
 from vimrag_jax.data.pipeline import (
     PolicyVersion,
+    drop_late_segments,
     make_pipeline,
     options_from_config,
     visual_stage_from_config,
@@ -428,6 +429,9 @@ class Trainer:
         )
         workers.start()
         rollout_reward = RolloutReward(self._counters(data_state) if data_state else None)
+        # Segments dropped at the update for lagging more than max_policy_lag behind the
+        # policy they would train (data.pipeline.drop_late_segments); counted from this start.
+        max_lag, late_segments = int(cfg.rollout.max_policy_lag), 0
         try:
             iterator = self._batches(options, data_state)
             last_data = time.monotonic()
@@ -452,6 +456,13 @@ class Trainer:
                 batch, pending = pending, None
                 last_data = time.monotonic()
                 wait = time.perf_counter() - began
+                batch, late = drop_late_segments(batch, version, max_lag)
+                late = distributed.sum_over_processes({"late": late})["late"]
+                if late:
+                    late_segments += late
+                    if not distributed.max_over_processes(bool(batch["segment_valid"].any())):
+                        logging.info("skipped a batch: all its segments lag more than %d", max_lag)
+                        continue
                 metrics = learner.train_step(batch)
                 trained_version = version  # the policy this batch updated (lag is to it)
                 if learner.step % self.micro == 0:
@@ -468,6 +479,7 @@ class Trainer:
                     lag = trained_version - np.asarray(batch["policy_version"])[valid].mean()
                     metrics["policy_lag"] = float(lag)
                 metrics["policy_version"] = float(version)
+                metrics["late_segments"] = float(late_segments)
                 metrics["learning_rate"] = optim.learning_rate_at(cfg.optim, learner.step - 1)
                 counters = self._counters(iterator.get_state())
                 metrics.update({f"data/{k}": v for k, v in counters.items()})

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +342,27 @@ class _SegmentBatchIterator(grain.DatasetIterator):
 def _uniform(records: list[dict[str, Any]]) -> bool:
     rewards = [float(record["reward"]) for record in records]
     return max(rewards) - min(rewards) == 0.0
+
+
+def drop_late_segments(
+    batch: Mapping[str, np.ndarray], trained_version: int, max_policy_lag: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """``batch`` with every segment sampled more than ``max_policy_lag`` versions before
+    ``trained_version`` (the policy the batch is about to update) marked invalid, and how many
+    valid segments that dropped.
+
+    The pipeline judges a group's staleness when it reads it, but a segment can wait longer
+    before its update: in the prefetch buffer, or behind the group's other segments when they
+    fill more than one batch. Applied just before the update, this keeps ``max_policy_lag`` a
+    bound on the lag the loss sees. A dropped segment stays consumed (the checkpoint's position
+    moves past it), like a stale group.
+    """
+    valid = np.asarray(batch["segment_valid"], bool)
+    late = valid & (trained_version - np.asarray(batch["policy_version"]) > max_policy_lag)
+    count = int(late.sum())
+    if not count:
+        return dict(batch), 0
+    return {**batch, "segment_valid": valid & ~late}, count
 
 
 def make_pipeline(
