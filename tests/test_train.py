@@ -7,9 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import train_command
 
+from vimrag_jax import train
 from vimrag_jax.models import from_pretrained
 from vimrag_jax.rollout.records import list_shards, read_shard
 
@@ -107,3 +109,16 @@ def test_warm_start_data_without_a_segment_is_a_clear_exit(tmp_path):
     result = _train(tmp_path / "run", 1, f"--config.sft.data={empty}")
     assert result.returncode == 3, result.stderr[-4000:]
     assert "this process (process 0 of 1) found no warm-start segments" in result.stderr
+
+
+def test_late_segments_are_dropped_before_the_update_and_an_empty_batch_is_skipped():
+    batch = {
+        "segment_valid": np.array([True, True, False]),
+        "policy_version": np.array([1, 3, 0]),
+        "tokens": np.zeros((3, 4), np.int32),
+    }
+    kept, late = train._without_late_segments(batch, 5, 2)  # lags 4 and 2 (padding row: 5)
+    assert late == 1 and kept["segment_valid"].tolist() == [False, True, False]
+    assert train._without_late_segments(batch, 6, 2) == (None, 2)  # nothing left to train
+    kept, late = train._without_late_segments(batch, 3, 2)
+    assert late == 0 and kept["segment_valid"].tolist() == [True, True, False]

@@ -133,6 +133,18 @@ def _initial_params(experiment):
     return nnx.state(experiment.initial_model(), nnx.Param)
 
 
+def _without_late_segments(batch, version: int, max_lag: int) -> tuple[dict | None, int]:
+    """(``batch`` without the segments lagging more than ``max_lag`` versions behind ``version``
+    (``data.pipeline.drop_late_segments``), or None when no process has a segment left to
+    train; the number dropped over all processes). Collective on several processes."""
+    batch, late = drop_late_segments(batch, version, max_lag)
+    late = int(distributed.sum_over_processes({"late": late})["late"])
+    if late and not distributed.max_over_processes(bool(batch["segment_valid"].any())):
+        logging.info("skipped a batch: all its segments lag more than %d versions", max_lag)
+        return None, late
+    return batch, late
+
+
 class RolloutReward:
     """``rollout_reward``: the mean reward of the rollouts the pipeline read since the last
     report (every complete group, before the stale and uniform-reward filters), i.e. how well
@@ -456,13 +468,10 @@ class Trainer:
                 batch, pending = pending, None
                 last_data = time.monotonic()
                 wait = time.perf_counter() - began
-                batch, late = drop_late_segments(batch, version, max_lag)
-                late = distributed.sum_over_processes({"late": late})["late"]
-                if late:
-                    late_segments += late
-                    if not distributed.max_over_processes(bool(batch["segment_valid"].any())):
-                        logging.info("skipped a batch: all its segments lag more than %d", max_lag)
-                        continue
+                batch, late = _without_late_segments(batch, version, max_lag)
+                late_segments += late
+                if batch is None:
+                    continue
                 metrics = learner.train_step(batch)
                 trained_version = version  # the policy this batch updated (lag is to it)
                 if learner.step % self.micro == 0:
