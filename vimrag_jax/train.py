@@ -401,12 +401,13 @@ class Trainer:
             length_bucket=int(cfg.data.length_bucket),
         )
         data_state: dict = {}
-        version = 0
+        version, late_segments = 0, 0
         self.checkpointer.wait()  # the warm start's last save may still be in flight
         restored = learner.restore(self.checkpointer)
         if restored is not None and restored.metadata.get("phase") == "rl":
             data_state, metadata = this_process_data(restored), restored.metadata
             version = int(metadata.get("policy_version", 0))
+            late_segments = int(metadata.get("late_segments", 0))
             logging.info("resumed RL at step %d, policy version %d", learner.step, version)
         else:
             # From the warm start (just run, or its last checkpoint) or from scratch.
@@ -442,8 +443,8 @@ class Trainer:
         workers.start()
         rollout_reward = RolloutReward(self._counters(data_state) if data_state else None)
         # Segments dropped at the update for lagging more than max_policy_lag behind the
-        # policy they would train (data.pipeline.drop_late_segments); counted from this start.
-        max_lag, late_segments = int(cfg.rollout.max_policy_lag), 0
+        # policy they would train (data.pipeline.drop_late_segments), kept in the checkpoint.
+        max_lag = int(cfg.rollout.max_policy_lag)
         try:
             iterator = self._batches(options, data_state)
             last_data = time.monotonic()
@@ -499,7 +500,7 @@ class Trainer:
                     self.checkpointer,
                     offset + learner.step,
                     data_state=iterator.get_state(),
-                    metadata=run_metadata(cfg, version, phase="rl"),
+                    metadata=run_metadata(cfg, version, phase="rl", late_segments=late_segments),
                     force=learner.step == self.rl_calls,
                 )
                 workers.check()
