@@ -442,8 +442,8 @@ class Trainer:
         )
         workers.start()
         rollout_reward = RolloutReward(self._counters(data_state) if data_state else None)
-        # Segments dropped at the update for lagging more than max_policy_lag behind the
-        # policy they would train (data.pipeline.drop_late_segments), kept in the checkpoint.
+        # max_policy_lag applies again at the update (`_without_late_segments`); late_segments
+        # counts what that dropped and is kept in the checkpoint's metadata.
         max_lag = int(cfg.rollout.max_policy_lag)
         try:
             iterator = self._batches(options, data_state)
