@@ -37,8 +37,9 @@ class NodeKind(enum.IntEnum):
 
 
 class Modality(enum.IntEnum):
-    """What a memory slot holds."""
+    """What a memory slot holds (``EMPTY`` in a trajectory record's unused slots)."""
 
+    EMPTY = -1
     IMAGE = 0
     VIDEO = 1
 
