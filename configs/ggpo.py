@@ -1,24 +1,25 @@
-"""VimRAG trained with GGPO (GSPO + graph-guided masks): the project's main experiment.
+"""VimRAG trained with GGPO (GSPO + graph-guided masks) and its baselines: the experiments.
 
-Presets are chosen after a colon, overrides with ``--config.KEY=VALUE``::
+The argument after the colon is ``[PRESET][,ALGORITHM]`` (either order), overrides come with
+``--config.KEY=VALUE``::
 
-    python -m vimrag_jax.train --config=configs/ggpo.py --workdir=/tmp/run   # tiny, one CPU
+    python -m vimrag_jax.train --config=configs/ggpo.py --workdir=/tmp/run   # tiny, GGPO, one CPU
     python -m vimrag_jax.train --config=configs/ggpo.py:qwen3vl_8b --workdir=/mnt/shared/run \
         --config.model.path=/ckpt/Qwen3-VL-8B-Instruct --config.mesh.fsdp=8
+    python -m vimrag_jax.train --config=configs/ggpo.py:tiny,gspo --workdir=/tmp/gspo
+    python -m vimrag_jax.train --config=configs/ggpo.py:sft --workdir=/tmp/sft  # warm start alone
 
-``tiny`` (the default) runs end to end on one CPU machine with a small
+``tiny`` (the default preset) runs end to end on one CPU machine with a small
 Qwen3-architecture policy and the synthetic multimodal corpus. The ``qwen3vl_*``
 presets are the paper's policies (SPEC §8) and need ``model.path`` set to a
 local Hugging Face checkpoint directory.
 
-This file is also the base of the other experiment files (``gspo.py``, ``grpo.py``,
-``sft.py``): config files are imported by path through ``ml_collections.config_flags``,
-not as a package, so each of them loads this file with importlib from its own
-directory and changes only the algorithm. ``config.algorithm`` names the preset the
-``loss`` block started from (``vimrag_jax.rl.losses.LossConfig.for_algorithm``); the
-``loss`` block is what the learner trains with, and ``config_checks`` rejects a loss
-block whose ``name`` or ``ggpo_mask`` contradicts ``algorithm``. Nothing here depends on
-the workdir: empty paths mean "the default place under ``--workdir``".
+The algorithm (``ggpo`` by default) is one of ``ALGORITHMS``: an RL algorithm switches the
+``loss`` block to its preset (``with_algorithm``; ``vimrag_jax.rl.losses.LossConfig.for_algorithm``)
+and ``sft`` trains the supervised warm start alone (``supervised_only``). The ``loss`` block is
+what the learner trains with, and ``config_checks`` rejects a loss block whose ``name`` or
+``ggpo_mask`` contradicts ``config.algorithm``. Nothing here depends on the workdir: empty
+paths mean "the default place under ``--workdir``".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from vimrag_jax.config_checks import ALGORITHMS
 from vimrag_jax.rl.losses import LossConfig
 
 ALGORITHM = "ggpo"
@@ -87,8 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global norm; 0 disables
     c.optim.accumulate_steps = 1
 
-    # Optional supervised warm start on scripted-expert trajectories (configs/sft.py runs it
-    # alone). sft.steps = 0 skips it.
+    # Optional supervised warm start on scripted-expert trajectories (the `sft` algorithm runs
+    # it alone). sft.steps = 0 skips it.
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 0
     c.sft.learning_rate = 1e-5
@@ -155,7 +157,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.questions = ""  # with data.corpus: the question file (JSONL, vimrag_jax.envs.dataset)
     c.data.shard_dir = ""  # trajectory shards; empty: WORKDIR/rollouts
     c.data.prefetch = 2  # batches prepared ahead of the step
-    c.data.worker_count = 0  # grain worker processes; 0 reads in the learner process
     c.data.max_wait_s = 600.0  # the learner gives up (exit 3) after this long without rollouts
 
     # vimrag_jax.checkpointing: orbax, one folder per step under WORKDIR/checkpoints.
@@ -206,12 +207,33 @@ RUN_LOSS_KEYS = ("old_logprobs", "tis_cap", "kl_coef")
 
 
 def with_algorithm(c: ml_collections.ConfigDict, algorithm: str) -> ml_collections.ConfigDict:
-    """``c`` switched to another RL algorithm: ``algorithm`` and its loss preset, keeping the
-    run's ``RUN_LOSS_KEYS`` (so GGPO and its baselines differ only in the algorithm)."""
+    """``c`` switched to ``algorithm`` (one of ``ALGORITHMS``) in place and returned.
+
+    An RL algorithm gets its loss preset, keeping the run's ``RUN_LOSS_KEYS`` (so GGPO and its
+    baselines differ only in the algorithm); ``sft`` is ``supervised_only``.
+    """
+    if algorithm == "sft":
+        return supervised_only(c)
     kept = {key: c.loss[key] for key in RUN_LOSS_KEYS}
     c.algorithm = algorithm
     c.loss = loss_block(algorithm)
     c.loss.update(kept)
+    return c
+
+
+def supervised_only(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``c`` switched to the supervised warm start alone, no RL (``algorithm="sft"``).
+
+    Token cross-entropy on the policy-generated tokens of scripted-expert trajectories (the
+    loss mask of SPEC §6) for ``sft.steps`` updates at ``sft.learning_rate``; with ``sft.data``
+    empty the trajectories come from the synthetic environment's scripted expert. A later RL
+    run can start from this run's checkpoint.
+    """
+    c.algorithm = "sft"
+    c.rollout.embedded_workers = 0  # no rollouts: the data are expert trajectories
+    # The SFT phase's optimizer is config.optim with sft.learning_rate / warmup_steps / steps
+    # (vimrag_jax.optim.sft_optim_config), so those keys are the only ones to set here.
+    c.sft.steps = 100 if c.preset == "tiny" else 500
     return c
 
 
@@ -221,75 +243,86 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     c.preset = preset
     if preset == "tiny":
-        # A 1.0M-parameter Qwen3 trained from scratch (the `tiny-agent` model preset): after
-        # the warm start it makes well-formed tool calls (the 205k `tiny` breaks ~half of
-        # them), but neither learns in minutes to copy names out of its context, so searches
-        # and answers are partly memorised, partly guessed; RL raises the training reward
-        # only slowly (0.19 -> 0.25 over 90 updates; README, issue 5's notes).
-        c.model.name = "tiny-agent"
-        # The policy is text-only: ask only about facts stated in text, in one hop (the corpus
-        # keeps its pictures, videos and distractors as retrieval candidates).
-        c.env.answer_modalities = ("text",)
-        c.env.max_hops = 1
-        # One text fact per entity: the world holds 52 distinct one-hop questions (48 entities
-        # and 4 twins). The last 12 are held out; eval entities are never asked about in training.
-        c.env.num_questions = 52
-        c.env.eval_questions = 12
-        # A text-only tiny model sees pictures only as placeholder tokens: keep them few
-        # (4 tokens per picture at the top-K budget) and the system prompt short.
-        c.memory.total_pixels = 5 * 4 * 32 * 32
-        c.rollout.prompt_style = "compact"
-        c.rollout.max_new_tokens = 192
-        c.data.max_segment_tokens = 1024
-        c.data.length_bucket = 128
-        # Warm start on scripted-expert trajectories: token NLL ~0.07 after 300 steps. Segments
-        # are cut to 128-token multiples past their last trained token (exact; ~1.6x faster).
-        c.sft.steps = 300
-        c.sft.num_trajectories = 1024
-        c.sft.learning_rate = 3e-3
-        c.sft.batch_segments = 16
-        # Then GGPO. One worker process on the same CPU runs ahead of the learner: the ratio is
-        # taken to the learner's own log-probs before the update (truncated importance weight
-        # to the sampler's), groups with one reward for all are skipped, sampling is cool (a
-        # tiny policy derails at temperature 1). Without a KL anchor the failed groups'
-        # negative advantages broke the tool-call format at lr 3e-4 (invalid actions 0 -> 95%
-        # in 20 updates); with a k3 KL to the warm start at 0.5 the format holds at 1.5e-4.
-        c.loss.old_logprobs = "recompute"
-        c.loss.kl_coef = 0.5
-        c.data.skip_uniform_groups = True
-        c.rollout.temperature = 0.3
-        c.rollout.group_size = 4
-        c.rollout.max_policy_lag = 4
-        # The worker shares the CPU with the learner. 3 shards (48 rollouts, ~150 segments, about
-        # half of them in uniform groups) per version is a little more than an update of 48
-        # segments uses: the learner never waits, and what falls 4 versions behind is dropped
-        # (~20 % of segments). With 2 nothing lags, but the learner waits ~7 s per update.
-        c.rollout.max_shards_per_version = 3
-        c.data.batch_segments = 48
-        c.optim.learning_rate = 1.5e-4
-        c.optim.final_lr_ratio = 0.2
-        c.optim.total_steps = 90
-        c.optim.warmup_steps = 5
-        c.checkpoint.every_steps = 30
-        c.eval.every_steps = 30
-        c.eval.num_questions = 12
-        c.export.dtype = "float32"
-        return c
+        return _tiny(c)
     size = preset.removeprefix("qwen3vl_")
-    c.model.name = "hf"
-    c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.update(name="hf", dtype="bfloat16", remat=True)
     c.rollout.embedded_workers = 0
-    c.data.max_segment_tokens = 8192
-    c.data.length_bucket = 2048  # at most four compiles of the big step
-    c.data.batch_segments = {"2b": 256, "4b": 256, "8b": 512}[size]
-    c.data.worker_count = 4
-    c.mesh.fsdp = -1
-    c.mesh.data = 1
-    c.mesh.tensor = {"2b": 1, "4b": 1, "8b": 2}[size]
+    # At most four compiles of the big step (length buckets of 2048).
+    c.data.update(
+        max_segment_tokens=8192,
+        length_bucket=2048,
+        batch_segments={"2b": 256, "4b": 256, "8b": 512}[size],
+    )
+    c.mesh.update(fsdp=-1, data=1, tensor={"2b": 1, "4b": 1, "8b": 2}[size])
     return c
 
 
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``tiny`` preset: one CPU machine, a policy trained from scratch."""
+    # A 1.0M-parameter Qwen3 trained from scratch (the `tiny-agent` model preset): after
+    # the warm start it makes well-formed tool calls (the 205k `tiny` breaks ~half of
+    # them), but neither learns in minutes to copy names out of its context, so searches
+    # and answers are partly memorised, partly guessed; RL raises the training reward
+    # only slowly (0.19 -> 0.25 over 90 updates; README, issue 5's notes).
+    c.model.name = "tiny-agent"
+    # The policy is text-only: ask only about facts stated in text, in one hop (the corpus
+    # keeps its pictures, videos and distractors as retrieval candidates). One text fact per
+    # entity: the world holds 52 distinct one-hop questions (48 entities and 4 twins). The
+    # last 12 are held out; eval entities are never asked about in training.
+    c.env.update(answer_modalities=("text",), max_hops=1, num_questions=52, eval_questions=12)
+    # A text-only tiny model sees pictures only as placeholder tokens: keep them few
+    # (4 tokens per picture at the top-K budget) and the system prompt short.
+    c.memory.total_pixels = 5 * 4 * 32 * 32
+    c.rollout.update(prompt_style="compact", max_new_tokens=192)
+    # Warm start on scripted-expert trajectories: token NLL ~0.07 after 300 steps. Segments
+    # are cut to 128-token multiples past their last trained token (exact; ~1.6x faster).
+    c.data.update(max_segment_tokens=1024, length_bucket=128)
+    c.sft.update(steps=300, num_trajectories=1024, learning_rate=3e-3, batch_segments=16)
+    # Then GGPO. One worker process on the same CPU runs ahead of the learner: the ratio is
+    # taken to the learner's own log-probs before the update (truncated importance weight
+    # to the sampler's), groups with one reward for all are skipped, sampling is cool (a
+    # tiny policy derails at temperature 1). Without a KL anchor the failed groups'
+    # negative advantages broke the tool-call format at lr 3e-4 (invalid actions 0 -> 95%
+    # in 20 updates); with a k3 KL to the warm start at 0.5 the format holds at 1.5e-4.
+    c.loss.update(old_logprobs="recompute", kl_coef=0.5)
+    c.data.skip_uniform_groups = True
+    c.rollout.update(temperature=0.3, group_size=4, max_policy_lag=4)
+    # The worker shares the CPU with the learner. 3 shards (48 rollouts, ~150 segments, about
+    # half of them in uniform groups) per version is a little more than an update of 48
+    # segments uses: the learner never waits, and what falls 4 versions behind is dropped
+    # (~20 % of segments). With 2 nothing lags, but the learner waits ~7 s per update.
+    c.rollout.max_shards_per_version = 3
+    c.data.batch_segments = 48
+    c.optim.update(learning_rate=1.5e-4, final_lr_ratio=0.2, total_steps=90, warmup_steps=5)
+    c.checkpoint.every_steps = 30
+    c.eval.update(every_steps=30, num_questions=12)
+    c.export.dtype = "float32"
+    return c
+
+
+def parse_arg(arg: str | None) -> tuple[str, str]:
+    """``(preset, algorithm)`` of a config argument ``[PRESET][,ALGORITHM]``, in either order.
+
+    ``tiny`` and ``ggpo`` stand in for what is not named: ``"qwen3vl_8b,grpo"``, ``"gspo"``.
+    """
+    tokens = [token.strip() for token in (arg or "").split(",") if token.strip()]
+    presets = [token for token in tokens if token in PRESETS]
+    algorithms = [token for token in tokens if token in ALGORITHMS]
+    unknown = [token for token in tokens if token not in PRESETS + ALGORITHMS]
+    if unknown or len(presets) > 1 or len(algorithms) > 1:
+        what = (
+            f"unknown preset {unknown[0]!r} (nor an algorithm)"
+            if unknown
+            else "more than one preset or algorithm"
+        )
+        raise ValueError(
+            f"{what} in the config argument {arg!r}; it is [PRESET][,ALGORITHM] with a preset "
+            f"of {', '.join(PRESETS)} and an algorithm of {', '.join(ALGORITHMS)}"
+        )
+    return (presets or ["tiny"])[0], (algorithms or [ALGORITHM])[0]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config for a preset (``tiny`` when none is given)."""
-    return apply_preset(base_config(), arg or "tiny")
+    """The config of ``[PRESET][,ALGORITHM]`` (``parse_arg``; ``tiny`` with GGPO by default)."""
+    preset, algorithm = parse_arg(arg)
+    return with_algorithm(apply_preset(base_config(), preset), algorithm)

@@ -4,7 +4,7 @@
 #   WORKDIR=/tmp/vimrag NUM_WORKERS=2 bash launch/local.sh [--config.KEY=VALUE ...]
 #   DRY_RUN=1 bash launch/local.sh        # print the commands instead
 #
-# Variables: CONFIG (configs/ggpo.py[:preset]), WORKDIR (/tmp/vimrag), NUM_WORKERS (1),
+# Variables: CONFIG (configs/ggpo.py[:preset[,algorithm]]), WORKDIR (/tmp/vimrag), NUM_WORKERS (1),
 # PYTHON (python), WORKER_FLAGS (extra worker flags, e.g. "--max_trajectories=64").
 # Arguments go to the learner and the workers alike (config overrides). The workers are
 # started here, so the learner is told not to start its own (rollout.embedded_workers=0).

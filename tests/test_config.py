@@ -102,12 +102,10 @@ def test_train_refuses_a_bad_config_before_building_anything(tmp_path):
 
 # --- experiment files, new blocks and their checks ----------------------------------------
 
-CONFIG_FILES = ("ggpo", "gspo", "grpo", "sft")
 
-
-def _load(name: str, arg: str | None = None, *overrides: str):
-    """Loads configs/<name>.py[:arg] through config_flags, as the CLIs do."""
-    spec = f"configs/{name}.py" + (f":{arg}" if arg else "")
+def _load(arg: str | None = None, *overrides: str):
+    """Loads configs/ggpo.py[:arg] through config_flags, as the CLIs do."""
+    spec = "configs/ggpo.py" + (f":{arg}" if arg else "")
     argv = ["prog", f"--config={ROOT / spec}", *overrides]
     flag_values = flags.FlagValues()
     # config_flags defines the --config.KEY flags from the argv it is given at definition.
@@ -118,42 +116,76 @@ def _load(name: str, arg: str | None = None, *overrides: str):
     return flag_values.config
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("algorithm", ggpo.ALGORITHMS)
 @pytest.mark.parametrize("preset", ggpo.PRESETS)
-def test_every_config_file_and_preset_validates(name, preset, tmp_path):
-    cfg = _load(name, preset)
-    assert cfg.preset == preset
+def test_every_algorithm_and_preset_validates(algorithm, preset, tmp_path):
+    cfg = _load(f"{preset},{algorithm}")
+    assert cfg.preset == preset and cfg.algorithm == algorithm
     if cfg.model.name == "hf":
         (tmp_path / "config.json").write_text("{}")
         cfg.model.path = str(tmp_path)
     assert config_checks.find_problems(cfg, 1 if preset == "tiny" else 8) == []
 
 
-@pytest.mark.parametrize("name", ["ggpo", "gspo", "grpo"])
-def test_loss_block_is_the_algorithm_preset(name):
-    cfg = _load(name)
-    assert cfg.algorithm == name
+@pytest.mark.parametrize("algorithm", ggpo.ALGORITHMS)
+@pytest.mark.parametrize("preset", ggpo.PRESETS)
+def test_the_algorithm_token_is_with_algorithm(algorithm, preset):
+    expected = ggpo.with_algorithm(ggpo.get_config(preset), algorithm).to_dict()
+    assert ggpo.get_config(f"{preset},{algorithm}").to_dict() == expected
+    assert ggpo.get_config(f"{algorithm},{preset}").to_dict() == expected  # either order
+    if preset == "tiny":  # the default preset
+        assert ggpo.get_config(algorithm).to_dict() == expected
+        assert _load(algorithm).to_dict() == expected
+
+
+def test_ggpo_is_the_default_algorithm():
+    assert ggpo.parse_arg(None) == ggpo.parse_arg("") == ("tiny", "ggpo")
+    assert ggpo.parse_arg("qwen3vl_8b") == ("qwen3vl_8b", "ggpo")
+    assert ggpo.get_config("tiny,ggpo").to_dict() == ggpo.get_config().to_dict()
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("tiny,gpso", "unknown preset 'gpso' (nor an algorithm)"),
+        ("huge,gspo", "unknown preset 'huge'"),
+        ("tiny,qwen3vl_8b", "more than one preset or algorithm"),
+        ("gspo,grpo", "more than one preset or algorithm"),
+    ],
+)
+def test_a_bad_config_argument_names_the_presets_and_algorithms(arg, message):
+    with pytest.raises(ValueError) as err:
+        ggpo.get_config(arg)
+    text = str(err.value)
+    assert message in text and repr(arg) in text
+    assert all(name in text for name in ggpo.PRESETS + ggpo.ALGORITHMS)
+
+
+@pytest.mark.parametrize("algorithm", ["ggpo", "gspo", "grpo"])
+def test_loss_block_is_the_algorithm_preset(algorithm):
+    cfg = _load(algorithm)
+    assert cfg.algorithm == algorithm
     # The algorithm's preset, except the run's own settings (the same for every algorithm).
     run = {key: cfg.loss[key] for key in ggpo.RUN_LOSS_KEYS}
     assert run == {"old_logprobs": "recompute", "tis_cap": 2.0, "kl_coef": 0.5}  # tiny default
-    preset = dataclasses.replace(LossConfig.for_algorithm(name), **run)
+    preset = dataclasses.replace(LossConfig.for_algorithm(algorithm), **run)
     assert LossConfig.from_config(cfg.loss) == preset
     assert (cfg.loss.clip_low, cfg.loss.clip_high) == (
-        (0.2, 0.2) if name == "grpo" else (3e-4, 4e-4)
+        (0.2, 0.2) if algorithm == "grpo" else (3e-4, 4e-4)
     )
 
 
-def test_sft_file_trains_only_the_supervised_phase():
+def test_sft_trains_only_the_supervised_phase():
     cfg = _load("sft")
     assert cfg.algorithm == "sft" and cfg.sft.steps > 0 and cfg.rollout.embedded_workers == 0
+    assert _load("qwen3vl_8b,sft").sft.steps == 500
     cfg.sft.steps = 0
     assert any("config.sft.steps must be an integer >= 1" in p for p in _problems(cfg))
 
 
 def test_command_line_overrides_reach_the_new_blocks():
     cfg = _load(
-        "gspo",
-        "tiny",
+        "tiny,gspo",
         "--config.distributed.enabled=True",
         "--config.checkpoint.async_save=False",
         "--config.optim.accumulate_steps=4",
@@ -166,7 +198,7 @@ def test_command_line_overrides_reach_the_new_blocks():
     assert cfg.optim.accumulate_steps == 4 and cfg.loss.clip_high == 0.001
     assert _problems(cfg) == []
     with pytest.raises(AttributeError):  # locked: a typo cannot add a key
-        _load("ggpo", None, "--config.optim.acumulate_steps=2")
+        _load(None, "--config.optim.acumulate_steps=2")
 
 
 def _problems(cfg) -> list[str]:

@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("common.sh", "local.sh", "tpu_pod.sh", "slurm_gpu.sbatch")
 
 
-def _load_sweep_runner():
-    spec = importlib.util.spec_from_file_location("launch_sweep", ROOT / "launch" / "sweep.py")
+def _load_file(path: Path):
+    spec = importlib.util.spec_from_file_location(f"launch_test_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-sweep = _load_sweep_runner()
+sweep = _load_file(ROOT / "launch" / "sweep.py")
 
 
 def _dry_run(script: str, *args: str, **env: str) -> list[str]:
@@ -49,16 +49,16 @@ def test_local_dry_run_starts_workers_then_the_learner():
         WORKDIR="/tmp/w",
         NUM_WORKERS="2",
         WORKER_FLAGS="--max_trajectories=8",
-        CONFIG="configs/gspo.py:tiny",
+        CONFIG="configs/ggpo.py:tiny,gspo",
     )
     worker = (
-        "python -m vimrag_jax.rollout.worker --config=configs/gspo.py:tiny --workdir=/tmp/w "
+        "python -m vimrag_jax.rollout.worker --config=configs/ggpo.py:tiny,gspo --workdir=/tmp/w "
         "--max_trajectories=8 --config.seed=3 > /tmp/w/logs/worker_{}.log 2>&1 &"
     )
     assert lines == [
         worker.format(0),
         worker.format(1),
-        "python -m vimrag_jax.train --config=configs/gspo.py:tiny --workdir=/tmp/w "
+        "python -m vimrag_jax.train --config=configs/ggpo.py:tiny,gspo --workdir=/tmp/w "
         "--config.rollout.embedded_workers=0 --config.seed=3",
     ]
 
@@ -141,7 +141,7 @@ def test_sweep_expands_algorithm_by_seed():
     runs = sweep.load_sweep("configs/sweeps/ggpo_vs_gspo.py:qwen3vl_2b,seeds=2")
     lines = sweep.commands(runs, "/runs", ["--config.optim.total_steps=5"], python="python")
     assert [" ".join(line) for line in lines] == [
-        f"python -m vimrag_jax.train --config=configs/{algo}.py:qwen3vl_2b "
+        f"python -m vimrag_jax.train --config=configs/ggpo.py:qwen3vl_2b,{algo} "
         f"--workdir=/runs/{algo}_seed{seed} --config.seed={seed} --config.optim.total_steps=5"
         for algo in ("ggpo", "gspo")
         for seed in (0, 1)
@@ -163,16 +163,18 @@ def test_sweep_dry_run_prints_and_real_run_goes_in_order(monkeypatch, capsys):
 
     def fake_run(command, cwd, check):
         calls.append(command)
-        return subprocess.CompletedProcess(command, 1 if "ggpo" in command[3] else 0)
+        return subprocess.CompletedProcess(command, 1 if "ggpo_seed" in command[4] else 0)
 
     monkeypatch.setattr(sweep.subprocess, "run", fake_run)
     assert sweep.main([f"--sweep={spec}", "--workdir=/r"]) == 1  # stops at the failure
     assert len(calls) == 1
     assert sweep.main([f"--sweep={spec}", "--workdir=/r", "--keep_going"]) == 1
-    assert len(calls) == 3 and "gspo" in calls[-1][3]
+    assert len(calls) == 3 and "gspo_seed" in calls[-1][4]
 
 
 def test_every_sweep_run_names_an_existing_config_file():
     for run in sweep.load_sweep("configs/sweeps/ggpo_vs_gspo.py"):
-        path = run["config"].partition(":")[0]
+        path, _, arg = run["config"].partition(":")
         assert (ROOT / path).is_file(), path
+        config = _load_file(ROOT / path).get_config(arg)
+        assert run["name"] == f"{config.algorithm}_seed{run['overrides']['seed']}"

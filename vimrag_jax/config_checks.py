@@ -331,9 +331,7 @@ def find_problems(
     _check_rollout_backend(problems, rollout)
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
-    _check_at_least(
-        problems, cfg.data, "config.data", 0, "prefetch", "worker_count", "length_bucket"
-    )
+    _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "length_bucket")
     if not (_is_number(cfg.data.max_wait_s) and cfg.data.max_wait_s > 0):
         problems.append(f"config.data.max_wait_s must be > 0, got {cfg.data.max_wait_s!r}")
     if not isinstance(cfg.data.skip_uniform_groups, bool):

@@ -7,8 +7,9 @@ Run it with ``launch/sweep.py``::
         --dry_run -- --config.model.path=/ckpt/Qwen3-VL-8B-Instruct
 
 The argument after the colon is ``PRESET[,seeds=N]`` (default ``tiny,seeds=3``). Each run is a
-dict: ``name`` (its sub-directory of the sweep's workdir), ``config`` (config file and preset,
-relative to the repository root) and ``overrides`` (``--config.KEY=VALUE`` pairs).
+dict: ``name`` (its sub-directory of the sweep's workdir), ``config`` (config file, preset and
+algorithm, relative to the repository root: ``configs/ggpo.py:PRESET,ALGORITHM``) and
+``overrides`` (``--config.KEY=VALUE`` pairs).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     return [
         {
             "name": f"{algorithm}_seed{seed}",
-            "config": f"configs/{algorithm}.py:{preset}",
+            "config": f"configs/ggpo.py:{preset},{algorithm}",
             "overrides": {"seed": seed},
         }
         for algorithm in ALGORITHMS
