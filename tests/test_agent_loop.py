@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from vimrag_jax.agent import prompts
-from vimrag_jax.agent.loop import RolloutConfig, VimRAGAgent
+from vimrag_jax.agent.config import RolloutConfig
+from vimrag_jax.agent.loop import VimRAGAgent
 from vimrag_jax.agent.protocol import format_tool_call, parse_action
 from vimrag_jax.agent.render import memory_frames, render_record
 from vimrag_jax.agent.scripted_sampler import (

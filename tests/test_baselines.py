@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vimrag_jax.agent.baselines import make_agent, system_prompt
-from vimrag_jax.agent.loop import RolloutConfig
+from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.protocol import format_tool_call
 from vimrag_jax.agent.tokenizer import build_tokenizer
 from vimrag_jax.envs.synthetic import SyntheticConfig, build

@@ -369,7 +369,7 @@ def find_problems(
             problems.append(f"config.model.path={path!r} has no config.json")
     _check_dataset(problems, cfg)
     if not problems:  # the agent's own cross-checks (a prompt fits a segment, known agent, ...)
-        from vimrag_jax.agent.loop import RolloutConfig
+        from vimrag_jax.agent.config import RolloutConfig
 
         try:
             RolloutConfig.from_config(cfg)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vimrag_jax.agent import prompts
-from vimrag_jax.agent.loop import RolloutConfig
+from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.envs import synthetic
 from vimrag_jax.retrieval.corpus import CorpusStore
 

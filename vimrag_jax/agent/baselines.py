@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from vimrag_jax.agent import prompts
-from vimrag_jax.agent.loop import Episode, RolloutConfig, VimRAGAgent, _Invalid
+from vimrag_jax.agent.actions import InvalidAction, StepActions
+from vimrag_jax.agent.config import RolloutConfig
+from vimrag_jax.agent.episode import Episode
+from vimrag_jax.agent.loop import VimRAGAgent
 from vimrag_jax.agent.protocol import ROOT_ID, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS, Action
 
 _SYSTEM = """\
@@ -79,15 +82,15 @@ class _ChainAgent(VimRAGAgent):
 
     name = ""
 
-    def act(self, episode, row, action: Action, text, buffers, searches, summaries) -> int:
+    def act(self, episode, row, action: Action, text, step: StepActions) -> int:
         if action.tool_name not in _TOOLS[self.name]:
-            raise _Invalid(
+            raise InvalidAction(
                 f"{action.tool_name} is not available; use {', '.join(_TOOLS[self.name])}"
             )
         if action.kind in ("search", "answer"):
             chain = {**action.arguments, "parent_ids": [episode.node_ids[-1]]}
             action = dataclasses.replace(action, arguments=chain)
-        return super().act(episode, row, action, text, buffers, searches, summaries)
+        return super().act(episode, row, action, text, step)
 
     def chat(self, episode: Episode, user: prompts.Rendered | str, turns: Sequence) -> Any:
         messages = [
@@ -130,8 +133,8 @@ class SummaryAgent(_ChainAgent):
         user = f"{self.question_turn(episode)}\n\nYour notes: {notes}"
         return self.chat(episode, user, episode.pending_turns + episode.error_turns)
 
-    def act(self, episode, row, action, text, buffers, searches, summaries) -> int:
-        node = super().act(episode, row, action, text, buffers, searches, summaries)
+    def act(self, episode, row, action, text, step) -> int:
+        node = super().act(episode, row, action, text, step)
         if action.kind == "memorize":
             episode.notes = action.arguments["summarize"]
         return node
@@ -147,12 +150,12 @@ class Mem1Agent(_ChainAgent):
         user = f"{self.question_turn(episode)}\n\nYour internal state: {state}"
         return self.chat(episode, user, episode.pending_turns + episode.error_turns)
 
-    def act(self, episode, row, action, text, buffers, searches, summaries) -> int:
+    def act(self, episode, row, action, text, step) -> int:
         turns = episode.pending_turns
         episode.pending_turns = ()  # a new call replaces the last observation
         try:
-            node = super().act(episode, row, action, text, buffers, searches, summaries)
-        except _Invalid:
+            node = super().act(episode, row, action, text, step)
+        except InvalidAction:
             episode.pending_turns = turns
             raise
         episode.notes = action.reasoning.strip()

@@ -28,12 +28,10 @@ One step, for every live episode at once:
    arrays ``data.vision.VisualPatches`` builds from the prompt's visual references, the very
    references the record stores as ``segment_visuals``, so the learner rebuilds the same
    pixels. Text-only backends get token ids only.
-3. **Act.** Each completion is parsed (``protocol.parse_action``) and checked against the graph
-   (parents exist, ids new, search/memorize alternation, every retrieved item memorized, room
-   left). Valid actions update the host mirror (ids and text, which JAX cannot hold) and are
-   packed into one ``TurnActions``; the batched ``MemoryGraph`` and the next step's visual
-   budgets come from one jitted call (``graph_ops.TurnUpdater``). Searches of all rows go to
-   the store in one batched query.
+3. **Act.** Each completion is parsed and checked against the episode (``actions``); valid
+   actions update the host mirror and are packed into one ``TurnActions``; the batched
+   ``MemoryGraph`` and the next step's visual budgets come from one jitted call
+   (``graph_ops.TurnUpdater``). Searches of all rows go to the store in one batched query.
 
 Each model call is a segment: ``tokens`` = prompt ids + sampled ids, ``loss_mask`` on the
 sampled ids only, ``behavior_logprobs`` the backend's log-probs there, ``segment_node`` the node
@@ -50,326 +48,38 @@ slot's corpus ``item_id`` and ``item_modality`` (-1 for empty slots), for pictur
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import json
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
 
-from vimrag_jax.agent import graph_ops, prompts
-from vimrag_jax.agent.graph_ops import ActionKind
-from vimrag_jax.agent.protocol import ROOT_ID, Action, parse_action
+from vimrag_jax.agent import actions, graph_ops, prompts
+from vimrag_jax.agent.actions import InvalidAction, StepActions, frame_size
+from vimrag_jax.agent.config import RolloutConfig
+from vimrag_jax.agent.episode import (
+    Episode,
+    MemorySlot,
+    QuestionLike,
+    Rollouts,
+    RolloutStats,
+    RowContext,
+    Segment,
+    Turn,
+)
+from vimrag_jax.agent.protocol import Action, parse_action
 from vimrag_jax.data.vision import VisualPatches
 from vimrag_jax.envs import scripted
 from vimrag_jax.envs.rewards import outcome_reward
-from vimrag_jax.memory.energy import PIXELS_PER_TOKEN, TOTAL_PIXELS, smart_resize
-from vimrag_jax.memory.graph import Modality
+from vimrag_jax.memory.energy import smart_resize
 from vimrag_jax.retrieval.corpus import CorpusStore, ItemInfo
-from vimrag_jax.rollout.records import RecordDims, blank_record
-
-INVALID_POLICIES = ("continue", "end")
-AGENTS = ("vimrag", "react", "summary", "mem1")
-
-
-def _get(block: Any, key: str, default: Any) -> Any:
-    """``block[key]`` when the config block has it, else ``default`` (keys may not exist yet)."""
-    if block is None:
-        return default
-    try:
-        return block[key] if key in block else default
-    except TypeError:
-        return default
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Typed rollout settings, read from the experiment config with defaults.
-
-    Keys (config path → field): ``rollout.agent``, ``rollout.group_size``,
-    ``rollout.questions_per_batch``, ``rollout.max_model_calls``, ``rollout.retrieval_top_k``,
-    ``rollout.max_new_tokens``, ``rollout.temperature``, ``rollout.top_p``,
-    ``rollout.invalid_action_policy``, ``rollout.max_invalid_actions``,
-    ``rollout.max_visuals``, ``rollout.reward_metric``, ``rollout.reward_threshold``,
-    ``rollout.prompt_style`` (``"full"`` or ``"compact"``, see ``prompts.system_prompt``),
-    ``data.max_segment_tokens``, ``graph.*``, ``memory.*`` (``rollout_budget`` or, for
-    evaluation, ``eval_budget``).
-    """
-
-    agent: str = "vimrag"
-    group_size: int = 4
-    questions_per_batch: int = 4
-    max_model_calls: int = 20
-    retrieval_top_k: int = 3
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    invalid_action_policy: str = "continue"
-    max_invalid_actions: int = 5
-    max_visuals: int = 64
-    reward_metric: str = "em"
-    reward_threshold: float = 0.5
-    prompt_style: str = "full"
-    max_segment_tokens: int = 2048
-    max_nodes: int = 16
-    max_items: int = 3
-    max_keyframes: int = 4
-    max_query_tokens: int = 32
-    max_summary_tokens: int = 64
-    budget: str = "averaged"
-    lam: float = 0.1
-    gamma: float = 0.3
-    top_k: int = 5
-    total_pixels: int = TOTAL_PIXELS
-
-    def __post_init__(self):
-        if self.agent not in AGENTS:
-            raise ValueError(f"rollout.agent must be one of {AGENTS}, got {self.agent!r}")
-        if self.invalid_action_policy not in INVALID_POLICIES:
-            raise ValueError(
-                f"rollout.invalid_action_policy must be one of {INVALID_POLICIES}, "
-                f"got {self.invalid_action_policy!r}"
-            )
-        if self.prompt_style not in prompts.PROMPT_STYLES:
-            raise ValueError(
-                f"rollout.prompt_style must be one of {prompts.PROMPT_STYLES}, "
-                f"got {self.prompt_style!r}"
-            )
-        if self.budget not in ("averaged", "energy"):
-            raise ValueError(f"memory budget must be 'averaged' or 'energy', got {self.budget!r}")
-        if self.retrieval_top_k > self.max_items:
-            raise ValueError(
-                f"rollout.retrieval_top_k={self.retrieval_top_k} exceeds graph.max_items="
-                f"{self.max_items}: every retrieved item needs a memory slot"
-            )
-        if self.max_new_tokens >= self.max_segment_tokens:
-            raise ValueError(
-                f"rollout.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
-                f"data.max_segment_tokens={self.max_segment_tokens}"
-            )
-        for name in ("group_size", "questions_per_batch", "max_model_calls", "max_visuals"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-
-    @classmethod
-    def from_config(cls, cfg: Any, *, evaluation: bool = False) -> RolloutConfig:
-        """From an experiment ConfigDict; missing keys take the defaults above."""
-        rollout, graph, memory = cfg.get("rollout"), cfg.get("graph"), cfg.get("memory")
-        d = cls()
-        fields = {
-            name: _get(rollout, name, getattr(d, name))
-            for name in (
-                "agent",
-                "group_size",
-                "questions_per_batch",
-                "max_model_calls",
-                "retrieval_top_k",
-                "max_new_tokens",
-                "temperature",
-                "top_p",
-                "invalid_action_policy",
-                "max_invalid_actions",
-                "max_visuals",
-                "reward_metric",
-                "reward_threshold",
-                "prompt_style",
-            )
-        }
-        fields["max_segment_tokens"] = _get(cfg.get("data"), "max_segment_tokens", 2048)
-        for name in (
-            "max_nodes",
-            "max_items",
-            "max_keyframes",
-            "max_query_tokens",
-            "max_summary_tokens",
-        ):
-            fields[name] = _get(graph, name, getattr(d, name))
-        for name in ("lam", "gamma", "top_k", "total_pixels"):
-            fields[name] = _get(memory, name, getattr(d, name))
-        budget_key = "eval_budget" if evaluation else "rollout_budget"
-        fields["budget"] = _get(memory, budget_key, "energy" if evaluation else "averaged")
-        return cls(**fields)
-
-    @property
-    def dims(self) -> RecordDims:
-        """Record maxima: N nodes, K items, S = max model calls, L tokens, V visuals."""
-        return RecordDims(
-            nodes=self.max_nodes,
-            items=self.max_items,
-            segments=self.max_model_calls,
-            tokens=self.max_segment_tokens,
-            visuals=self.max_visuals,
-        )
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return self.max_segment_tokens - self.max_new_tokens
-
-    @property
-    def observation_pixels(self) -> int:
-        """The pixel budget of one retrieved image (a video splits it over its frames)."""
-        return max(self.total_pixels // max(self.top_k, 1), PIXELS_PER_TOKEN)
-
-    @property
-    def max_visual_patches(self) -> int:
-        """An upper bound on the patch rows (16-px patches of a 2-frame temporal patch; a
-        merged visual token is 4) of one prompt's images and videos: the learner's
-        ``data.vision.VisualInputs`` cap when the config sets no ``data.max_patches``.
-
-        VimRAG shows its visual memory (at most ``total_pixels`` in all) plus one retrieval
-        observation (``retrieval_top_k`` items of ``observation_pixels`` each); a video's
-        frames pair up, so its patches are at most its pixels / 256 as an image's are. The
-        slack covers the one-token minimum of small items and odd frame counts. The
-        baselines may show up to ``max_visuals`` references of any budget.
-        """
-        minimum = 4 * (self.max_nodes * self.max_items * (self.max_keyframes + 1))
-        minimum += 4 * self.retrieval_top_k * prompts.MAX_VIDEO_FRAMES
-        if self.agent == "vimrag":
-            pixels = self.total_pixels + self.retrieval_top_k * self.observation_pixels
-        else:
-            pixels = self.max_visuals * max(self.total_pixels, self.observation_pixels)
-        return -(-(pixels // 256 + minimum) // 4) * 4
-
-
-class QuestionLike(Protocol):
-    """What the loop needs of a question (``envs.synthetic.Question`` has it)."""
-
-    question_id: str
-    text: str
-    answer: str
-    evidence_ids: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class RowContext:
-    """Per-row episode state handed to backends with ``wants_contexts`` (scripted policies).
-
-    ``key`` names the episode (stable across batchings); ``view`` is the scripted policies'
-    ``EpisodeView`` (retrieved items named by corpus id); ``labels`` maps a pending item's
-    corpus id string to its label in the observation (``"17" -> "Picture 2"``).
-    """
-
-    key: str
-    question: Any
-    view: scripted.EpisodeView
-    labels: dict[str, str]
-
-
-@dataclasses.dataclass
-class MemorySlot:
-    """A kept visual item of a node: its bank slot, corpus info, keyframes and priority."""
-
-    slot: int
-    info: ItemInfo
-    keyframes: tuple[float, ...]
-    priority: int
-
-
-@dataclasses.dataclass
-class Segment:
-    prompt: list[int]
-    sampled: list[int]
-    logprobs: list[float]
-    node: int
-    visuals: tuple[prompts.VisualRef, ...]
-
-
-@dataclasses.dataclass
-class Turn:
-    """One model call as the loop saw it (for tests, debugging and SFT inspection)."""
-
-    text: str
-    action: Action
-    error: str | None
-    observation: str
-
-
-@dataclasses.dataclass
-class Episode:
-    """Host state of one rollout; the graph arrays live in the batched ``MemoryGraph``."""
-
-    question: Any
-    group_id: str
-    index: int
-    key: str
-    node_ids: list[str] = dataclasses.field(default_factory=lambda: [ROOT_ID])
-    node_parents: list[tuple[str, ...]] = dataclasses.field(default_factory=lambda: [()])
-    queries: list[str] = dataclasses.field(default_factory=lambda: [""])
-    summaries: list[str] = dataclasses.field(default_factory=lambda: [""])
-    memory: list[list[MemorySlot]] = dataclasses.field(default_factory=lambda: [[]])
-    retrieved: list[tuple[int, ...]] = dataclasses.field(default_factory=lambda: [()])
-    pending: tuple[ItemInfo, ...] | None = None
-    pending_node: int = -1
-    pending_turns: tuple[prompts.Message, ...] = ()
-    error_turns: tuple[prompts.Message, ...] = ()
-    history: list[prompts.Message] = dataclasses.field(default_factory=list)
-    notes: str = ""
-    segments: list[Segment] = dataclasses.field(default_factory=list)
-    turns: list[Turn] = dataclasses.field(default_factory=list)
-    step: int = 0
-    num_invalid: int = 0
-    answer_node: int = -1
-    prediction: str | None = None
-    done: bool = False
-    end_reason: str = ""
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.node_ids)
-
-    def end(self, reason: str) -> None:
-        self.done, self.end_reason = True, reason
-
-
-@dataclasses.dataclass
-class RolloutStats:
-    """Counts and timings of one ``run`` call."""
-
-    episodes: int = 0
-    model_calls: int = 0
-    generated_tokens: int = 0
-    invalid_actions: int = 0
-    reward_sum: float = 0.0
-    end_reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    generate_s: float = 0.0
-    total_s: float = 0.0
-
-    @property
-    def mean_reward(self) -> float:
-        return self.reward_sum / max(self.episodes, 1)
-
-    @property
-    def invalid_rate(self) -> float:
-        return self.invalid_actions / max(self.model_calls, 1)
-
-    @property
-    def outside_model_share(self) -> float:
-        """Share of wall time spent outside ``generate`` (parsing, graph, retrieval, resize)."""
-        return 1.0 - self.generate_s / self.total_s if self.total_s > 0 else 0.0
-
-
-@dataclasses.dataclass
-class Rollouts:
-    records: list[dict[str, Any]]
-    episodes: list[Episode]
-    stats: RolloutStats
-
-
-class _Invalid(Exception):
-    """Internal: a graph-level rejection of a parsed action; the message goes to the model."""
+from vimrag_jax.rollout.records import blank_record
 
 
 def _stable_seed(*parts: Any) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-def _frame_size(info: ItemInfo) -> tuple[int, int]:
-    """(height, width) of an image or of each video frame."""
-    return int(info.shape[-3]), int(info.shape[-2])
 
 
 class VimRAGAgent:
@@ -403,7 +113,6 @@ class VimRAGAgent:
         self._updater = graph_ops.turn_updater(
             config.budget, config.lam, config.gamma, config.total_pixels, config.top_k
         )
-        self._observation_pixels = config.observation_pixels
         # Pixels for a backend whose model sees images and videos (None: token ids only).
         self.visual_patches: VisualPatches | None = None
         if getattr(backend, "takes_prefill_inputs", False):
@@ -503,9 +212,7 @@ class VimRAGAgent:
         if len(completions) != len(ready):
             raise RuntimeError(f"backend returned {len(completions)} completions for {len(ready)}")
 
-        buffers = graph_ops.blank_actions(graphs)
-        searches: list[tuple[int, str]] = []
-        summaries: list[tuple[int, str]] = []
+        step = StepActions.blank(graphs)
         for (r, x, prompt), completion in zip(ready, completions, strict=True):
             episode = episodes[r]
             sampled = [int(t) for t in completion.tokens]
@@ -518,10 +225,10 @@ class VimRAGAgent:
             stats.generated_tokens += len(sampled)
             try:
                 if not action.valid:
-                    raise _Invalid(action.error)
-                node = self.act(episode, r, action, text, buffers, searches, summaries)
+                    raise InvalidAction(action.error)
+                node = self.act(episode, r, action, text, step)
                 error = None
-            except _Invalid as exc:
+            except InvalidAction as exc:
                 error = str(exc)
                 node = episode.num_nodes - 1
                 episode.num_invalid += 1
@@ -539,9 +246,9 @@ class VimRAGAgent:
                 episode.end("invalid_action")
             elif not episode.done and episode.step >= cfg.max_model_calls:
                 episode.end("max_model_calls")
-        self._run_searches(episodes, searches)
-        self._fill_tokens(buffers, searches, summaries)
-        graphs, new_budgets = self._updater(graphs, graph_ops.pack_actions(buffers))
+        self._run_searches(episodes, step.searches)
+        self._fill_tokens(step)
+        graphs, new_budgets = self._updater(graphs, graph_ops.pack_actions(step.buffers))
         return graphs, np.asarray(new_budgets)
 
     def prefill_inputs(self, visuals: Sequence[prompts.VisualRef]) -> dict[str, np.ndarray] | None:
@@ -577,7 +284,7 @@ class VimRAGAgent:
     def _memory_views(self, slots: list[MemorySlot], budget: np.ndarray):
         if not slots:
             return ()
-        heights, widths = zip(*(_frame_size(s.info) for s in slots), strict=True)
+        heights, widths = zip(*(frame_size(s.info) for s in slots), strict=True)
         pixels = [int(budget[s.slot]) for s in slots]
         out_h, out_w = smart_resize(np.array(heights), np.array(widths), np.array(pixels))
         return tuple(
@@ -593,22 +300,8 @@ class VimRAGAgent:
         )
 
     def observation_items(self, items: Sequence[ItemInfo]) -> list[prompts.RetrievedItem]:
-        """Retrieved items for ``retrieval_observation``: an image gets one image's share of the
-        total budget (``total_pixels / top_k``), a video splits that share over its frames."""
-        out = []
-        for info in items:
-            if info.modality == "text":
-                out.append(prompts.RetrievedItem(info.item_id, "text", info.text))
-                continue
-            frames = len(prompts.select_frames(info.timestamps)) if info.modality == "video" else 1
-            h, w = _frame_size(info)
-            rh, rw = smart_resize(h, w, max(self._observation_pixels // max(frames, 1), 1024))
-            out.append(
-                prompts.RetrievedItem(
-                    info.item_id, info.modality, info.text, int(rh), int(rw), info.timestamps
-                )
-            )
-        return out
+        """Retrieved items as the observation shows them (``actions.observation_items``)."""
+        return actions.observation_items(items, self.config.observation_pixels)
 
     def context(self, episode: Episode) -> RowContext:
         """The scripted-policy view of an episode (see ``RowContext``)."""
@@ -636,152 +329,9 @@ class VimRAGAgent:
             prompts.Message("user", prompts.error_observation(error)),
         )
 
-    def parents(self, episode: Episode, parent_ids: Sequence[str]) -> list[int]:
-        """Node indices of ``parent_ids``; _Invalid naming an unknown id."""
-        index = {node_id: i for i, node_id in enumerate(episode.node_ids)}
-        out = []
-        for parent in parent_ids:
-            if parent not in index or index[parent] == episode.answer_node:
-                known = ", ".join(json_quote(n) for n in episode.node_ids)
-                raise _Invalid(f"unknown parent id {json_quote(parent)}; the nodes are {known}")
-            out.append(index[parent])
-        return out
-
-    def act(self, episode, row, action, text, buffers, searches, summaries) -> int:
-        """Checks a parsed valid action against the episode, applies it; returns its node."""
-        cfg = self.config
-        args = action.arguments
-        if action.kind == "search":
-            if episode.pending is not None:
-                raise _Invalid(
-                    "a search must be followed by summarize_and_memorize; record the results "
-                    "of the last search before searching again"
-                )
-            node_id = args["id"].strip()
-            if node_id == ROOT_ID or node_id in episode.node_ids:
-                raise _Invalid(f"node id {json_quote(node_id)} already exists; choose a new id")
-            parents = self.parents(episode, args["parent_ids"])
-            if episode.num_nodes >= cfg.max_nodes - 1:
-                raise _Invalid(
-                    "the memory graph is full (no room for another search); answer now with "
-                    "add_answer_node"
-                )
-            node = episode.num_nodes
-            episode.node_ids.append(node_id)
-            episode.node_parents.append(tuple(args["parent_ids"]))
-            episode.queries.append(args["query"])
-            episode.summaries.append("")
-            episode.memory.append([])
-            episode.retrieved.append(())
-            episode.pending, episode.pending_node = (), node
-            episode.pending_turns = (prompts.Message("assistant", text),)
-            episode.error_turns = ()
-            buffers["kind"][row] = ActionKind.SEARCH
-            buffers["parent_mask"][row, parents] = True
-            buffers["step"][row] = episode.step
-            searches.append((row, args["query"]))
-            return node
-        if action.kind == "memorize":
-            if episode.pending is None:
-                raise _Invalid("there are no search results to memorize; search first")
-            slots = self._check_memorize(episode, args["memorize"])
-            node = episode.pending_node
-            episode.summaries[node] = args["summarize"]
-            episode.memory[node] = [s for s in slots if s is not None]
-            self._fill_bank(buffers, row, episode.pending, args["memorize"], slots)
-            buffers["kind"][row] = ActionKind.MEMORIZE
-            buffers["node"][row] = node
-            buffers["step"][row] = episode.step
-            summaries.append((row, args["summarize"]))
-            episode.pending, episode.pending_node = None, -1
-            episode.pending_turns = episode.error_turns = ()
-            return node
-        if action.kind == "answer":
-            if episode.pending is not None:
-                raise _Invalid(
-                    "record the last search results with summarize_and_memorize before answering"
-                )
-            parents = self.parents(episode, args["parent_ids"])
-            if episode.num_nodes >= cfg.max_nodes:
-                raise _Invalid("the memory graph is full; no room for the answer node")
-            node = episode.num_nodes
-            episode.node_ids.append("answer")
-            episode.node_parents.append(tuple(args["parent_ids"]))
-            episode.queries.append("")
-            episode.summaries.append("")
-            episode.memory.append([])
-            episode.retrieved.append(())
-            episode.answer_node, episode.prediction = node, args["answer"]
-            buffers["kind"][row] = ActionKind.ANSWER
-            buffers["parent_mask"][row, parents] = True
-            buffers["step"][row] = episode.step
-            episode.end("answered")
-            return node
-        raise _Invalid(action.error or "invalid action")
-
-    def _check_memorize(self, episode: Episode, entries: list[dict]) -> list[MemorySlot | None]:
-        """One slot per pending item (None when not kept); _Invalid on a bad listing."""
-        pending = episode.pending or ()
-        views = self.observation_items(pending)
-        labels = prompts.item_labels(views)
-        chosen: dict[int, dict] = {}
-        for entry in entries:
-            index = prompts.resolve_information_id(entry["information_id"], views)
-            if index is None:
-                raise _Invalid(
-                    f"unknown information_id {json_quote(entry['information_id'])}; the "
-                    f"retrieved items are {', '.join(labels) or 'none'}"
-                )
-            if index in chosen:
-                raise _Invalid(f"memorize lists {labels[index]} twice")
-            chosen[index] = entry
-        missing = [labels[i] for i in range(len(pending)) if i not in chosen]
-        if missing:
-            raise _Invalid("memorize must list every retrieved item; missing " + ", ".join(missing))
-        slots: list[MemorySlot | None] = []
-        for index, info in enumerate(pending):
-            entry = chosen[index]
-            if info.modality == "text" or not entry["is_useful"]:
-                slots.append(None)
-                continue
-            keyframes: tuple[float, ...] = ()
-            if info.modality == "video":
-                keyframes = self._keyframes(info, entry.get("key_timestamp") or [], labels[index])
-            slots.append(MemorySlot(index, info, keyframes, int(entry["priority_score"])))
-        return slots
-
-    def _keyframes(self, info: ItemInfo, stamps: list[float], label: str) -> tuple[float, ...]:
-        """A video's kept frame times: the listed ones (snapped to the 1 fps frames), or evenly
-        chosen frames when none are listed; at most ``max_keyframes``."""
-        times = info.timestamps
-        if not stamps:
-            return prompts.select_frames(times, self.config.max_keyframes)
-        picked = []
-        for t in stamps:
-            frame = round(t * prompts.VIDEO_FPS)
-            if not 0 <= frame < len(times):
-                raise _Invalid(
-                    f"key_timestamp {t:g} of {label} is outside the video "
-                    f"(0 to {times[-1]:g} seconds)"
-                )
-            picked.append(float(times[frame]))
-        return prompts.select_frames(sorted(set(picked)), self.config.max_keyframes)
-
-    def _fill_bank(self, buffers, row, pending, entries, slots) -> None:
-        for index, info in enumerate(pending):
-            slot = slots[index]
-            buffers["bank_item_id"][row, index] = info.item_id
-            buffers["bank_modality"][row, index] = (
-                Modality.VIDEO if info.modality == "video" else Modality.IMAGE
-            )
-            if slot is None:
-                continue
-            buffers["bank_valid"][row, index] = True
-            buffers["bank_saliency"][row, index] = True
-            buffers["bank_priority"][row, index] = slot.priority
-            for f, t in enumerate(slot.keyframes):
-                buffers["bank_timestamps"][row, index, f] = t
-                buffers["bank_keyframe_valid"][row, index, f] = True
+    def act(self, episode: Episode, row: int, action: Action, text: str, step: StepActions) -> int:
+        """Checks a parsed action against the episode and applies it; returns its node."""
+        return actions.apply_action(episode, row, action, text, step, self.config)
 
     def _run_searches(self, episodes: list[Episode], searches: list[tuple[int, str]]) -> None:
         if not searches:
@@ -800,10 +350,11 @@ class VimRAGAgent:
         episode.pending = items
         episode.pending_turns += (prompts.Message("user", observation),)
 
-    def _fill_tokens(self, buffers, searches, summaries) -> None:
+    def _fill_tokens(self, step: StepActions) -> None:
+        buffers = step.buffers
         for key, width, pairs in (
-            ("query", buffers["query_tokens"].shape[1], searches),
-            ("summary", buffers["summary_tokens"].shape[1], summaries),
+            ("query", buffers["query_tokens"].shape[1], step.searches),
+            ("summary", buffers["summary_tokens"].shape[1], step.summaries),
         ):
             if not pairs:
                 continue
@@ -881,12 +432,6 @@ class VimRAGAgent:
         return record
 
 
-def json_quote(text: str, limit: int = 40) -> str:
-    """A short JSON-quoted rendering of untrusted text for error messages."""
-    short = text if len(text) <= limit else text[:limit] + "…"
-    return json.dumps(short)
-
-
 def run_episodes(
     questions: Sequence[QuestionLike],
     backend: Any,
@@ -905,16 +450,4 @@ def run_episodes(
     ).records
 
 
-__all__ = [
-    "AGENTS",
-    "Episode",
-    "QuestionLike",
-    "RolloutConfig",
-    "RolloutStats",
-    "Rollouts",
-    "RowContext",
-    "Segment",
-    "Turn",
-    "VimRAGAgent",
-    "run_episodes",
-]
+__all__ = ["VimRAGAgent", "run_episodes"]

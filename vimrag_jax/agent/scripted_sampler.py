@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vimrag_jax.agent.loop import RowContext
+from vimrag_jax.agent.episode import RowContext
 from vimrag_jax.agent.protocol import format_tool_call
 from vimrag_jax.envs import scripted
 from vimrag_jax.sampling.sampler import Completion
