@@ -20,7 +20,7 @@ from PIL import Image
 from vimrag_jax import config_checks
 from vimrag_jax.agent.prompts import VIDEO_FPS
 from vimrag_jax.envs.dataset import DatasetError, load_questions
-from vimrag_jax.retrieval.corpus import CorpusStore, corpus_fingerprint
+from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.retrieval.embedders import HashingEmbedder
 from vimrag_jax.retrieval.import_corpus import (
     CorpusImportError,
@@ -30,6 +30,7 @@ from vimrag_jax.retrieval.import_corpus import (
     read_items,
     resample_to_grid,
 )
+from vimrag_jax.retrieval.store_format import corpus_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -371,27 +371,15 @@ def test_corpus_store_with_the_hf_embedder(hf_checkpoint, hf_embedder, tmp_path)
 
 def _legacy_build(items, directory, embedder):
     """The in-memory writer ``CorpusStore.build`` used before ``StoreBuilder`` (kept verbatim in
-    spirit): every file written from the whole item list at once. Stores written by it exist."""
+    spirit): every file written from the whole item list at once. Stores written by it exist.
+    Metadata rows and pixel records are the library's; what is compared is how files are made."""
     import hashlib
 
     import msgpack
     from array_record.python import array_record_module
 
-    def metadata(item, record):
-        return {
-            "id": int(item.item_id),
-            "modality": item.modality,
-            "title": item.title,
-            "text": item.text,
-            "timestamps": [float(t) for t in item.timestamps],
-            "shape": [] if item.pixels is None else [int(s) for s in item.pixels.shape],
-            "record": record,
-        }
-
-    def frames(item):
-        if item.pixels is None:
-            return []
-        return [item.pixels] if item.modality == "image" else list(item.pixels)
+    from vimrag_jax.retrieval.store_format import item_frames as frames
+    from vimrag_jax.retrieval.store_format import metadata_row as metadata
 
     digest = hashlib.sha256(b"vimrag-corpus-v1")
     digest.update(json.dumps(embedder.spec(), sort_keys=True).encode())

@@ -24,6 +24,9 @@ Distractors: every entity has ``distractors_per_entity`` extra passages that nam
 any asked-for fact; ``near_duplicates`` entities get a twin whose name differs by one vowel and who
 has its own, different facts, images and videos. Everything is deterministic in ``config.seed``:
 the same config gives byte-identical items and questions.
+
+The entities, their facts and the items stating them are made in ``synthetic_world``; this module
+holds the config, the questions and what is read off them (queries, fact sentences, wrong answers).
 """
 
 from __future__ import annotations
@@ -32,46 +35,22 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from vimrag_jax.retrieval.corpus import CorpusItem
+from vimrag_jax.envs.synthetic_world import (
+    ATTRIBUTES,
+    CAPTIONS,
+    COLOURS,
+    HOBBIES,
+    RELATIONS,
+    RIVERS,
+    SHAPES,
+    Entity,
+    make_items,
+    make_world,
+    statement,
+)
+from vimrag_jax.retrieval.store_format import CorpusItem
 
-#: Palette colours of shapes and balloons. Backgrounds are pure greys (r = g = b), so a pixel shows
-#: a fact exactly when it has one of these colours.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 70),
-    "blue": (50, 80, 220),
-    "yellow": (230, 200, 30),
-    "purple": (140, 60, 190),
-    "orange": (240, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-HOBBIES = (
-    "falconry", "fencing", "pottery", "chess", "archery", "rowing",
-    "origami", "beekeeping", "sailing", "juggling", "knitting", "gardening",
-)  # fmt: skip
-RIVERS = ("Ossel", "Varrow", "Lindel", "Murra", "Tashk", "Ebbin", "Corrant", "Fennow")
-_TOPICS = ("tidal power", "glass making", "old maps", "bird songs", "rope bridges", "lichen")
-_SPORTS = ("curling", "polo", "handball", "cycling", "lacrosse", "squash")
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_FOODS = ("smoked eel", "rye cakes", "plum wine", "goat cheese", "salt bread", "honey nuts")
-
-#: Entity-to-entity relations: (subject type, object type).
-RELATIONS = {
-    "mentor": ("person", "person"),
-    "employer": ("person", "company"),
-    "headquarters": ("company", "city"),
-}
-#: Attributes: (entity type, evidence modality).
-ATTRIBUTES = {
-    "hobby": ("person", "text"),
-    "badge": ("person", "image"),
-    "founded": ("company", "text"),
-    "logo": ("company", "image"),
-    "river": ("city", "text"),
-    "parade": ("city", "video"),
-}
 # Relation paths by number of relation hops, with the type they start from.
 _PATHS = {
     0: [("person", ()), ("company", ()), ("city", ())],
@@ -156,131 +135,7 @@ class Question:
     chain: tuple[Hop, ...]
 
 
-# -- names ------------------------------------------------------------------------------------
-
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kl", "l", "m", "n", "p", "pr", "r", "s",
-           "st", "t", "tr", "v", "z", "sh", "th", "h", "j")  # fmt: skip
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
-_CODAS = ("", "n", "r", "l", "s", "x", "m", "k", "sk", "nd")
-
-
-def _word(rng: np.random.Generator, syllables: int) -> str:
-    parts = [
-        _ONSETS[rng.integers(len(_ONSETS))]
-        + _VOWELS[rng.integers(len(_VOWELS))]
-        + _CODAS[rng.integers(len(_CODAS))]
-        for _ in range(syllables)
-    ]
-    return "".join(parts).capitalize()
-
-
-def _new_name(rng: np.random.Generator, kind: str, taken: set[str]) -> str:
-    while True:
-        if kind == "person":  # first and last name
-            name = f"{_word(rng, 2)} {_word(rng, 1 + int(rng.integers(2)))}"
-        elif kind == "company":
-            name = _word(rng, 2 + int(rng.integers(2)))
-        else:
-            name = _word(rng, 2)
-        if name not in taken:
-            taken.add(name)
-            return name
-
-
-def _twin_name(rng: np.random.Generator, name: str, taken: set[str]) -> str:
-    """The name with one vowel changed (a near duplicate), unique among ``taken``."""
-    positions = [i for i, ch in enumerate(name) if ch in "aeiou"]
-    for _ in range(100):
-        i = positions[rng.integers(len(positions))]
-        vowel = "aeiou"[rng.integers(5)]
-        twin = name[:i] + vowel + name[i + 1 :]
-        if twin not in taken:
-            taken.add(twin)
-            return twin
-    raise RuntimeError(f"no free near-duplicate name for {name!r}")
-
-
-# -- pixels -----------------------------------------------------------------------------------
-
-
-def _grey_background(rng: np.random.Generator, height: int, width: int, shift: int = 0):
-    """A grey gradient with grey noise: never a palette colour."""
-    base = int(rng.integers(90, 190))
-    ramp = (np.arange(width) + shift) % width * (40.0 / width)
-    grey = base + ramp[None, :] + rng.integers(-8, 9, size=(height, width))
-    grey = np.clip(grey, 0, 255).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
-
-
-def _draw_shape(canvas: np.ndarray, shape: str, colour: str, box: tuple[int, int, int]):
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    x0, y0, size = box
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse([x0, y0, x0 + size - 1, y0 + size - 1], fill=fill)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], fill=fill)
-    elif shape == "triangle":
-        draw.polygon(
-            [(x0 + (size - 1) / 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)],
-            fill=fill,
-        )
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return np.array(image, np.uint8)
-
-
-def render_emblem(rng: np.random.Generator, shape: str, colour: str, height: int, width: int):
-    """uint8[H, W, 3]: one coloured ``shape`` on a grey background (badges and logos)."""
-    side = min(height, width)
-    size = int(rng.integers(int(side * 0.4), int(side * 0.7) + 1))
-    x0 = int(rng.integers(0, width - size + 1))
-    y0 = int(rng.integers(0, height - size + 1))
-    return _draw_shape(_grey_background(rng, height, width), shape, colour, (x0, y0, size))
-
-
-def render_parade(
-    rng: np.random.Generator, colour: str, frames: int, height: int, width: int
-) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(uint8[F, H, W, 3], frames showing the balloon): a panning grey street, a dark crowd, and a
-    ``colour`` balloon rising through a contiguous run of frames."""
-    run = int(rng.integers(2, max(2, frames // 2) + 1))
-    start = int(rng.integers(0, frames - run + 1))
-    shown = tuple(range(start, start + run))
-    size = max(4, min(height, width) // 4)
-    x = int(rng.integers(0, width - size + 1))
-    crowd = int(rng.integers(20, 60))
-    video = []
-    for t in range(frames):
-        frame = _grey_background(rng, height, width, shift=3 * t)
-        frame[height - height // 5 :, :, :] = crowd
-        if t in shown:
-            y = int(round((height - height // 5 - size) * (1 - (t - start + 1) / (run + 1))))
-            frame = _draw_shape(frame, "circle", colour, (x, y, size))
-        video.append(frame)
-    return np.stack(video), shown
-
-
-# -- text -------------------------------------------------------------------------------------
-
-
-def _statement(relation: str, subject: str, value: str) -> str:
-    return {
-        "mentor": f"{subject} was mentored by {value}.",
-        "employer": f"{subject} works for {value}.",
-        "headquarters": f"{subject} is headquartered in {value}.",
-        "hobby": f"The hobby of {subject} is {value}.",
-        "founded": f"{subject} was founded in {value}.",
-        "river": f"{subject} lies on the river {value}.",
-    }[relation]
-
-
-_CAPTIONS = {
-    "badge": "The badge of {}.",
-    "logo": "The logo of {}.",
-    "parade": "A parade video of {}.",
-}
+# -- questions --------------------------------------------------------------------------------
 
 
 def hop_query(hop: Hop, variant: int = 0) -> str:
@@ -326,7 +181,7 @@ def fact_sentence(hop: Hop) -> str:
             f"The balloon in the parade video of {hop.subject} is {hop.answer} "
             f"(seen at {seconds} seconds)."
         )
-    return _statement(hop.relation, hop.subject, hop.answer)
+    return statement(hop.relation, hop.subject, hop.answer)
 
 
 def _describe(start: str, path: tuple[str, ...]) -> str:
@@ -351,110 +206,9 @@ def _ask(attribute: str, description: str) -> str:
     }[attribute].format(description)
 
 
-# -- world ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Entity:
-    name: str
-    kind: str
-    facts: dict  # relation/attribute -> value (names for relations, strings for attributes)
-    evidence: dict  # relation/attribute -> item id (filled when items are made)
-    key_frames: tuple[int, ...] = ()
-
-
-def _make_world(config: SyntheticConfig, rng: np.random.Generator) -> list[_Entity]:
-    n = config.num_entities
-    counts = {"person": n // 2, "company": (3 * n) // 10}
-    counts["city"] = n - counts["person"] - counts["company"]
-    taken: set[str] = set()
-    entities = [
-        _Entity(_new_name(rng, kind, taken), kind, {}, {})
-        for kind in ("person", "company", "city")
-        for _ in range(counts[kind])
-    ]
-    twins = min(config.near_duplicates, len(entities))
-    bases = rng.choice(len(entities), size=twins, replace=False)
-    for base in sorted(int(b) for b in bases):
-        entities.append(
-            _Entity(_twin_name(rng, entities[base].name, taken), entities[base].kind, {}, {})
-        )
-    by_kind = {kind: [e for e in entities if e.kind == kind] for kind in counts}
-    for entity in entities:
-        if entity.kind == "person":
-            others = [p for p in by_kind["person"] if p is not entity]
-            entity.facts["mentor"] = others[rng.integers(len(others))].name
-            entity.facts["employer"] = by_kind["company"][
-                rng.integers(len(by_kind["company"]))
-            ].name
-            entity.facts["hobby"] = HOBBIES[rng.integers(len(HOBBIES))]
-            entity.facts["badge"] = _emblem_value(rng)
-        elif entity.kind == "company":
-            entity.facts["headquarters"] = by_kind["city"][rng.integers(len(by_kind["city"]))].name
-            entity.facts["founded"] = str(int(rng.integers(1850, 2020)))
-            entity.facts["logo"] = _emblem_value(rng)
-        else:
-            entity.facts["river"] = RIVERS[rng.integers(len(RIVERS))]
-            entity.facts["parade"] = list(COLOURS)[rng.integers(len(COLOURS))]
-    return entities
-
-
-def _emblem_value(rng: np.random.Generator) -> str:
-    return f"{list(COLOURS)[rng.integers(len(COLOURS))]} {SHAPES[rng.integers(len(SHAPES))]}"
-
-
-def _distractor(rng: np.random.Generator, entity: _Entity, cities: list[str]) -> str:
-    pick = int(rng.integers(2))
-    name = entity.name
-    if entity.kind == "person":
-        if pick:
-            return f"{name} gave a talk about {_TOPICS[rng.integers(len(_TOPICS))]}."
-        return f"{name} once visited {cities[rng.integers(len(cities))]}."
-    if entity.kind == "company":
-        if pick:
-            return f"{name} sponsors a {_SPORTS[rng.integers(len(_SPORTS))]} team."
-        return f"{name} opened a new office on a {_WEEKDAYS[rng.integers(len(_WEEKDAYS))]}."
-    if pick:
-        return f"{name} hosts a market every {_WEEKDAYS[rng.integers(len(_WEEKDAYS))]}."
-    return f"{name} is known for its {_FOODS[rng.integers(len(_FOODS))]}."
-
-
-def _make_items(config: SyntheticConfig, rng: np.random.Generator, entities: list[_Entity]):
-    h, w = config.image_height, config.image_width
-    cities = [e.name for e in entities if e.kind == "city"]
-    # (entity, fact key or None for a distractor, modality, text, pixels, timestamps)
-    drafts = []
-    for entity in entities:
-        for key, value in entity.facts.items():
-            modality = "text" if key in RELATIONS else ATTRIBUTES[key][1]
-            if modality == "text":
-                drafts.append((entity, key, "text", _statement(key, entity.name, value), None, ()))
-            elif modality == "image":
-                colour, shape = value.split()
-                pixels = render_emblem(rng, shape, colour, h, w)
-                caption = _CAPTIONS[key].format(entity.name)
-                drafts.append((entity, key, "image", caption, pixels, ()))
-            else:
-                pixels, shown = render_parade(rng, value, config.video_frames, h, w)
-                entity.key_frames = shown
-                times = tuple(float(t) for t in range(config.video_frames))  # 1 fps
-                caption = _CAPTIONS[key].format(entity.name)
-                drafts.append((entity, key, "video", caption, pixels, times))
-        for _ in range(config.distractors_per_entity):
-            drafts.append((entity, None, "text", _distractor(rng, entity, cities), None, ()))
-    order = rng.permutation(len(drafts))  # item ids carry no hint of what an item is about
-    items = []
-    for item_id, draft_index in enumerate(order):
-        entity, key, modality, text, pixels, times = drafts[int(draft_index)]
-        items.append(CorpusItem(item_id, modality, entity.name, text, pixels, times))
-        if key is not None:
-            entity.evidence[key] = item_id
-    return items
-
-
-def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities: list[_Entity]):
+def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities: list[Entity]):
     by_name = {e.name: e for e in entities}
-    by_kind: dict[str, list[_Entity]] = {}
+    by_kind: dict[str, list[Entity]] = {}
     for entity in entities:
         by_kind.setdefault(entity.kind, []).append(entity)
 
@@ -465,7 +219,7 @@ def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities:
             if k == kind and modality in config.answer_modalities
         ]
 
-    def walk(start: _Entity, path: tuple[str, ...]) -> tuple[_Entity, list[Hop]]:
+    def walk(start: Entity, path: tuple[str, ...]) -> tuple[Entity, list[Hop]]:
         entity, chain = start, []
         for relation in path:
             target = entity.facts[relation]
@@ -473,7 +227,7 @@ def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities:
             entity = by_name[target]
         return entity, chain
 
-    def unasked(hops: int) -> list[tuple[_Entity, tuple[str, ...], str]]:
+    def unasked(hops: int) -> list[tuple[Entity, tuple[str, ...], str]]:
         # Every (start, path, attribute) of this hop count not asked yet, in a fixed order.
         return [
             (start, path, attribute)
@@ -536,8 +290,8 @@ def _make_questions(config: SyntheticConfig, rng: np.random.Generator, entities:
 def build(config: SyntheticConfig = SyntheticConfig()) -> tuple[list[CorpusItem], list[Question]]:
     """(corpus items with ids 0..n−1, questions), deterministic in ``config``."""
     rng = np.random.default_rng(config.seed)
-    entities = _make_world(config, rng)
-    items = _make_items(config, rng, entities)
+    entities = make_world(config, rng)
+    items = make_items(config, rng, entities)
     questions = _make_questions(config, rng, entities)
     return items, questions
 
@@ -548,7 +302,7 @@ def entity_kinds(items: list[CorpusItem]) -> dict[str, str]:
     found = {}
     for item in items:
         if item.modality != "text":
-            for attribute, template in _CAPTIONS.items():
+            for attribute, template in CAPTIONS.items():
                 if item.text == template.format(item.title):
                     found[item.title] = kinds[attribute]
     return found
@@ -598,7 +352,5 @@ __all__ = [
     "entity_kinds",
     "fact_sentence",
     "hop_query",
-    "render_emblem",
-    "render_parade",
     "wrong_answer",
 ]

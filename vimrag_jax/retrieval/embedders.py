@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from vimrag_jax.retrieval.corpus import CorpusItem
+    from vimrag_jax.retrieval.store_format import CorpusItem
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -47,7 +47,7 @@ then, nor when a later step (the embedder, the final check against an existing s
 file is JSON and images are decoded by PIL: nothing is unpickled.
 
 Memory: the import streams. Items are parsed one at a time and written at once to a staging
-directory beside ``--out`` (``corpus.StoreBuilder``): pixels to the store's pixel records,
+directory beside ``--out`` (``store_builder.StoreBuilder``): pixels to the store's pixel records,
 metadata rows to a spool file, embeddings in batches (``embed_batch`` items, or 256 MiB of pixels,
 whichever comes first). What is held in memory is one embedding batch of decoded items — a video
 counts with all its kept frames, so one long video is held whole — plus the ids seen so far (with
@@ -80,14 +80,7 @@ import numpy as np
 
 from vimrag_jax import jsonl
 from vimrag_jax.agent.prompts import VIDEO_FPS
-from vimrag_jax.retrieval.corpus import (
-    DEFAULT_EMBED_BATCH,
-    MANIFEST,
-    MODALITIES,
-    CorpusItem,
-    CorpusStore,
-    StoreBuilder,
-)
+from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.retrieval.embedders import (
     Embedder,
     HashingEmbedder,
@@ -95,6 +88,8 @@ from vimrag_jax.retrieval.embedders import (
     embedder_from_spec,
 )
 from vimrag_jax.retrieval.index import RetrievalError
+from vimrag_jax.retrieval.store_builder import DEFAULT_EMBED_BATCH, StoreBuilder
+from vimrag_jax.retrieval.store_format import MANIFEST, MODALITIES, CorpusItem
 
 #: File extensions read as video frames (lower case).
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
