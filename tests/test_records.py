@@ -16,8 +16,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vimrag_jax.rollout.records import (
-    ARRAY_FIELDS,
-    NODE_TEXT_FIELDS,
     SCHEMA_VERSION,
     RecordDims,
     RecordError,
@@ -31,6 +29,7 @@ from vimrag_jax.rollout.records import (
     shard_name,
     validate_record,
 )
+from vimrag_jax.schema import NODE_TEXT_FIELDS, NodeKind, trajectory_array
 
 DIMS = RecordDims(nodes=5, items=3, segments=4, tokens=6, visuals=2)
 
@@ -54,7 +53,7 @@ def random_record(rng: np.random.Generator, dims: RecordDims = DIMS, **fields) -
         answer_node=int(rng.integers(-1, num_nodes)),
         adjacency=adjacency,
         node_valid=node_valid,
-        node_kind=rng.integers(0, 3, n).astype(np.int8),
+        node_kind=np.where(node_valid, rng.integers(0, 3, n), NodeKind.EMPTY).astype(np.int8),
         relevant=rng.random(n) < 0.5,
         priority=rng.integers(1, 6, (n, dims.items)).astype(np.float32),
         item_valid=rng.random((n, dims.items)) < 0.5,
@@ -86,8 +85,8 @@ def random_record(rng: np.random.Generator, dims: RecordDims = DIMS, **fields) -
 def assert_same_record(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for key, value in expected.items():
-        if key in ARRAY_FIELDS:
-            assert actual[key].dtype == ARRAY_FIELDS[key][0], key
+        if isinstance(value, np.ndarray):
+            assert actual[key].dtype == trajectory_array(key).dtype, key
             np.testing.assert_array_equal(actual[key], value, err_msg=key)
         else:
             assert actual[key] == value, key
@@ -248,19 +247,7 @@ def test_sigkilled_writer_publishes_no_partial_shard(tmp_path):
     assert len(leftovers) == 1 and ".tmp-" in leftovers[0]  # ignored by readers
 
 
-def test_dims_from_the_experiment_config():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "ggpo_config", Path(__file__).resolve().parents[1] / "configs" / "ggpo.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
-    dims = RecordDims.from_config(cfg, visuals=5)
-    assert dims == RecordDims(
-        nodes=16, items=3, segments=20, tokens=cfg.data.max_segment_tokens, visuals=5
-    )
+def test_dims_are_positive_ints():
     with pytest.raises(ValueError, match="tokens"):
         RecordDims(nodes=1, items=1, segments=1, tokens=0, visuals=1)
 
@@ -279,7 +266,7 @@ def _pack(body: dict) -> bytes:
 
 def test_version_1_records_decode_with_empty_node_texts_and_item_ids():
     record = random_record(np.random.default_rng(4))
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     body = _body(record)
     for name in ("item_id", "item_modality", *NODE_TEXT_FIELDS):
         del body[name]
@@ -290,6 +277,7 @@ def test_version_1_records_decode_with_empty_node_texts_and_item_ids():
     assert np.all(decoded["item_id"] == -1) and np.all(decoded["item_modality"] == -1)
     assert all(decoded[name] == [""] * DIMS.nodes for name in NODE_TEXT_FIELDS)
     np.testing.assert_array_equal(decoded["tokens"], record["tokens"])
+    np.testing.assert_array_equal(decoded["node_kind"], record["node_kind"])
     again = decode_record(encode_record(decoded), DIMS)  # re-encoded as the current version
     assert (
         again["schema_version"] == SCHEMA_VERSION and again["node_title"] == decoded["node_title"]
@@ -302,7 +290,7 @@ def test_version_1_records_decode_with_empty_node_texts_and_item_ids():
         del broken[name]
         with pytest.raises(RecordError, match="missing"):
             decode_record(_pack(broken))
-    for version in (0, 3, True, 2.0, "2"):
+    for version in (0, 4, True, 2.0, "2"):
         with pytest.raises(RecordError, match="schema_version"):
             decode_record(_pack({**_body(record), "schema_version": version}))
 
@@ -340,7 +328,20 @@ def test_bad_node_texts_and_item_ids_are_refused(change, message):
         if name in NODE_TEXT_FIELDS:
             body[name] = value
         else:
-            array = np.asarray(value).astype(ARRAY_FIELDS[name][0])
+            array = np.asarray(value).astype(trajectory_array(name).dtype)
             body[name] = {**body[name], "data": array.tobytes()}
     with pytest.raises(RecordError):
         decode_record(_pack(body))
+
+
+def test_padding_nodes_of_older_versions_read_as_empty_kind():
+    record = random_record(np.random.default_rng(8))
+    body = _body(record)
+    kinds = np.where(record["node_valid"], record["node_kind"], 0).astype(np.int8)
+    body["node_kind"] = {**body["node_kind"], "data": kinds.tobytes()}  # how v2 wrote padding
+    for version, want in ((2, record["node_kind"]), (3, kinds)):
+        decoded = decode_record(_pack({**body, "schema_version": version}), DIMS)
+        np.testing.assert_array_equal(decoded["node_kind"], want)
+    assert blank_record(DIMS)["node_kind"].tolist() == [NodeKind.EMPTY] * DIMS.nodes
+    with pytest.raises(RecordError, match="node_kind"):
+        encode_record({**record, "node_kind": np.full(DIMS.nodes, 3, np.int8)})

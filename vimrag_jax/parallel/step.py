@@ -25,7 +25,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
-from vimrag_jax.rl.losses import LossConfig, num_valid_segments, policy_objective
+from vimrag_jax.rl.ggpo import num_valid_segments, policy_objective
+from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rl.stats import reduce_stats, to_scalars
 from vimrag_jax.sampling.logprobs import VISUAL_KEYS, sequence_logprobs, visual_sequence_logprobs
 

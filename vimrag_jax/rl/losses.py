@@ -1,4 +1,4 @@
-"""Policy losses (GSPO, GSPO-token, GRPO, k3 KL), group advantages and the GGPO objective.
+"""Policy losses (GSPO, GSPO-token, GRPO, SFT, k3 KL), their registry and group advantages.
 
 All losses work on segment-major arrays: one row per segment (model call), ``[S, L]``
 token arrays, ``[S]`` per-segment advantages and keep masks. They return the NEGATED
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vimrag_jax.rl.ggpo import batch_segment_keep
 from vimrag_jax.rl.stats import Max, Mean, Min, Stat
 
 Metrics = dict[str, Stat]
@@ -86,13 +86,13 @@ def _segments(token_mask, advantages, segment_keep, num_segments) -> _Segments:
     return _Segments(token_mask, valid, keep, token_mask & keep[:, None], advantage, denominator)
 
 
-def _masked_mean(x_sl: jax.Array, mask_sl: jax.Array) -> jax.Array:
+def masked_mean(x_sl: jax.Array, mask_sl: jax.Array) -> jax.Array:
     """float32[S]: mean of each row over its masked entries (0 for an empty row)."""
     count_s = jnp.sum(mask_sl, axis=-1)
     return jnp.sum(jnp.where(mask_sl, x_sl, 0.0), axis=-1) / jnp.maximum(count_s, 1)
 
 
-def _log_ratio(logp_sl, old_sl, mask_sl) -> jax.Array:
+def log_ratio(logp_sl, old_sl, mask_sl) -> jax.Array:
     """float32[S, L]: ``logp − old`` on masked tokens, 0 elsewhere (safe to exponentiate)."""
     diff = jnp.asarray(logp_sl, jnp.float32) - jnp.asarray(old_sl, jnp.float32)
     return jnp.where(mask_sl, diff, 0.0)
@@ -118,8 +118,8 @@ def _ratio_stats(ratio, mask) -> Metrics:
 
 def _sequence_ratio_stats(logp, old_logp, seg: _Segments) -> Metrics:
     """Sequence ratios of all valid segments, GGPO-masked ones included (no gradient)."""
-    log_ratio_s = _masked_mean(
-        _log_ratio(jax.lax.stop_gradient(logp), old_logp, seg.token_mask), seg.token_mask
+    log_ratio_s = masked_mean(
+        log_ratio(jax.lax.stop_gradient(logp), old_logp, seg.token_mask), seg.token_mask
     )
     return _ratio_stats(jnp.exp(log_ratio_s), seg.valid)
 
@@ -132,7 +132,7 @@ def _kept_sum(objective_s: jax.Array, seg: _Segments) -> jax.Array:
 def _token_ratio_loss(ratio_sl, seg: _Segments, clip_low, clip_high) -> tuple[jax.Array, Metrics]:
     """Per-token clipped objective, averaged within segments; token-level metrics."""
     objective_sl = _clipped_objective(ratio_sl, seg.advantage[:, None], clip_low, clip_high)
-    loss = -_kept_sum(_masked_mean(objective_sl, seg.train), seg)
+    loss = -_kept_sum(masked_mean(objective_sl, seg.train), seg)
     metrics = {
         "clip_fraction": Mean.of(_outside(ratio_sl, clip_low, clip_high), seg.train),
         "kept_fraction": Mean.of(seg.keep, seg.valid),
@@ -158,7 +158,7 @@ def gspo_loss(
 ) -> tuple[jax.Array, Metrics]:
     """GSPO: one ratio per segment, ``exp(mean_t(logp − old))``, clipped per segment."""
     seg = _segments(token_mask, advantages, segment_keep, num_segments)
-    log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
+    log_ratio_s = masked_mean(log_ratio(logp, old_logp, seg.train), seg.train)
     ratio_s = jnp.exp(log_ratio_s)  # exactly 1 on masked segments
     objective_s = _clipped_objective(ratio_s, seg.advantage, clip_low, clip_high)
     loss = -_kept_sum(objective_s, seg)
@@ -190,7 +190,7 @@ def gspo_token_loss(
     """
     seg = _segments(token_mask, advantages, segment_keep, num_segments)
     logp_sl = jnp.where(seg.train, jnp.asarray(logp, jnp.float32), 0.0)
-    log_ratio_s = _masked_mean(_log_ratio(logp, old_logp, seg.train), seg.train)
+    log_ratio_s = masked_mean(log_ratio(logp, old_logp, seg.train), seg.train)
     sg = jax.lax.stop_gradient
     ratio_sl = jnp.exp(logp_sl - sg(logp_sl) + sg(log_ratio_s)[:, None])
     return _token_ratio_loss(ratio_sl, seg, clip_low, clip_high)
@@ -215,7 +215,7 @@ def grpo_loss(
     Ratio and clip metrics are token-level over the tokens that get a gradient.
     """
     seg = _segments(token_mask, advantages, segment_keep, num_segments)
-    ratio_sl = jnp.exp(_log_ratio(logp, old_logp, seg.train))
+    ratio_sl = jnp.exp(log_ratio(logp, old_logp, seg.train))
     return _token_ratio_loss(ratio_sl, seg, clip_low, clip_high)
 
 
@@ -240,7 +240,7 @@ def sft_loss(
     """
     del clip_low, clip_high
     seg = _segments(token_mask, advantages, segment_keep, num_segments)
-    nll_s = -_masked_mean(jnp.where(seg.train, jnp.asarray(logp, jnp.float32), 0.0), seg.train)
+    nll_s = -masked_mean(jnp.where(seg.train, jnp.asarray(logp, jnp.float32), 0.0), seg.train)
     loss = _kept_sum(seg.advantage * nll_s, seg)
     metrics = {
         "nll": Mean.of(jnp.where(seg.keep, nll_s, 0.0), seg.keep),
@@ -250,31 +250,15 @@ def sft_loss(
     return loss, metrics
 
 
-def ggpo_loss(
-    logp: jax.Array,
-    old_logp: jax.Array,
-    token_mask: jax.Array,
-    advantages: jax.Array,
-    segment_keep: jax.Array,
-    *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
-) -> jax.Array:
-    """Scalar −J of SPEC §4: GSPO over ``[S, L]`` arrays with the GGPO keep mask ``[S]``."""
-    args = (logp, old_logp, token_mask, advantages, segment_keep)
-    loss, _ = gspo_loss(*args, clip_low=clip_low, clip_high=clip_high)
-    return loss
-
-
 # --- KL and advantages ------------------------------------------------------------
 
 
-def _segment_kl_k3(logp, ref_logp, token_mask) -> jax.Array:
+def segment_kl_k3(logp, ref_logp, token_mask) -> jax.Array:
     """float32[S]: per-segment mean of k3 = ``exp(ref − logp) − (ref − logp) − 1``."""
     token_mask = jnp.asarray(token_mask, bool)
-    delta = _log_ratio(ref_logp, logp, token_mask)  # ref − logp, 0 off the mask
+    delta = log_ratio(ref_logp, logp, token_mask)  # ref − logp, 0 off the mask
     # expm1 keeps the ~delta²/2 value accurate near the reference; exp(d) − 1 rounds it away
-    return _masked_mean(jnp.expm1(delta) - delta, token_mask)
+    return masked_mean(jnp.expm1(delta) - delta, token_mask)
 
 
 def kl_k3(
@@ -294,35 +278,27 @@ def kl_k3(
     if num_segments is None:
         num_segments = jnp.sum(valid_s)
     denominator = jnp.maximum(jnp.asarray(num_segments, jnp.float32), 1.0)
-    kl_s = _segment_kl_k3(logp, ref_logp, token_mask)
+    kl_s = segment_kl_k3(logp, ref_logp, token_mask)
     return jnp.sum(jnp.where(valid_s, kl_s, 0.0)) / denominator
 
 
-def group_advantages(
-    rewards: jax.Array, group_ids: jax.Array, valid: jax.Array, *, eps: float = 1e-6
-) -> jax.Array:
-    """float32[B]: ``(r − mean_G r) / (std_G r + eps)`` over the valid rollouts of a group.
+def group_advantages(rewards: Sequence[float] | np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
+    """float32[G]: ``(r − mean r) / (std r + eps)`` over the rewards of one group's rollouts.
 
-    ``std`` is the population standard deviation (ddof = 0), so a one-rollout group
-    or a group with equal rewards gets advantage 0. Invalid rows get 0 and do not
-    count in any group. O(B^2) through the group-equality matrix; B is a batch.
+    ``std`` is the population standard deviation (ddof = 0), so a one-rollout group or a group
+    with equal rewards gets advantage 0. Computed on the host in float64 from deviations to the
+    group's largest reward: equal rewards then give exactly 0, where a float mean would leave a
+    rounding residue that ``eps`` = 1e-6 magnifies to advantages of ~0.05. The input pipeline
+    calls this once per group; every row of a trajectory carries its advantage.
     """
-    valid_b = jnp.asarray(valid, bool)
-    rewards_b = jnp.where(valid_b, jnp.asarray(rewards, jnp.float32), 0.0)
-    group_ids = jnp.asarray(group_ids)
-    same_bb = (group_ids[:, None] == group_ids[None, :]) & valid_b[:, None] & valid_b[None, :]
-    count_b = jnp.maximum(jnp.sum(same_bb, axis=-1), 1)
-    # Work with deviations from a member of the group (its largest reward): equal
-    # rewards then give exactly 0, where a float32 mean would leave a rounding
-    # residue that eps = 1e-6 blows up to advantages of ~0.05.
-    shift_b = jnp.max(jnp.where(same_bb, rewards_b[None, :], -jnp.inf), axis=-1)
-    shift_b = jnp.where(valid_b, shift_b, 0.0)
-    deviation_bb = rewards_b[None, :] - shift_b[:, None]
-    mean_dev_b = jnp.sum(jnp.where(same_bb, deviation_bb, 0.0), axis=-1) / count_b
-    centered_bb = deviation_bb - mean_dev_b[:, None]
-    var_b = jnp.sum(jnp.where(same_bb, centered_bb**2, 0.0), axis=-1) / count_b
-    advantage_b = ((rewards_b - shift_b) - mean_dev_b) / (jnp.sqrt(var_b) + eps)
-    return jnp.where(valid_b, advantage_b, 0.0).astype(jnp.float32)
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.ndim != 1 or rewards.size == 0:
+        raise ValueError(f"rewards must be a non-empty 1-D array, got shape {rewards.shape}")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError("rewards must be finite")
+    deviation = rewards - rewards.max()
+    centered = deviation - deviation.mean()
+    return (centered / (np.sqrt(np.mean(centered**2)) + eps)).astype(np.float32)
 
 
 # --- configuration ----------------------------------------------------------------
@@ -407,102 +383,11 @@ _PRESETS = {
 }
 
 
-# --- the objective of the training step ---------------------------------------------
+def __getattr__(name: str) -> Any:
+    # SPEC §5 names `rl.losses.ggpo_loss`; it lives with the rest of GGPO in `rl/ggpo.py`,
+    # which imports this module (so it cannot be imported here at the top).
+    if name == "ggpo_loss":
+        from vimrag_jax.rl.ggpo import ggpo_loss
 
-
-def _token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
-    """bool[B, L]: policy tokens of valid segments."""
-    return (
-        jnp.asarray(batch["loss_mask"], bool) & jnp.asarray(batch["segment_valid"], bool)[:, None]
-    )
-
-
-def num_valid_segments(batch: Mapping[str, jax.Array]) -> jax.Array:
-    """int32[]: valid segments with at least one policy token (the local ``S``)."""
-    return jnp.sum(jnp.any(_token_mask(batch), axis=-1), dtype=jnp.int32)
-
-
-def policy_objective(
-    logp: jax.Array,
-    batch: Mapping[str, jax.Array],
-    config: LossConfig,
-    *,
-    num_segments: jax.Array | None = None,
-) -> tuple[jax.Array, Metrics]:
-    """Loss and metrics of one segment-major batch (one row per segment).
-
-    Args:
-      logp: float32[B, L], the current policy's log-prob of each token.
-      batch: ``tokens``, ``loss_mask``, ``behavior_logprobs``, ``segment_valid``,
-        ``segment_node``, ``advantage``, ``reward`` and, when ``config.ggpo_mask``, the
-        graph arrays ``answer_node``, ``adjacency``, ``node_valid``, ``relevant``;
-        ``ref_logprobs`` when ``config.kl_coef > 0``; optionally ``old_logprobs`` with
-        ``config.old_logprobs == "recompute"`` (default: ``stop_gradient(logp)``, see
-        `LossConfig`).
-      config: the loss (static under jit).
-      num_segments: global ``S`` when the batch is one shard of a larger one.
-    """
-    token_mask = _token_mask(batch)
-    valid = jnp.any(token_mask, axis=-1)
-    reward = jnp.asarray(batch["reward"], jnp.float32)
-    if config.ggpo_mask:
-        keep = batch_segment_keep(
-            batch["adjacency"],
-            batch["node_valid"],
-            batch["answer_node"],
-            reward,
-            batch["relevant"],
-            batch["segment_node"],
-            valid,
-            positive_threshold=config.positive_threshold,
-        )
-    else:
-        keep = valid
-    advantage = jnp.asarray(batch["advantage"], jnp.float32)
-    behavior = batch["behavior_logprobs"]
-    tis_weight = None
-    if config.old_logprobs == "recompute":
-        old_logp = jax.lax.stop_gradient(batch.get("old_logprobs", logp))
-        # The objective is linear in a positive advantage scale, so the truncated importance
-        # weight multiplies the advantage.
-        log_w = _masked_mean(_log_ratio(old_logp, behavior, token_mask), token_mask)
-        tis_weight = jnp.minimum(jnp.exp(log_w), config.tis_cap)
-        advantage = advantage * tis_weight
-    else:
-        old_logp = behavior
-    loss, metrics = get_policy_loss(config.name)(
-        logp,
-        old_logp,
-        token_mask,
-        advantage,
-        keep,
-        clip_low=config.clip_low,
-        clip_high=config.clip_high,
-        num_segments=num_segments,
-    )
-    if config.kl_coef > 0:
-        if "ref_logprobs" not in batch:
-            raise KeyError(
-                f"kl_coef = {config.kl_coef} > 0 needs batch['ref_logprobs'] "
-                "(reference-policy log-probs); set kl_coef = 0 or provide them"
-            )
-        ref_logp = batch["ref_logprobs"]
-        loss = loss + config.kl_coef * kl_k3(logp, ref_logp, token_mask, num_segments=num_segments)
-        kl_s = jax.lax.stop_gradient(_segment_kl_k3(logp, ref_logp, token_mask))
-        metrics["kl"] = Mean.of(jnp.where(valid, kl_s, 0.0), valid)
-        # k3's tail: one token far from the reference can dominate a batch's gradient.
-        delta = jax.lax.stop_gradient(_log_ratio(ref_logp, logp, token_mask))
-        metrics["kl_token_max"] = Max.of(jnp.expm1(delta) - delta, token_mask)
-    if tis_weight is not None:
-        metrics["tis_weight"] = Mean.of(jnp.where(valid, tis_weight, 0.0), valid)
-        metrics["tis_truncated_fraction"] = Mean.of(tis_weight >= config.tis_cap, valid)
-    positive = reward >= config.positive_threshold
-    # The learner-vs-sampler gap: current policy against the sampler's log-probs.
-    gap_sl = jnp.abs(_log_ratio(jax.lax.stop_gradient(logp), behavior, token_mask))
-    metrics.update(
-        masked_fraction_positive=Mean.of(~keep, valid & positive),
-        masked_fraction_negative=Mean.of(~keep, valid & ~positive),
-        reward_mean=Mean.of(jnp.where(valid, reward, 0.0), valid),
-        logprob_gap=Mean.of(gap_sl, token_mask),
-    )
-    return loss, metrics
+        return ggpo_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

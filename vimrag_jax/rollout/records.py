@@ -1,16 +1,18 @@
-"""Trajectory records (SPEC §6): the schema, msgpack encoding and atomically published shards.
+"""Trajectory records (SPEC §6): msgpack codec, validation and atomically published shards.
 
 A record is one rollout, as plain data: scalars, text and padded numpy arrays with fixed
-maxima (`RecordDims`). It is encoded with msgpack, each array as ``{dtype, shape, data}``
-(little-endian raw bytes, dtype checked against the schema), so a record is data and never
-code: no pickle anywhere. `decode_record` validates everything it reads and raises only
-`RecordError`, whatever the bytes.
+maxima (`RecordDims`); its fields are declared in `vimrag_jax.schema`. It is encoded with
+msgpack, each array as ``{dtype, shape, data}`` (little-endian raw bytes, dtype checked against
+the schema), so a record is data and never code: no pickle anywhere. `decode_record` validates
+everything it reads and raises only `RecordError`, whatever the bytes.
 
 Version 2 adds what a picture of the rollout needs beyond §6: ``node_title``, ``node_query``,
 ``node_summary`` (N strings: the id the policy gave each node, its sub-query, its summary) and
 ``item_id`` / ``item_modality`` (int32 / int8 [N, K]: the corpus id and modality of each memory
 slot, -1 when empty). Writers always write them (empty defaults when a caller leaves them out);
-version-1 records, which shards on disk may still hold, decode with those defaults.
+version-1 records, which shards on disk may still hold, decode with those defaults. Version 3
+stores a padding node's kind as the graph does (`NodeKind.EMPTY`, -1; earlier versions wrote 0,
+read as -1).
 
 Shards are ArrayRecord files of encoded records under ``WORKDIR/rollouts/``. `ShardWriter`
 writes a shard under a hidden temporary name and publishes it with an atomic ``os.replace``
@@ -38,16 +40,26 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from vimrag_jax.schema import (
+    FLOAT_FIELDS,
+    INT_FIELDS,
+    NODE_TEXT_FIELDS,
+    TEXT_FIELDS,
+    TRAJECTORY_ARRAYS,
+    Modality,
+    NodeKind,
+    RecordDims,
+    shape,
+)
+
 SCHEMA = "vimrag.trajectory"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Versions `decode_record` reads: version 1 lacks the node texts and memory item ids (§6 extras),
-#: which are filled with their empty defaults.
-READABLE_VERSIONS = (1, 2)
+#: which are filled with their empty defaults; versions 1 and 2 wrote padding nodes' kind as 0,
+#: read as `NodeKind.EMPTY`.
+READABLE_VERSIONS = (1, 2, 3)
 SHARD_SUFFIX = ".array_record"
 _TEMP_MARK = ".tmp-"
-
-# Node kinds stored in ``node_kind`` (SPEC §6).
-NODE_ROOT, NODE_SEARCH, NODE_ANSWER = 0, 1, 2
 
 
 class RecordError(ValueError):
@@ -58,78 +70,9 @@ class ShardError(RecordError):
     """A shard file that cannot be opened or read."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordDims:
-    """Fixed maxima of a record's padded arrays.
-
-    nodes (N), items per node (K), segments (S), tokens per segment (L), visual
-    references per segment (V).
-    """
-
-    nodes: int
-    items: int
-    segments: int
-    tokens: int
-    visuals: int
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RecordDims.{field.name} must be an int >= 1, got {value!r}")
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_config(cls, cfg: Any, *, visuals: int = 1) -> RecordDims:
-        """From the experiment config (``graph.max_nodes``, ``graph.max_items``,
-        ``rollout.max_model_calls``, ``data.max_segment_tokens``)."""
-        return cls(
-            nodes=int(cfg.graph.max_nodes),
-            items=int(cfg.graph.max_items),
-            segments=int(cfg.rollout.max_model_calls),
-            tokens=int(cfg.data.max_segment_tokens),
-            visuals=int(visuals),
-        )
-
-
-# name -> (dtype, shape in terms of dims letters)
-ARRAY_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
-    "adjacency": (np.dtype(bool), ("N", "N")),
-    "node_valid": (np.dtype(bool), ("N",)),
-    "node_kind": (np.dtype(np.int8), ("N",)),
-    "relevant": (np.dtype(bool), ("N",)),
-    "priority": (np.dtype(np.float32), ("N", "K")),
-    "item_valid": (np.dtype(bool), ("N", "K")),
-    "tokens": (np.dtype(np.int32), ("S", "L")),
-    "loss_mask": (np.dtype(bool), ("S", "L")),
-    "behavior_logprobs": (np.dtype(np.float32), ("S", "L")),
-    "segment_node": (np.dtype(np.int32), ("S",)),
-    "segment_valid": (np.dtype(bool), ("S",)),
-    "segment_visuals": (np.dtype(np.int32), ("S", "V", "4")),
-    "segment_visual_valid": (np.dtype(bool), ("S", "V")),
-    "item_id": (np.dtype(np.int32), ("N", "K")),
-    "item_modality": (np.dtype(np.int8), ("N", "K")),
-}
-#: Memory slot modalities in ``item_modality`` (as ``memory.graph.Modality``); -1 for empty.
-ITEM_IMAGE, ITEM_VIDEO, ITEM_EMPTY = 0, 1, -1
-# Array fields added in version 2, with the fill value of an empty slot (and of v1 records).
-_V2_ARRAYS: dict[str, int] = {"item_id": -1, "item_modality": ITEM_EMPTY}
-INT_FIELDS = ("policy_version", "group_size", "answer_node", "num_invalid_actions", "num_segments")
-FLOAT_FIELDS = ("reward", "created_at")
-TEXT_FIELDS = (
-    "question_id",
-    "group_id",
-    "question",
-    "gold_answer",
-    "prediction",
-    "env",
-    "worker_id",
-)
-# One string per node (N): the id the policy gave the node ("root" for node 0), its sub-query and
-# its summary; "" for padding nodes and where there is no text. Added in version 2.
-NODE_TEXT_FIELDS = ("node_title", "node_query", "node_summary")
+_ARRAYS = {field.name: field for field in TRAJECTORY_ARRAYS}
+# Array fields added in version 2 (filled with their padding value in version-1 records).
+_V2_ARRAYS = ("item_id", "item_modality")
 # Fields a caller may leave out of `encode_record` (defaults filled in; the version-2 fields
 # default to "empty", so records built by older code paths still encode).
 _DEFAULTS: dict[str, Any] = {
@@ -139,8 +82,10 @@ _DEFAULTS: dict[str, Any] = {
     "num_segments": None,
     **{name: None for name in (*_V2_ARRAYS, *NODE_TEXT_FIELDS)},
 }
+_NODE_KINDS = tuple(int(kind) for kind in NodeKind)
+_MODALITIES = tuple(int(modality) for modality in Modality)
 
-_DTYPE_NAMES = {np.dtype(dt).str: np.dtype(dt) for dt, _ in ARRAY_FIELDS.values()}
+_DTYPE_NAMES = {field.dtype.str: field.dtype for field in TRAJECTORY_ARRAYS}
 _MAX_TEXT = 1 << 24
 
 
@@ -153,18 +98,12 @@ def shard_name(worker_id: str, sequence: int) -> str:
     return f"{worker_id}-{sequence:08d}"
 
 
-def _shape(letters: tuple[str, ...], dims: RecordDims) -> tuple[int, ...]:
-    sizes = {"N": dims.nodes, "K": dims.items, "S": dims.segments, "L": dims.tokens}
-    sizes["V"] = dims.visuals
-    return tuple(int(letter) if letter.isdigit() else sizes[letter] for letter in letters)
-
-
 def blank_record(dims: RecordDims, **fields: Any) -> dict[str, Any]:
     """A record with every array zero-padded (no nodes, no segments) and empty text, then
     ``fields`` on top: the starting point for a worker filling in one rollout."""
     record: dict[str, Any] = {
-        name: np.full(_shape(letters, dims), _V2_ARRAYS.get(name, 0), dtype)
-        for name, (dtype, letters) in ARRAY_FIELDS.items()
+        field.name: np.full(shape(field.axes, dims), field.fill, field.dtype)
+        for field in TRAJECTORY_ARRAYS
     }
     record.update({name: "" for name in TEXT_FIELDS})
     record.update({name: [""] * dims.nodes for name in NODE_TEXT_FIELDS})
@@ -235,19 +174,21 @@ def _check_semantics(record: dict[str, Any], dims: RecordDims) -> None:
     item_id, modality = record["item_id"], record["item_modality"]
     if np.any(item_id < -1):
         raise RecordError(f"item_id holds {int(item_id.min())}; ids are >= 0, or -1 for empty")
-    if not np.all(np.isin(modality, (ITEM_EMPTY, ITEM_IMAGE, ITEM_VIDEO))):
-        raise RecordError("item_modality holds values other than -1 (empty), 0 (image), 1 (video)")
+    if not np.all(np.isin(modality, _MODALITIES)):
+        raise RecordError(f"item_modality holds values other than {_MODALITIES} (Modality)")
+    if not np.all(np.isin(record["node_kind"], _NODE_KINDS)):
+        raise RecordError(f"node_kind holds values other than {_NODE_KINDS} (NodeKind)")
     if np.any((item_id < 0) != (modality < 0)):
         raise RecordError("item_id and item_modality disagree on which memory slots are empty")
 
 
 def _as_field_array(name: str, value: Any, dims: RecordDims) -> np.ndarray:
     """Converts a caller's array to the schema dtype, refusing lossy or kind-changing casts."""
-    dtype, letters = ARRAY_FIELDS[name]
-    shape = _shape(letters, dims)
+    dtype = _ARRAYS[name].dtype
+    expected = shape(_ARRAYS[name].axes, dims)
     array = np.asarray(value)
-    if array.shape != shape:
-        raise RecordError(f"field {name!r} has shape {array.shape}, expected {shape}")
+    if array.shape != expected:
+        raise RecordError(f"field {name!r} has shape {array.shape}, expected {expected}")
     kind = array.dtype.kind
     if dtype.kind == "f":
         if kind not in "biuf":
@@ -278,7 +219,7 @@ def validate_record(record: Mapping[str, Any], dims: RecordDims | None = None) -
         dims = own
     elif own is not None and own != dims:
         raise RecordError(f"record dims {own} differ from the expected {dims}")
-    known = set(ARRAY_FIELDS) | set(INT_FIELDS) | set(FLOAT_FIELDS) | set(TEXT_FIELDS)
+    known = set(_ARRAYS) | set(INT_FIELDS) | set(FLOAT_FIELDS) | set(TEXT_FIELDS)
     known |= set(NODE_TEXT_FIELDS)
     unknown = sorted(set(record) - known - {"dims", "schema_version"})
     if unknown:
@@ -287,11 +228,11 @@ def validate_record(record: Mapping[str, Any], dims: RecordDims | None = None) -
     if missing:
         raise RecordError(f"missing record fields {missing}")
     out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dims": dims}
-    for name in ARRAY_FIELDS:
-        value = record.get(name)
-        if value is None and name in _V2_ARRAYS:
-            value = np.full(_shape(ARRAY_FIELDS[name][1], dims), _V2_ARRAYS[name])
-        out[name] = _as_field_array(name, value, dims)
+    for field in TRAJECTORY_ARRAYS:
+        value = record.get(field.name)
+        if value is None and field.name in _V2_ARRAYS:
+            value = np.full(shape(field.axes, dims), field.fill)
+        out[field.name] = _as_field_array(field.name, value, dims)
     for name in TEXT_FIELDS:
         out[name] = _check_text(name, record.get(name, _DEFAULTS.get(name)))
     for name in NODE_TEXT_FIELDS:
@@ -336,26 +277,26 @@ def encode_record(record: Mapping[str, Any], dims: RecordDims | None = None) -> 
     }
     for name in (*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS, *NODE_TEXT_FIELDS):
         body[name] = valid[name]
-    for name in ARRAY_FIELDS:
+    for name in _ARRAYS:
         array = np.ascontiguousarray(valid[name])
         body[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
     return msgpack.packb(body, use_bin_type=True)
 
 
 def _decode_array(name: str, value: Any, dims: RecordDims) -> np.ndarray:
-    dtype, letters = ARRAY_FIELDS[name]
+    dtype = _ARRAYS[name].dtype
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
         raise RecordError(f"field {name!r} is not an encoded array")
     stored = _DTYPE_NAMES.get(value["dtype"]) if isinstance(value["dtype"], str) else None
     if stored is None or stored != dtype:
         raise RecordError(f"field {name!r} has dtype {value['dtype']!r}, expected {dtype.str!r}")
-    shape = _shape(letters, dims)
-    if not isinstance(value["shape"], list) or value["shape"] != list(shape):
-        raise RecordError(f"field {name!r} has shape {value['shape']!r}, expected {list(shape)}")
+    expected = shape(_ARRAYS[name].axes, dims)
+    if not isinstance(value["shape"], list) or value["shape"] != list(expected):
+        raise RecordError(f"field {name!r} has shape {value['shape']!r}, expected {list(expected)}")
     data = value["data"]
-    if not isinstance(data, bytes) or len(data) != dtype.itemsize * math.prod(shape):
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize * math.prod(expected):
         raise RecordError(f"field {name!r} has the wrong number of bytes")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    array = np.frombuffer(data, dtype=dtype).reshape(expected).copy()
     if dtype == np.dtype(bool) and not np.all(np.frombuffer(data, np.uint8) <= 1):
         raise RecordError(f"field {name!r} holds bool bytes other than 0 and 1")
     return array
@@ -385,7 +326,7 @@ def decode_record(data: bytes, dims: RecordDims | None = None) -> dict[str, Any]
     stored_dims = _dims_from_dict(body.get("dims"))
     if dims is not None and stored_dims != dims:
         raise RecordError(f"record dims {stored_dims} differ from the expected {dims}")
-    expected = {"schema", "schema_version", "dims", *ARRAY_FIELDS}
+    expected = {"schema", "schema_version", "dims", *_ARRAYS}
     expected |= {*INT_FIELDS, *FLOAT_FIELDS, *TEXT_FIELDS, *NODE_TEXT_FIELDS}
     if version == 1:  # written before the node texts and memory item ids: filled below
         expected -= {*_V2_ARRAYS, *NODE_TEXT_FIELDS}
@@ -393,11 +334,13 @@ def decode_record(data: bytes, dims: RecordDims | None = None) -> dict[str, Any]
         extra, missing = sorted(set(body) - expected), sorted(expected - set(body))
         raise RecordError(f"record fields differ from the schema: extra {extra}, missing {missing}")
     record: dict[str, Any] = {"schema_version": version, "dims": stored_dims}
-    for name, (dtype, letters) in ARRAY_FIELDS.items():
-        if name in body:
-            record[name] = _decode_array(name, body[name], stored_dims)
+    for field in TRAJECTORY_ARRAYS:
+        if field.name in body:
+            record[field.name] = _decode_array(field.name, body[field.name], stored_dims)
         else:
-            record[name] = np.full(_shape(letters, stored_dims), _V2_ARRAYS[name], dtype)
+            record[field.name] = np.full(shape(field.axes, stored_dims), field.fill, field.dtype)
+    if version < 3:  # padding nodes were written as kind 0
+        record["node_kind"][~record["node_valid"]] = NodeKind.EMPTY
     for name in NODE_TEXT_FIELDS:
         texts = body.get(name, [""] * stored_dims.nodes)
         record[name] = _check_texts(name, texts, stored_dims.nodes)
