@@ -13,28 +13,67 @@ INVALID_POLICIES = ("continue", "end")
 AGENTS = ("vimrag", "react", "summary", "mem1")
 
 
-def _get(block: Any, key: str, default: Any) -> Any:
-    """``block[key]`` when the config block has it, else ``default`` (keys may not exist yet)."""
-    if block is None:
-        return default
-    try:
-        return block[key] if key in block else default
-    except TypeError:
-        return default
+REWARD_METRICS = ("em", "f1")
+
+#: Where each field comes from in the experiment config (``memory.budget`` is special: the
+#: rollout or evaluation budget, see ``RolloutConfig.from_config``).
+CONFIG_KEYS = {
+    **{
+        name: f"rollout.{name}"
+        for name in (
+            "agent",
+            "group_size",
+            "questions_per_batch",
+            "max_model_calls",
+            "retrieval_top_k",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "invalid_action_policy",
+            "max_invalid_actions",
+            "max_visuals",
+            "reward_metric",
+            "reward_threshold",
+            "prompt_style",
+        )
+    },
+    "max_segment_tokens": "data.max_segment_tokens",
+    **{
+        name: f"graph.{name}"
+        for name in (
+            "max_nodes",
+            "max_items",
+            "max_keyframes",
+            "max_query_tokens",
+            "max_summary_tokens",
+        )
+    },
+    **{name: f"memory.{name}" for name in ("lam", "gamma", "top_k", "total_pixels")},
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def config_value(cfg: Any, path: str) -> Any:
+    """The value at a dotted ``path`` of a ConfigDict; a missing key is an error naming it."""
+    value = cfg
+    for key in path.split("."):
+        try:
+            value = value[key]
+        except (KeyError, TypeError, AttributeError):
+            raise KeyError(f"the experiment config has no {path} (read by RolloutConfig)") from None
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """Typed rollout settings, read from the experiment config with defaults.
+    """Typed rollout settings: a checked view of the experiment config.
 
-    Keys (config path → field): ``rollout.agent``, ``rollout.group_size``,
-    ``rollout.questions_per_batch``, ``rollout.max_model_calls``, ``rollout.retrieval_top_k``,
-    ``rollout.max_new_tokens``, ``rollout.temperature``, ``rollout.top_p``,
-    ``rollout.invalid_action_policy``, ``rollout.max_invalid_actions``,
-    ``rollout.max_visuals``, ``rollout.reward_metric``, ``rollout.reward_threshold``,
-    ``rollout.prompt_style`` (``"full"`` or ``"compact"``, see ``prompts.system_prompt``),
-    ``data.max_segment_tokens``, ``graph.*``, ``memory.*`` (``rollout_budget`` or, for
-    evaluation, ``eval_budget``).
+    ``from_config`` reads every field from the config (``CONFIG_KEYS``: ``rollout.*``,
+    ``data.max_segment_tokens``, ``graph.*``, ``memory.*``, and ``memory.rollout_budget`` or,
+    for evaluation, ``memory.eval_budget`` as ``budget``); a missing key is an error. The field
+    defaults serve direct construction in tests only. ``prompt_style`` is ``"full"`` or
+    ``"compact"`` (see ``prompts.system_prompt``); ``reward_threshold`` is the token-F1 pass
+    mark of ``reward_metric="f1"``.
     """
 
     agent: str = "vimrag"
@@ -76,6 +115,14 @@ class RolloutConfig:
                 f"rollout.prompt_style must be one of {prompts.PROMPT_STYLES}, "
                 f"got {self.prompt_style!r}"
             )
+        if self.reward_metric not in REWARD_METRICS:
+            raise ValueError(
+                f"rollout.reward_metric must be one of {REWARD_METRICS}, got {self.reward_metric!r}"
+            )
+        if not 0.0 < self.reward_threshold <= 1.0:
+            raise ValueError(
+                f"rollout.reward_threshold must be in (0, 1], got {self.reward_threshold}"
+            )
         if self.budget not in ("averaged", "energy"):
             raise ValueError(f"memory budget must be 'averaged' or 'energy', got {self.budget!r}")
         if self.retrieval_top_k > self.max_items:
@@ -94,41 +141,11 @@ class RolloutConfig:
 
     @classmethod
     def from_config(cls, cfg: Any, *, evaluation: bool = False) -> RolloutConfig:
-        """From an experiment ConfigDict; missing keys take the defaults above."""
-        rollout, graph, memory = cfg.get("rollout"), cfg.get("graph"), cfg.get("memory")
-        d = cls()
-        fields = {
-            name: _get(rollout, name, getattr(d, name))
-            for name in (
-                "agent",
-                "group_size",
-                "questions_per_batch",
-                "max_model_calls",
-                "retrieval_top_k",
-                "max_new_tokens",
-                "temperature",
-                "top_p",
-                "invalid_action_policy",
-                "max_invalid_actions",
-                "max_visuals",
-                "reward_metric",
-                "reward_threshold",
-                "prompt_style",
-            )
-        }
-        fields["max_segment_tokens"] = _get(cfg.get("data"), "max_segment_tokens", 2048)
-        for name in (
-            "max_nodes",
-            "max_items",
-            "max_keyframes",
-            "max_query_tokens",
-            "max_summary_tokens",
-        ):
-            fields[name] = _get(graph, name, getattr(d, name))
-        for name in ("lam", "gamma", "top_k", "total_pixels"):
-            fields[name] = _get(memory, name, getattr(d, name))
-        budget_key = "eval_budget" if evaluation else "rollout_budget"
-        fields["budget"] = _get(memory, budget_key, "energy" if evaluation else "averaged")
+        """From an experiment ConfigDict; every key must be there (see the class docstring)."""
+        types = {f.name: _TYPES[f.type] for f in dataclasses.fields(cls)}
+        fields = {name: types[name](config_value(cfg, path)) for name, path in CONFIG_KEYS.items()}
+        budget = "memory.eval_budget" if evaluation else "memory.rollout_budget"
+        fields["budget"] = str(config_value(cfg, budget))
         return cls(**fields)
 
     @property
@@ -172,4 +189,11 @@ class RolloutConfig:
         return -(-(pixels // 256 + minimum) // 4) * 4
 
 
-__all__ = ["AGENTS", "INVALID_POLICIES", "RolloutConfig"]
+__all__ = [
+    "AGENTS",
+    "CONFIG_KEYS",
+    "INVALID_POLICIES",
+    "REWARD_METRICS",
+    "RolloutConfig",
+    "config_value",
+]
