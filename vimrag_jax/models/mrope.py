@@ -23,15 +23,24 @@ import numpy as np
 TEXT, IMAGE, VIDEO = 0, 1, 2  # values of transformers' `mm_token_type_ids`
 
 
-def _as_host(name: str, value: Any) -> np.ndarray | None:
+def host_array(name: str, value: Any, remedy: str) -> np.ndarray | None:
+    """`value` as a NumPy array (None stays None); TypeError `"{name} is traced, but {remedy}"`
+    for a traced value, since host-side tables need concrete inputs."""
     if value is None:
         return None
     if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{name} is traced, but MRoPE positions are computed on the host: call "
-            "`rope_index` (or `prepare_inputs`) outside jit and pass `position_ids` in."
-        )
+        raise TypeError(f"{name} is traced, but {remedy}")
     return np.asarray(value)
+
+
+_REMEDY = (
+    "MRoPE positions are computed on the host: call `rope_index` (or `prepare_inputs`) "
+    "outside jit and pass `position_ids` in."
+)
+
+
+def _as_host(name: str, value: Any) -> np.ndarray | None:
+    return host_array(name, value, _REMEDY)
 
 
 def rope_index(

@@ -1,9 +1,11 @@
 """Qwen3-VL (`Qwen3VLForConditionalGeneration`) in Flax NNX.
 
-The text decoder is the Qwen3 decoder (`vimrag_jax.models.qwen3.DecoderLayer`) with interleaved
-multimodal rotary positions (`vimrag_jax.models.mrope`) and DeepStack: the vision tower's
-intermediate features are added to the visual token positions after each of the first decoder
-layers. The vision tower lives in `vimrag_jax.models.qwen3_vl_vision`.
+The text decoder is the decoder stack Qwen3 uses (`vimrag_jax.models.decoder.DecoderStack`, the
+same parameters, forward pass and KV cache); this module adds what is VL-specific: the vision
+tower (`vimrag_jax.models.qwen3_vl_vision`) whose merged features replace the placeholder token
+embeddings, interleaved multimodal rotary positions (`vimrag_jax.models.mrope`), and DeepStack:
+the tower's intermediate features are added to the visual token positions after each of the
+first decoder layers.
 
 Inputs are named and laid out as transformers' processor returns them, so its output can be fed
 as is: `model(input_ids, pixel_values=..., image_grid_thw=..., mm_token_type_ids=...,
@@ -21,7 +23,7 @@ Text-only calls need no host part (positions are `cumsum(attention_mask) - 1`).
 
 Decoding follows the sampler's protocol (`vimrag_jax.sampling.sampler`): `prefill` takes the
 jit-able inputs (`prepare_prefill_inputs` builds them for a left-padded batch with patch rows
-padded to a bucket) and returns a `qwen3.KVCache` whose `next_position_b` is the text position
+padded to a bucket) and returns a `decoder.KVCache` whose `next_position_b` is the text position
 after the MRoPE offset; `decode_step` feeds text tokens at that position on all three MRoPE
 sections. Checkpoint import (`load_qwen3_vl`, also straight into sharded arrays) and export live
 in `vimrag_jax.models.qwen3_vl_hf`.
@@ -47,21 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vimrag_jax.models.mrope import IMAGE, TEXT, VIDEO, mrope_cos_sin, rope_index
-from vimrag_jax.models.qwen3 import (
-    DecoderLayer,
+from vimrag_jax.models.decoder import (
+    AfterLayer,
+    DecoderStack,
     KVCache,
-    Qwen3Config,
-    RMSNorm,
-    _dense_init,
-    _layer_forward,
-    _param,
-    _remat_layer_forward,
-    cached_decoder_layers,
+    causal_allowed,
     default_positions,
-    empty_cache,
-    pad_cache_layers,
 )
+from vimrag_jax.models.mrope import IMAGE, TEXT, VIDEO, host_array, mrope_cos_sin, rope_index
+from vimrag_jax.models.qwen3 import Qwen3Config
 from vimrag_jax.models.qwen3_vl_vision import (
     Qwen3VLVisionConfig,
     VisionTables,
@@ -150,15 +146,14 @@ class Qwen3VLConfig:
 # Host side: checks, vision tables and MRoPE positions.
 
 
+_REMEDY = (
+    "images/videos need host-side preparation: call `prepare_inputs(model.config, ...)` "
+    "outside jit and pass its dict to the jitted call."
+)
+
+
 def _host(name: str, value: Any) -> np.ndarray | None:
-    if value is None:
-        return None
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{name} is traced: images/videos need host-side preparation. Call "
-            "`prepare_inputs(model.config, ...)` outside jit and pass its dict to the jitted call."
-        )
-    return np.asarray(value)
+    return host_array(name, value, _REMEDY)
 
 
 def _visual_inputs(
@@ -377,24 +372,27 @@ def _normalize_positions(position_ids: Any, b: int, length: int) -> jax.Array:
     return position_ids
 
 
-class Qwen3VLForConditionalGeneration(nnx.Module):
+class Qwen3VLForConditionalGeneration(DecoderStack):
     """Qwen3-VL: vision tower + Qwen3 decoder with MRoPE and DeepStack; logits float32[B, L, V]."""
 
     def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
         self.config = config
-        text = config.text
-        d, v = text.hidden_size, text.vocab_size
-        self.visual = VisionTower(config.vision, rngs=rngs)
-        self.embed_vd = _param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"))
-        self.layers = nnx.List(
-            [DecoderLayer(text, rngs=rngs) for _ in range(text.num_hidden_layers)]
-        )
-        self.final_norm = RMSNorm(d, "embed", text.rms_norm_eps, rngs=rngs)
-        self.lm_head_dv = (
-            None
-            if text.tie_word_embeddings
-            else _param(rngs, _dense_init((0,), (1,)), (d, v), ("embed", "vocab"))
-        )
+        self.visual = VisionTower(config.vision, rngs=rngs)  # drawn first, as it always was
+        super().__init__(config.text, rngs=rngs)
+
+    @property
+    def text_config(self) -> Qwen3Config:
+        return self.config.text
+
+    def position_tables(self, position_ids_3bl: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Interleaved-MRoPE tables `float32[B, L, head_dim]` of `position_ids[3, B, L]`."""
+        c = self.config
+        return mrope_cos_sin(position_ids_3bl, c.text.head_dim, c.text.rope_theta, c.mrope_section)
+
+    def step_positions(self, next_position_b: jax.Array) -> jax.Array:
+        # A text token sits at the same position on all three sections.
+        b = next_position_b.shape[0]
+        return jnp.broadcast_to(next_position_b[None, :, None], (3, b, 1))
 
     def __call__(
         self,
@@ -436,67 +434,43 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                 position_ids,
             )
             return self(**prepared)
-        return self._forward(
+        x_bld, valid_bl, position_ids, add_deepstack = self._embed_inputs(
             jnp.asarray(input_ids),
+            attention_mask,
+            position_ids,
             pixel_values,
             image_tables,
             pixel_values_videos,
             video_tables,
-            attention_mask,
-            position_ids,
         )
-
-    def _forward(
-        self,
-        input_ids: jax.Array,
-        pixel_values: Any,
-        image_tables: VisionTables | None,
-        pixel_values_videos: Any,
-        video_tables: VisionTables | None,
-        attention_mask: Any,
-        position_ids: Any,
-    ) -> jax.Array:
-        b, length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, length), dtype=jnp.int32)
-        attention_mask = jnp.asarray(attention_mask)
-        if position_ids is None:
-            position_ids = default_positions(attention_mask)
-        position_ids = _normalize_positions(position_ids, b, length)
-        x_bld, add_deepstack = self._embed_inputs(
-            input_ids, pixel_values, image_tables, pixel_values_videos, video_tables
-        )
-        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
-        allowed_bqm = causal_qm[None] & attention_mask.astype(bool)[:, None, :]
-        hidden_bld = self.decode_hidden(x_bld, position_ids, allowed_bqm, add_deepstack)
-        return self.logits(hidden_bld)
-
-    def decode_hidden(
-        self,
-        x_bld: jax.Array,
-        position_ids_3bl: jax.Array,
-        allowed_bqm: jax.Array,
-        add_deepstack: Callable[[int, jax.Array], jax.Array],
-    ) -> jax.Array:
-        """Final (normed) hidden states `[B, L, D]` of the decoder stack on input embeddings
-        `x_bld` (visual features already placed), with MRoPE `position_ids [3, B, L]`, the
-        attention pattern `allowed_bqm` and `add_deepstack(i, x)` applied after layer i."""
-        cos_blk, sin_blk = self._rope_tables(position_ids_3bl)
-        forward = _remat_layer_forward if self.config.text.remat else _layer_forward
-        for i, layer in enumerate(self.layers):
-            x_bld = add_deepstack(i, forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm))
-        return self.final_norm(x_bld)
+        allowed_bqm = causal_allowed(valid_bl)
+        return self.logits(self.decode_hidden(x_bld, position_ids, allowed_bqm, add_deepstack))
 
     def _embed_inputs(
         self,
         input_ids: jax.Array,
+        attention_mask: Any,
+        position_ids: Any,
         pixel_values: Any,
         image_tables: VisionTables | None,
         pixel_values_videos: Any,
         video_tables: VisionTables | None,
-    ) -> tuple[jax.Array, Callable[[int, jax.Array], jax.Array]]:
-        """Token embeddings `[B, L, D]` with the visual features at their placeholders, and
-        `add_deepstack(i, x)`, which adds DeepStack level i to the output of decoder layer i."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array, AfterLayer]:
+        """The decoder's inputs from the jit-able model inputs.
+
+        Returns the token embeddings `[B, L, D]` with the visual features at their
+        placeholders, the real-token mask `bool[B, L]` (all true without `attention_mask`), the
+        MRoPE ids `int32[3, B, L]` (text positions `cumsum(mask) - 1` without `position_ids`)
+        and `add_deepstack(i, x)`, which adds DeepStack level i to the output of layer i.
+        """
+        b, length = input_ids.shape
+        if attention_mask is None:
+            valid_bl = jnp.ones((b, length), dtype=bool)
+        else:
+            valid_bl = jnp.asarray(attention_mask).astype(bool)
+        if position_ids is None:
+            position_ids = default_positions(valid_bl)
+        position_ids = _normalize_positions(position_ids, b, length).astype(jnp.int32)
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x_bld = self.embed(input_ids)
@@ -519,32 +493,9 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                     x_bld = x_bld + _features_at(deepstack_kmd[i], mask_bl, rank_bl)
             return x_bld
 
-        return x_bld, add_deepstack
-
-    def _rope_tables(self, position_ids_3bl: jax.Array) -> tuple[jax.Array, jax.Array]:
-        c = self.config
-        return mrope_cos_sin(position_ids_3bl, c.text.head_dim, c.text.rope_theta, c.mrope_section)
-
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings `[B, L, D]` in the compute dtype (no visual features)."""
-        return jnp.take(self.embed_vd[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
-
-    def head_weight(self) -> jax.Array:
-        """The LM head as `[D, V]` in the compute dtype (the transposed embedding when tied)."""
-        dtype = jnp.dtype(self.config.dtype)
-        if self.lm_head_dv is None:
-            return self.embed_vd[...].astype(dtype).T
-        return self.lm_head_dv[...].astype(dtype)
-
-    def logits(self, hidden_bld: jax.Array) -> jax.Array:
-        """`float32[..., V]` logits of final hidden states `[..., D]`."""
-        return (hidden_bld @ self.head_weight()).astype(jnp.float32)
+        return x_bld, valid_bl, position_ids, add_deepstack
 
     # ---- decoding protocol of `vimrag_jax.sampling.Sampler` ---------------------------------
-
-    def init_cache(self, batch: int, cache_size: int) -> KVCache:
-        """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""
-        return empty_cache(self.config.text, batch, cache_size)
 
     def prefill(
         self,
@@ -568,66 +519,25 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         plus one: the text position generation continues from (`rope_index`'s delta plus the
         number of real tokens).
         """
-        b, length = input_ids.shape
-        if cache_size < length:
-            raise ValueError(f"cache_size={cache_size} is shorter than the prompt ({length}).")
-        valid_bl = jnp.asarray(attention_mask).astype(bool)
-        if position_ids is None:
-            position_ids = default_positions(valid_bl)
-        position_ids = _normalize_positions(position_ids, b, length).astype(jnp.int32)
-        x_bld, add_deepstack = self._embed_inputs(
-            input_ids, pixel_values, image_tables, pixel_values_videos, video_tables
-        )
-        causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
-        cos_blk, sin_blk = self._rope_tables(position_ids)
-        x_bld, layers = cached_decoder_layers(
-            self.layers,
-            x_bld,
-            cos_blk,
-            sin_blk,
-            causal_qm[None] & valid_bl[:, None, :],
-            self.init_cache(b, length).layers,
-            0,
-            after_layer=add_deepstack,
+        x_bld, valid_bl, position_ids, add_deepstack = self._embed_inputs(
+            input_ids,
+            attention_mask,
+            position_ids,
+            pixel_values,
+            image_tables,
+            pixel_values_videos,
+            video_tables,
         )
         real_positions_3bl = jnp.where(valid_bl[None], position_ids, -1)
-        cache = KVCache(
-            layers=pad_cache_layers(layers, cache_size),
-            valid_bt=jnp.pad(valid_bl, ((0, 0), (0, cache_size - length))),
-            next_position_b=jnp.max(real_positions_3bl, axis=(0, 2)) + 1,
-            length=jnp.asarray(length, jnp.int32),
+        next_position_b = jnp.max(real_positions_3bl, axis=(0, 2)) + 1
+        return self.prefill_embeddings(
+            x_bld,
+            position_ids,
+            valid_bl,
+            next_position_b,
+            cache_size=cache_size,
+            after_layer=add_deepstack,
         )
-        return self.logits(self.final_norm(x_bld[:, -1])), cache
-
-    def decode_step(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Feeds one (text) token per row; returns `float32[B, V]` logits and the cache.
-
-        The token goes to slot `cache.length`; its MRoPE position is `cache.next_position_b`
-        on all three sections, as text positions are. Writing past the last slot is the
-        caller's error.
-        """
-        b = tokens_b.shape[0]
-        valid_bt = jax.lax.dynamic_update_slice(
-            cache.valid_bt, jnp.ones((b, 1), bool), (0, cache.length)
-        )
-        positions_3b1 = jnp.broadcast_to(cache.next_position_b[None, :, None], (3, b, 1))
-        cos_blk, sin_blk = self._rope_tables(positions_3b1)
-        x_b1d, layers = cached_decoder_layers(
-            self.layers,
-            self.embed(tokens_b[:, None]),
-            cos_blk,
-            sin_blk,
-            valid_bt[:, None, :],
-            cache.layers,
-            cache.length,
-        )
-        new_cache = KVCache(
-            layers=layers,
-            valid_bt=valid_bt,
-            next_position_b=cache.next_position_b + 1,
-            length=cache.length + 1,
-        )
-        return self.logits(self.final_norm(x_b1d[:, 0])), new_cache
 
     def prepare_prefill(
         self,

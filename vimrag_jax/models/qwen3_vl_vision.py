@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vimrag_jax.models.qwen3 import _dense_init, _param
+from vimrag_jax.models.params import dense_init, param
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -252,8 +252,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias (eps 1e-6), computed in float32."""
 
     def __init__(self, dim: int, axis_name: str, *, rngs: nnx.Rngs):
-        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,))
-        self.bias = _param(rngs, nnx.initializers.zeros_init(), (dim,), (axis_name,))
+        self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,))
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (dim,), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -266,8 +266,8 @@ class LayerNorm(nnx.Module):
 def _linear(
     rngs: nnx.Rngs, d_in: int, d_out: int, axes: tuple[str, str]
 ) -> tuple[nnx.Param, nnx.Param]:
-    kernel = _param(rngs, _dense_init((0,), (1,)), (d_in, d_out), axes)
-    bias = _param(rngs, nnx.initializers.zeros_init(), (d_out,), (axes[1],))
+    kernel = param(rngs, dense_init((0,), (1,)), (d_in, d_out), axes)
+    bias = param(rngs, nnx.initializers.zeros_init(), (d_out,), (axes[1],))
     return kernel, bias
 
 
@@ -298,19 +298,19 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: Qwen3VLVisionConfig, *, rngs: nnx.Rngs):
         d, h, k = config.hidden_size, config.num_heads, config.head_dim
         # The fused checkpoint tensor is [3*d, d]; the 3 (q, k, v) axis is never sharded.
-        self.qkv_d3hk = _param(
+        self.qkv_d3hk = param(
             rngs,
-            _dense_init((0,), (1, 2, 3)),
+            dense_init((0,), (1, 2, 3)),
             (d, 3, h, k),
             ("vision_embed", None, "vision_heads", "head_dim"),
         )
-        self.qkv_bias_3hk = _param(
+        self.qkv_bias_3hk = param(
             rngs, nnx.initializers.zeros_init(), (3, h, k), (None, "vision_heads", "head_dim")
         )
-        self.proj_hkd = _param(
-            rngs, _dense_init((0, 1), (2,)), (h, k, d), ("vision_heads", "head_dim", "vision_embed")
+        self.proj_hkd = param(
+            rngs, dense_init((0, 1), (2,)), (h, k, d), ("vision_heads", "head_dim", "vision_embed")
         )
-        self.proj_bias = _param(rngs, nnx.initializers.zeros_init(), (d,), ("vision_embed",))
+        self.proj_bias = param(rngs, nnx.initializers.zeros_init(), (d,), ("vision_embed",))
 
     def __call__(
         self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, allowed_nm: jax.Array
@@ -403,7 +403,7 @@ class VisionTower(nnx.Module):
         self.patch_kernel, self.patch_bias = _linear(
             rngs, config.patch_dim, d, ("vision_patch", "vision_embed")
         )
-        self.pos_embed = _param(
+        self.pos_embed = param(
             rngs,
             nnx.initializers.normal(0.02),
             (config.num_position_embeddings, d),

@@ -245,7 +245,7 @@ def cos_sin(
 ) -> tuple[jax.Array, jax.Array]:
     """Tables `cos, sin: float32[*positions.shape, 2 * len(inv_freq)]`, times `scaling`.
 
-    The frequencies are repeated (`[f, f]`), matching `qwen3.apply_rope`'s rotate-half pairing.
+    The frequencies are repeated (`[f, f]`), matching `decoder.apply_rope`'s rotate-half pairing.
     """
     freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(
         inv_freq, jnp.float32

@@ -1,0 +1,398 @@
+"""The Qwen3 decoder stack that Qwen3 and Qwen3-VL share: layers, KV cache, embedding and LM head.
+
+`DecoderStack` holds the token embedding, the decoder layers, the final norm and the (optional)
+LM head, and runs them: the full forward (`decode_hidden`, optionally rematerialised per layer)
+and the sampler's decoding protocol (`decode_step`, and `prefill_embeddings` for the models'
+`prefill`). A model subclasses it and says only how positions become rotary tables
+(`position_tables`): default RoPE over `[B, L]` positions for Qwen3, interleaved MRoPE over
+`[3, B, L]` for Qwen3-VL, which also places visual features and DeepStack through the
+embeddings and `after_layer` hooks.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`);
+attention projections keep the head axis separate (`q [embed, heads, head_dim]`,
+`o [heads, head_dim, embed]`) so heads can be sharded without reshapes. The parameter names
+are the checkpoint layout that `vimrag_jax.models.hf` maps to transformers' names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from vimrag_jax.models.attention import blocked_attend
+from vimrag_jax.models.linear import dense, swiglu
+from vimrag_jax.models.params import dense_init, param
+
+if TYPE_CHECKING:  # qwen3 imports this module; the config is only a type here
+    from vimrag_jax.models.qwen3 import Qwen3Config
+
+KVPair = tuple[jax.Array, jax.Array]  # (keys [B, T, G, K], values [B, T, G, K]) of one layer
+AfterLayer = Callable[[int, jax.Array], jax.Array]  # (layer index, its output) -> new output
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in transformers: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, axis_name: str, eps: float, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def apply_rope(x_blhk: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array) -> jax.Array:
+    """Rotates `x[B, L, heads, K]` by the tables; the halves of K are the rotated pairs."""
+    half = x_blhk.shape[-1] // 2
+    rotated = jnp.concatenate([-x_blhk[..., half:], x_blhk[..., :half]], axis=-1)
+    cos, sin = cos_blk[:, :, None, :], sin_blk[:, :, None, :]
+    return (x_blhk * cos + rotated * sin).astype(x_blhk.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, h, g, k = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.num_kv_heads = g
+        self.head_dim = k
+        in_embed = dense_init((0,), (1, 2))
+        self.q_dhk = param(rngs, in_embed, (d, h, k), ("embed", "heads", "head_dim"))
+        self.k_dgk = param(rngs, in_embed, (d, g, k), ("embed", "kv_heads", "head_dim"))
+        self.v_dgk = param(rngs, in_embed, (d, g, k), ("embed", "kv_heads", "head_dim"))
+        out_axes = ("heads", "head_dim", "embed")
+        self.o_hkd = param(rngs, dense_init((0, 1), (2,)), (h, k, d), out_axes)
+        self.q_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
+        self.k_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
+
+    def __call__(
+        self,
+        x_bld: jax.Array,
+        cos_blk: jax.Array,
+        sin_blk: jax.Array,
+        allowed_bqm: jax.Array,
+        *,
+        kv_cache: KVPair | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> jax.Array | tuple[jax.Array, KVPair]:
+        """`[B, L, D]`; with `kv_cache`, also the cache with this call's keys/values written.
+
+        Without a cache, `allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
+        `[B, T, G, K]`, the new keys/values are written at slots `cache_index .. + L` (the same
+        slots for every row) and queries attend over all T slots: `allowed_bqm: bool[B, L, T]`.
+        """
+        dtype = x_bld.dtype
+        q_blhk = dense(x_bld, self.q_dhk[...].astype(dtype))
+        k_blgk = dense(x_bld, self.k_dgk[...].astype(dtype))
+        v_blgk = dense(x_bld, self.v_dgk[...].astype(dtype))
+        q_blhk = apply_rope(self.q_norm(q_blhk), cos_blk, sin_blk)
+        k_blgk = apply_rope(self.k_norm(k_blgk), cos_blk, sin_blk)
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_blgk = jax.lax.dynamic_update_slice(
+                kv_cache[0], k_blgk.astype(kv_cache[0].dtype), start
+            )
+            v_blgk = jax.lax.dynamic_update_slice(
+                kv_cache[1], v_blgk.astype(kv_cache[1].dtype), start
+            )
+        out_blhk = blocked_attend(q_blhk, k_blgk.astype(dtype), v_blgk.astype(dtype), allowed_bqm)
+        out_bld = dense(out_blhk, self.o_hkd[...].astype(dtype), contract=2)
+        return out_bld if kv_cache is None else (out_bld, (k_blgk, v_blgk))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_df = param(rngs, dense_init((0,), (1,)), (d, f), ("embed", "mlp"))
+        self.up_df = param(rngs, dense_init((0,), (1,)), (d, f), ("embed", "mlp"))
+        self.down_fd = param(rngs, dense_init((0,), (1,)), (f, d), ("mlp", "embed"))
+
+    def __call__(self, x_bld: jax.Array) -> jax.Array:
+        dtype = x_bld.dtype
+        weights = (self.gate_df, self.up_df, self.down_fd)
+        return swiglu(x_bld, *(w[...].astype(dtype) for w in weights))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_norm = RMSNorm(d, "embed", eps, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(d, "embed", eps, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x_bld: jax.Array,
+        cos_blk: jax.Array,
+        sin_blk: jax.Array,
+        allowed_bqm: jax.Array,
+        *,
+        kv_cache: KVPair | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> jax.Array | tuple[jax.Array, KVPair]:
+        """`[B, L, D]`; with `kv_cache`, also the updated cache (see `Attention.__call__`)."""
+        attn_out = self.attn(
+            self.input_norm(x_bld),
+            cos_blk,
+            sin_blk,
+            allowed_bqm,
+            kv_cache=kv_cache,
+            cache_index=cache_index,
+        )
+        new_cache = None
+        if kv_cache is not None:
+            attn_out, new_cache = attn_out
+        x_bld = x_bld + attn_out
+        x_bld = x_bld + self.mlp(self.post_attn_norm(x_bld))
+        return x_bld if kv_cache is None else (x_bld, new_cache)
+
+
+def _layer_forward(layer: DecoderLayer, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
+    return layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+
+
+# Recomputes a layer's activations in the backward pass instead of keeping them.
+_remat_layer_forward = nnx.remat(_layer_forward)
+
+
+@struct.dataclass
+class KVCache:
+    """Decoding state of a causal decoder: keys/values of every layer plus bookkeeping.
+
+    Prompts are left-padded so every row writes its next token at the same slot `length`;
+    `valid_bt` marks slots holding real tokens and `next_position_b` is each row's RoPE position
+    for the next token (for a Qwen3-VL model: the text position after its MRoPE offsets).
+    """
+
+    layers: tuple[KVPair, ...]  # per layer (keys, values), each [B, T, G, K]
+    valid_bt: jax.Array  # bool[B, T]
+    next_position_b: jax.Array  # int32[B]
+    length: jax.Array  # int32[], slots filled so far (same for every row)
+
+    @property
+    def size(self) -> int:
+        """T, the number of slots."""
+        return self.valid_bt.shape[1]
+
+
+def default_positions(attention_mask_bl: jax.Array) -> jax.Array:
+    """Positions `int32[B, L]` counting real tokens only: `cumsum(mask) - 1`, clipped at 0."""
+    counts_bl = jnp.cumsum(attention_mask_bl.astype(jnp.int32), axis=-1)
+    return jnp.maximum(counts_bl - 1, 0)
+
+
+def causal_allowed(attention_mask_bl: jax.Array) -> jax.Array:
+    """`bool[B, L, L]`: query q may see key m when m <= q and key m is a real token."""
+    length = attention_mask_bl.shape[-1]
+    causal_qm = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return causal_qm[None] & attention_mask_bl.astype(bool)[:, None, :]
+
+
+def empty_cache(config: Qwen3Config, batch: int, cache_size: int) -> KVCache:
+    """An empty `KVCache` of `cache_size` slots for `batch` rows, in the compute dtype."""
+    dtype = jnp.dtype(config.dtype)
+    shape = (batch, cache_size, config.num_key_value_heads, config.head_dim)
+    layers = tuple(
+        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)
+    )
+    return KVCache(
+        layers=layers,
+        valid_bt=jnp.zeros((batch, cache_size), bool),
+        next_position_b=jnp.zeros((batch,), jnp.int32),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def cached_decoder_layers(
+    layers: Sequence[DecoderLayer],
+    x_bld: jax.Array,
+    cos_blk: jax.Array,
+    sin_blk: jax.Array,
+    allowed_bqt: jax.Array,
+    cache_layers: tuple[KVPair, ...],
+    cache_index: jax.Array | int,
+    after_layer: AfterLayer | None = None,
+) -> tuple[jax.Array, tuple[KVPair, ...]]:
+    """Runs `layers` over `x[B, L, D]`, writing their keys/values at `cache_index .. + L`.
+
+    Returns the last layer's output (before the final norm) and the updated caches.
+    `after_layer(i, x)` is applied to the output of layer i (Qwen3-VL adds DeepStack features
+    there).
+    """
+    new_layers = []
+    for i, (layer, kv) in enumerate(zip(layers, cache_layers, strict=True)):
+        x_bld, kv = layer(
+            x_bld, cos_blk, sin_blk, allowed_bqt, kv_cache=kv, cache_index=cache_index
+        )
+        if after_layer is not None:
+            x_bld = after_layer(i, x_bld)
+        new_layers.append(kv)
+    return x_bld, tuple(new_layers)
+
+
+def pad_cache_layers(layers: tuple[KVPair, ...], cache_size: int) -> tuple[KVPair, ...]:
+    """Caches of `[B, P, G, K]` (a prompt) grown to `cache_size` empty slots at the end."""
+
+    def pad(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, cache_size - x.shape[1]), (0, 0), (0, 0)))
+
+    return tuple((pad(k), pad(v)) for k, v in layers)
+
+
+class DecoderStack(nnx.Module):
+    """Embedding, decoder layers, final norm and LM head, with the forward and decoding passes.
+
+    The parameters are attributes of the model itself (`embed_vd`, `layers`, `final_norm`,
+    `lm_head_dv`; None when tied), so their paths are the same in every model that subclasses
+    this. A subclass sets `self.config` and its own parameters, calls `__init__` with the text
+    decoder's config, and defines `text_config` and `position_tables`.
+    """
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        d, v = config.hidden_size, config.vocab_size
+        self.embed_vd = param(rngs, nnx.initializers.normal(0.02), (v, d), ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.final_norm = RMSNorm(d, "embed", config.rms_norm_eps, rngs=rngs)
+        self.lm_head_dv = (
+            None
+            if config.tie_word_embeddings
+            else param(rngs, dense_init((0,), (1,)), (d, v), ("embed", "vocab"))
+        )
+
+    @property
+    def text_config(self) -> Qwen3Config:
+        """The decoder's sizes, dtype and remat setting."""
+        raise NotImplementedError
+
+    def position_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Rotary tables `cos, sin: float32[B, L, head_dim]` of the model's positions."""
+        raise NotImplementedError
+
+    def step_positions(self, next_position_b: jax.Array) -> jax.Array:
+        """The positions (in `position_tables`' layout) of one new text token per row."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, L, D]` in the compute dtype."""
+        dtype = jnp.dtype(self.text_config.dtype)
+        return jnp.take(self.embed_vd[...], input_ids, axis=0).astype(dtype)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as `[D, V]` in the compute dtype (the transposed embedding when tied)."""
+        dtype = jnp.dtype(self.text_config.dtype)
+        if self.lm_head_dv is None:
+            return self.embed_vd[...].astype(dtype).T
+        return self.lm_head_dv[...].astype(dtype)
+
+    def logits(self, hidden_bld: jax.Array) -> jax.Array:
+        """`float32[..., V]` logits of final hidden states `[..., D]`."""
+        return (hidden_bld @ self.head_weight()).astype(jnp.float32)
+
+    def decode_hidden(
+        self,
+        x_bld: jax.Array,
+        positions: jax.Array,
+        allowed_bqm: jax.Array,
+        after_layer: AfterLayer | None = None,
+    ) -> jax.Array:
+        """Final (normed) hidden states `[B, L, D]` of the layers on input embeddings `x_bld`.
+
+        `positions` are in `position_tables`' layout, `allowed_bqm: bool[B, L, L]` is the
+        attention pattern and `after_layer(i, x)` is applied after layer i (Qwen3-VL adds
+        DeepStack there). With `text_config.remat`, each layer is rematerialised.
+        """
+        cos_blk, sin_blk = self.position_tables(positions)
+        forward = _remat_layer_forward if self.text_config.remat else _layer_forward
+        for i, layer in enumerate(self.layers):
+            x_bld = forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm)
+            if after_layer is not None:
+                x_bld = after_layer(i, x_bld)
+        return self.final_norm(x_bld)
+
+    def init_cache(self, batch: int, cache_size: int) -> KVCache:
+        """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""
+        return empty_cache(self.text_config, batch, cache_size)
+
+    def prefill_embeddings(
+        self,
+        x_bld: jax.Array,
+        positions: jax.Array,
+        valid_bl: jax.Array,
+        next_position_b: jax.Array,
+        *,
+        cache_size: int,
+        after_layer: AfterLayer | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs left-padded prompt embeddings `[B, P, D]` into a fresh cache.
+
+        `valid_bl: bool[B, P]` marks real tokens; `next_position_b` is where each row's
+        generation continues. Returns `float32[B, V]` logits of the last column and a `KVCache`
+        of `cache_size >= P` slots with the prompt in slots `0..P-1`.
+        """
+        b, length = valid_bl.shape
+        if cache_size < length:
+            raise ValueError(f"cache_size={cache_size} is shorter than the prompt ({length}).")
+        cos_blk, sin_blk = self.position_tables(positions)
+        x_bld, layers = cached_decoder_layers(
+            self.layers,
+            x_bld,
+            cos_blk,
+            sin_blk,
+            causal_allowed(valid_bl),
+            self.init_cache(b, length).layers,
+            0,
+            after_layer=after_layer,
+        )
+        cache = KVCache(
+            layers=pad_cache_layers(layers, cache_size),
+            valid_bt=jnp.pad(valid_bl, ((0, 0), (0, cache_size - length))),
+            next_position_b=next_position_b,
+            length=jnp.asarray(length, jnp.int32),
+        )
+        return self.logits(self.final_norm(x_bld[:, -1])), cache
+
+    def decode_step(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds one (text) token per row; returns `float32[B, V]` next-token logits and the cache.
+
+        The token goes to slot `cache.length` at position `cache.next_position_b` (on every
+        MRoPE section for Qwen3-VL); writing past the last slot is the caller's error (it would
+        be clamped and overwrite slot T-1).
+        """
+        valid_bt = jax.lax.dynamic_update_slice(
+            cache.valid_bt, jnp.ones((tokens_b.shape[0], 1), bool), (0, cache.length)
+        )
+        cos_blk, sin_blk = self.position_tables(self.step_positions(cache.next_position_b))
+        x_b1d, layers = cached_decoder_layers(
+            self.layers,
+            self.embed(tokens_b[:, None]),
+            cos_blk,
+            sin_blk,
+            valid_bt[:, None, :],
+            cache.layers,
+            cache.length,
+        )
+        new_cache = KVCache(
+            layers=layers,
+            valid_bt=valid_bt,
+            next_position_b=cache.next_position_b + 1,
+            length=cache.length + 1,
+        )
+        return self.logits(self.final_norm(x_b1d[:, 0])), new_cache
