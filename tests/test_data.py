@@ -19,6 +19,7 @@ from vimrag_jax.data.pipeline import (
     PipelineOptions,
     PolicyVersion,
     drop_late_segments,
+    is_late,
     make_pipeline,
     pipeline_metrics,
 )
@@ -216,7 +217,7 @@ def test_growing_directory_is_followed(tmp_path):
         next(quiet)
 
 
-def test_stale_groups_are_dropped_and_counted(tmp_path):
+def test_stale_groups_are_counted_and_left_to_the_update(tmp_path):
     rng = np.random.default_rng(2)
     old, fresh, newer = make_group(rng, 2, version=2), make_group(rng, 2, version=3), None
     newer = make_group(rng, 2, version=5)
@@ -224,14 +225,18 @@ def test_stale_groups_are_dropped_and_counted(tmp_path):
     version = PolicyVersion(5)
     opts = options(tmp_path, batch=64, max_policy_lag=2, current_version=version)
     it = iter(make_pipeline(opts, prefetch=0))
-    rows = valid_rows(list(it))
-    assert ids(rows) == ids(reference_rows([fresh, newer]))
+    (batch,) = list(it)
+    assert ids(valid_rows([batch])) == ids(reference_rows([old, fresh, newer]))
     metrics = pipeline_metrics(it.get_state())
     assert metrics["stale_groups"] == 1 and metrics["stale_records"] == 2
+    kept, late = drop_late_segments(batch, trained_version=5, max_policy_lag=2)  # the one drop
+    assert ids(valid_rows([kept])) == ids(reference_rows([fresh, newer]))
+    assert late == len(reference_rows([old]))
     version.set(7)
     it = iter(make_pipeline(opts, prefetch=0))
-    assert ids(valid_rows(list(it))) == ids(reference_rows([newer]))
+    assert len(valid_rows(list(it))) == len(reference_rows([old, fresh, newer]))
     assert pipeline_metrics(it.get_state())["stale_records"] == 4
+    assert is_late(4, 7, 2) and not is_late(5, 7, 2)
     with pytest.raises(ValueError, match="current_version"):
         options(tmp_path, max_policy_lag=2)
 
@@ -272,7 +277,7 @@ def test_uniform_reward_groups_are_skipped_and_counted(tmp_path, skip):
         skip_uniform_groups=skip,
     )
     it = iter(make_pipeline(opts, prefetch=0))
-    kept = [mixed] if skip else [wins, losses_, mixed]
+    kept = [stale, mixed] if skip else [wins, stale, losses_, mixed]  # stale: the update's
     assert ids(valid_rows(list(it))) == ids(reference_rows(kept))
     metrics = pipeline_metrics(it.get_state())
     # Every complete group is read and scored, stale or uniform: the workers' own reward.

@@ -9,7 +9,6 @@ import pytest
 
 from vimrag_jax.checkpointing import Checkpointer
 from vimrag_jax.learner import (
-    LOSS_KEYS,
     Learner,
     batch_token_counts,
     loss_inputs,
@@ -17,6 +16,7 @@ from vimrag_jax.learner import (
 )
 from vimrag_jax.parallel.mesh import make_mesh
 from vimrag_jax.rl.losses import LossConfig
+from vimrag_jax.schema import LOSS_KEYS
 
 _VOCAB, _DIMS = learner_cases.VOCAB, learner_cases.DIMS
 _model_fn, _optimizer, _batch = learner_cases.model_fn, learner_cases.optimizer, learner_cases.batch

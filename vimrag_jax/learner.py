@@ -39,26 +39,12 @@ from vimrag_jax.parallel import step as step_lib
 from vimrag_jax.parallel.sharding import batch_shardings
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.sampling.logprobs import VISUAL_KEYS, VISUAL_TOKEN_KEYS
-
-# The host batch keys the update reads; the pipeline's extra keys (segment index, policy
-# version, visual references) stay on the host.
-LOSS_KEYS = (
-    "tokens",
-    "loss_mask",
-    "behavior_logprobs",
-    "segment_valid",
-    "segment_node",
-    "advantage",
-    "reward",
-    "answer_node",
-    "adjacency",
-    "node_valid",
-    "relevant",
-)
+from vimrag_jax.schema import LOSS_KEYS, SegmentBatch
 
 
-def loss_inputs(batch: Mapping[str, np.ndarray], *, visual: bool = False) -> dict[str, np.ndarray]:
-    """The arrays of a pipeline batch the loss reads (a KeyError names a missing one); with
+def loss_inputs(batch: Mapping[str, np.ndarray], *, visual: bool = False) -> SegmentBatch:
+    """The arrays of a pipeline batch the loss reads (`schema.LOSS_KEYS`; a KeyError names a
+    missing one; the pipeline's other keys stay on the host); with
     ``visual`` (a Qwen3-VL policy) also the segments' vision inputs (`VISUAL_KEYS`)."""
     keys = LOSS_KEYS + (VISUAL_KEYS if visual else ())
     missing = [key for key in keys if key not in batch]
@@ -317,7 +303,7 @@ class Learner:
             for key, value in inputs.items()
         }
 
-    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def train_step(self, batch: SegmentBatch) -> dict[str, float]:
         """One update on this process's host batch; returns host float metrics incl.
         `step_time_s` (placement, the reference policy's forward and the update)."""
         if self.state is None:

@@ -80,7 +80,7 @@ def _dropped(counters: dict[str, int]) -> str:
     ``data.skip_uniform_groups``, starves it as surely as a dead worker does."""
     c = collections.defaultdict(int, counters)
     return (
-        f"records read so far {c['records_read']}, dropped: {c['stale_records']} stale, "
+        f"records read so far {c['records_read']} ({c['stale_records']} already stale), dropped: "
         f"{c['uniform_records']} in groups with one reward for all, "
         f"{c['incomplete_records']} in incomplete groups, {c['corrupt_records']} corrupt"
     )
@@ -146,9 +146,10 @@ def _without_late_segments(batch, version: int, max_lag: int) -> tuple[dict | No
 
 
 class RolloutReward:
-    """``rollout_reward``: the mean reward of the rollouts the pipeline read since the last
-    report (every complete group, before the stale and uniform-reward filters), i.e. how well
-    the workers' recent policies do; absent from a step that read nothing new."""
+    """``rollout_reward``: the share of positive rollouts (reward >= ``loss.positive_threshold``;
+    the mean reward, for the binary outcome reward) among those the pipeline read since the last
+    report (every complete group, before the lag and uniform-reward filters), i.e. how well the
+    workers' recent policies do; absent from a step that read nothing new."""
 
     def __init__(self, counters: dict[str, float] | None = None):
         self._last = self._read(counters) if counters else (0, 0)

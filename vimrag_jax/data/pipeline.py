@@ -2,17 +2,22 @@
 
 `SegmentBatches` is a grain ``IterDataset`` whose iterator reads this process's shards
 (`shards.ShardSource`) record by record, decodes them (msgpack, no pickle), assembles each
-group of G consecutive rollouts (the records.py contract), drops stale and incomplete groups,
-computes group advantages, flattens the trajectories into segment rows and stacks them into
-padded batches (`segments.stack_rows`). Its state is the `shards.Ledger` of the last row it
-returned, so ``get_state()`` / ``set_state()`` resume without repeating or skipping a
-segment, even when a trajectory's segments straddle batches.
+group of G consecutive rollouts (the records.py contract), drops incomplete groups (and, on
+request, groups whose rollouts all got one reward), counts stale ones, computes group
+advantages, flattens the trajectories into segment rows and stacks them into padded batches
+(`segments.stack_rows`). Its state is the `shards.Ledger` of the last row it returned, so
+``get_state()`` / ``set_state()`` resume without repeating or skipping a segment, even when a
+trajectory's segments straddle batches.
 
 `make_pipeline` adds the optional visual stage (`vision.VisualInputs`; for a vision-language
 policy `visual_stage_from_config` builds it) and grain's thread prefetch. Everything runs in
-threads of the learner process (no grain worker processes, the equivalent of
-``worker_count=0``): decoding is cheap next to a learner step, and the iterator's ledger is
-not sliceable across processes.
+threads of the learner process (no grain worker processes): decoding is cheap next to a
+learner step, and the iterator's ledger is not sliceable across processes.
+
+Policy lag is enforced in one place, just before the update (`drop_late_segments`, by the rule
+`is_late`): a segment can wait in the prefetch buffer, so only the update knows the lag it is
+trained at. The reader only counts the groups that are already too old when read
+(``stale_groups``), so a run shows how much of its workers' output arrives late.
 
 Following a directory: when no unread shard exists, the iterator polls every
 ``poll_interval_s``; after ``idle_timeout_s`` without progress it returns the partial batch
@@ -37,7 +42,9 @@ import numpy as np
 
 from vimrag_jax.data.segments import ADVANTAGE_MODES, record_advantages, segment_row, stack_rows
 from vimrag_jax.data.shards import COUNTERS, Cursor, Ledger, ShardSource, default_process
-from vimrag_jax.rollout.records import RecordDims, RecordError, ShardReader, decode_record
+from vimrag_jax.rl.ggpo import is_positive
+from vimrag_jax.rollout.records import RecordError, ShardReader, decode_record
+from vimrag_jax.schema import RecordDims
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,9 @@ class PolicyVersion:
 class PipelineOptions:
     """Settings of `SegmentBatches` (see the module docstring for following and timeouts).
 
-    ``max_policy_lag``: drop a group whose oldest record has ``policy_version`` more than
-    this many versions behind ``current_version()`` (None keeps everything). ``advantage``:
+    ``max_policy_lag``: count (``stale_groups``) a group whose oldest record has
+    ``policy_version`` more than this many versions behind ``current_version()`` when read;
+    dropping late segments is the update's (`drop_late_segments`). ``advantage``:
     ``"group"`` (GGPO / GSPO) or ``"one"`` (SFT). ``skip_uniform_groups``: drop a group whose
     rollouts all got the same reward; its advantages are all 0, so it adds nothing to the
     policy gradient but dilutes the batch (DAPO's dynamic sampling). ``process_index`` /
@@ -71,6 +79,8 @@ class PipelineOptions:
     ``progress``: a dict the reader keeps equal to its counters as it reads — ahead of
     ``get_state()``, which (through a prefetch thread too) describes the last batch handed
     out; for messages about a learner that waits, never for checkpoints.
+    ``positive_threshold``: a rollout counts in ``rewarded_records`` when its reward is positive
+    by GGPO's rule (`rl.ggpo.is_positive`, the config's ``loss.positive_threshold``).
     """
 
     directory: str | Path
@@ -86,6 +96,7 @@ class PipelineOptions:
     process_index: int | None = None
     process_count: int | None = None
     progress: dict[str, int] | None = dataclasses.field(default=None, compare=False)
+    positive_threshold: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.dims, RecordDims):
@@ -293,11 +304,12 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         elif resumed:  # counted and checked before the state was saved
             self._emit(shard, start, group, resume)
         else:
-            rewarded = sum(float(r["reward"]) >= 0.5 for r in records)
+            threshold = self._opt.positive_threshold
+            rewarded = sum(bool(is_positive(float(r["reward"]), threshold)) for r in records)
             self._count(groups_read=1, records_read=len(records), rewarded_records=rewarded)
             if self._stale(records):
                 self._count(stale_groups=1, stale_records=len(records))
-            elif self._opt.skip_uniform_groups and _uniform(records):
+            if self._opt.skip_uniform_groups and _uniform(records):
                 self._count(uniform_groups=1, uniform_records=len(records))
             else:
                 self._emit(shard, start, group, resume)
@@ -312,7 +324,7 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         if opt.max_policy_lag is None:
             return False
         oldest = min(record["policy_version"] for record in records)
-        return opt.current_version() - oldest > opt.max_policy_lag
+        return bool(is_late(oldest, opt.current_version(), opt.max_policy_lag))
 
     def _emit(
         self,
@@ -344,6 +356,14 @@ def _uniform(records: list[dict[str, Any]]) -> bool:
     return max(rewards) - min(rewards) == 0.0
 
 
+def is_late(
+    sampled_version: int | np.ndarray, trained_version: int, max_policy_lag: int
+) -> bool | np.ndarray:
+    """The policy-lag rule: sampled more than ``max_policy_lag`` versions before the policy
+    that ``trained_version`` names (the one about to be updated)."""
+    return trained_version - sampled_version > max_policy_lag
+
+
 def drop_late_segments(
     batch: Mapping[str, np.ndarray], trained_version: int, max_policy_lag: int
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -351,14 +371,13 @@ def drop_late_segments(
     ``trained_version`` (the policy the batch is about to update) marked invalid, and how many
     valid segments that dropped.
 
-    The pipeline judges a group's staleness when it reads it, but a segment can wait longer
-    before its update: in the prefetch buffer, or behind the group's other segments when they
-    fill more than one batch. Applied just before the update, this keeps ``max_policy_lag`` a
-    bound on the lag the loss sees. A dropped segment stays consumed (the checkpoint's position
-    moves past it), like a stale group.
+    The one place the lag is enforced: a segment can wait after the pipeline read it, in the
+    prefetch buffer or behind its group's other segments when they fill more than one batch,
+    so only here is its lag known. A dropped segment stays consumed (the checkpoint's position
+    moves past it).
     """
     valid = np.asarray(batch["segment_valid"], bool)
-    late = valid & (trained_version - np.asarray(batch["policy_version"]) > max_policy_lag)
+    late = valid & is_late(np.asarray(batch["policy_version"]), trained_version, max_policy_lag)
     count = int(late.sum())
     if not count:
         return dict(batch), 0
@@ -423,6 +442,7 @@ def options_from_config(
         current_version=current_version,
         advantage=advantage,
         skip_uniform_groups=skip_uniform_groups,
+        positive_threshold=float(cfg.loss.positive_threshold),
     )
 
 

@@ -37,8 +37,8 @@ COUNTERS = (
     "stale_records",
     "incomplete_groups",
     "incomplete_records",
-    # Complete groups read (stale ones included) and their records with reward 1: the
-    # reward of the rollouts as the workers produced them, before any filtering.
+    # Complete groups read (stale ones included) and their positive records (`rl.ggpo.is_positive`):
+    # the success of the rollouts as the workers produced them, before any filtering.
     "groups_read",
     "records_read",
     "rewarded_records",

@@ -29,8 +29,9 @@ from vimrag_jax.rl.ggpo import num_valid_segments, policy_objective
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rl.stats import reduce_stats, to_scalars
 from vimrag_jax.sampling.logprobs import VISUAL_KEYS, sequence_logprobs, visual_sequence_logprobs
+from vimrag_jax.schema import SegmentBatch
 
-Batch = dict[str, jax.Array]
+Batch = SegmentBatch  # on the devices: the loss keys (and a VL policy's vision inputs)
 PMAP_AXIS = "data"
 
 
