@@ -97,7 +97,8 @@ def _check_algorithm(problems: list[str], cfg: ml_collections.ConfigDict) -> Non
             problems.append(
                 f"config.loss.{key}={getattr(loss, key)!r} contradicts "
                 f"config.algorithm={algorithm!r} (its preset has {getattr(preset, key)!r}); "
-                f"use configs/{algorithm}.py, or set config.algorithm to match the loss block"
+                f"use --config=configs/ggpo.py:PRESET,{algorithm}, or set config.algorithm to "
+                "match the loss block"
             )
 
 
