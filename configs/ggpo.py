@@ -137,6 +137,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.min_hops = 1  # questions chain 1..4 relations (SyntheticQA-style multi-hop)
     c.env.max_hops = 4
     c.env.answer_modalities = ("text", "image", "video")  # what the final attribute may be
+    c.env.image_height = 64  # the synthetic pictures and video frames, in pixels
+    c.env.image_width = 64
+    c.env.video_frames = 8
+    c.env.near_duplicates = 4  # look-alike pictures per entity (retrieval distractors)
+    c.env.distractors_per_entity = 1
     c.env.eval_questions = 20  # the last ones: held out for eval
     # The first ones: the scripted expert's, for the warm start; the RL workers get the rest.
     # 0: the warm start draws from the RL questions.

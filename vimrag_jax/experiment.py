@@ -45,8 +45,6 @@ from vimrag_jax.retrieval.corpus import CorpusStore
 CORPUS_DIR = "corpus"
 TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".experiment.lock"
-DEFAULT_VOCAB = 2048
-DEFAULT_EVAL_QUESTIONS = 20
 #: A Qwen3-VL config's special-token fields and the prompt tokens they name.
 VISION_TOKEN_KEYS = {
     "image_token_id": prompts.IMAGE_PAD,
@@ -56,20 +54,17 @@ VISION_TOKEN_KEYS = {
 }
 
 
-def _get(block: Any, key: str, default: Any) -> Any:
-    if block is None:
-        return default
-    return block[key] if key in block else default
-
-
 def synthetic_config(cfg: Any) -> synthetic.SyntheticConfig:
-    """``SyntheticConfig`` from the ``env`` block (every field optional; seed from ``seed``)."""
-    env = cfg.get("env")
-    fields = {}
-    for field in dataclasses.fields(synthetic.SyntheticConfig):
-        default = cfg.get("seed", 0) if field.name == "seed" else field.default
-        fields[field.name] = _get(env, field.name, default)
-    return synthetic.SyntheticConfig(**fields)
+    """``SyntheticConfig`` from the ``env`` block, which holds every field but the seed (the
+    config's ``seed``); a missing field is a KeyError naming it."""
+    names = [f.name for f in dataclasses.fields(synthetic.SyntheticConfig) if f.name != "seed"]
+    missing = [name for name in names if name not in cfg.env]
+    if missing:
+        raise KeyError(f"config.env lacks {missing} (see configs/ggpo.py)")
+    fields = {name: cfg.env[name] for name in names}
+    if "answer_modalities" in fields:
+        fields["answer_modalities"] = tuple(fields["answer_modalities"])
+    return synthetic.SyntheticConfig(**fields, seed=int(cfg.seed))
 
 
 # Prompt templates are repeated so BPE learns their words (it merges only pairs seen twice).
@@ -203,12 +198,12 @@ def _split_questions(
     """(RL, eval, warm start) splits: the last ``env.eval_questions`` are the eval split, the
     first ``env.sft_questions`` the warm start's, the rest the RL split (the warm start's too
     when ``env.sft_questions == 0``). ValueError when a split would leave no RL questions."""
-    n_eval = int(_get(cfg.get("env"), "eval_questions", DEFAULT_EVAL_QUESTIONS))
+    n_eval = int(cfg.env.eval_questions)
     if not 0 <= n_eval < len(questions):
         raise ValueError(
             f"env.eval_questions={n_eval} must leave training questions out of {len(questions)}"
         )
-    n_sft = int(_get(cfg.get("env"), "sft_questions", 0))
+    n_sft = int(cfg.env.sft_questions)
     if not 0 <= n_sft < len(questions) - n_eval:
         raise ValueError(
             f"env.sft_questions={n_sft} must leave RL questions out of "
@@ -224,8 +219,7 @@ def _open_dataset(cfg: Any) -> tuple[CorpusStore, list[synthetic.Question]]:
     ``data.questions``, whose evidence ids are checked against the store."""
     from vimrag_jax.envs import dataset
 
-    data = cfg.get("data")
-    corpus, path = str(_get(data, "corpus", "")), str(_get(data, "questions", "") or "")
+    corpus, path = str(cfg.data.corpus), str(cfg.data.questions or "")
     if not path:
         raise ValueError(
             f"data.corpus={corpus!r} is set, so data.questions must name its question file "
@@ -242,8 +236,8 @@ def _tokenizer(
     under ``WORKDIR/tokenizer/`` (built from ``texts_fn()`` on first start; a later start with
     other texts or another vocab size is refused, see ``_check_tokenizer_source``). Call under
     the lock."""
-    model = cfg.get("model")
-    if _get(model, "name", "tiny") == "hf":
+    model = cfg.model
+    if model.name == "hf":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True)
@@ -275,8 +269,8 @@ class Experiment:
         and the questions come from ``data.questions`` (``envs.dataset``); the splits are the
         synthetic world's (``_split_questions``)."""
         workdir = Path(workdir)
-        corpus = _get(cfg.get("data"), "corpus", "")
-        vocab = int(_get(cfg.get("env"), "tokenizer_vocab_size", DEFAULT_VOCAB))
+        corpus = cfg.data.corpus
+        vocab = int(cfg.env.tokenizer_vocab_size)
         if corpus:
             store, questions = _open_dataset(cfg)
             train, evaluation, sft = _split_questions(cfg, questions)
@@ -320,7 +314,7 @@ class Experiment:
         from flax import nnx
 
         model_cfg = self.cfg.model
-        dtype = _get(model_cfg, "dtype", "float32")
+        dtype = model_cfg.dtype
         if model_cfg.name == "hf":
             from vimrag_jax.models.hf import from_pretrained
 
@@ -333,7 +327,7 @@ class Experiment:
         if "vision_config" in hf:  # a Qwen3-VL preset reads the tokenizer's vision placeholders
             for key, token in VISION_TOKEN_KEYS.items():
                 hf[key] = int(self.tokenizer.convert_tokens_to_ids(token))
-        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.get("seed", 0))), dtype=dtype)
+        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype)
 
     def load_latest(self, model, *, newer_than: int = -1) -> int | None:
         """Loads the newest published weights into ``model`` if newer than ``newer_than``;
@@ -362,17 +356,17 @@ class Experiment:
     def make_backend(self, model=None):
         """The generation backend of ``rollout.backend``: the embedded KV-cache sampler over
         ``model``, or an OpenAI-compatible server (imported only when selected)."""
-        rollout = self.cfg.get("rollout")
-        backend = _get(rollout, "backend", "embedded")
+        rollout = self.cfg.rollout
+        backend = rollout.backend
         rc = self.rollout_config()
         if backend == "openai":
             from vimrag_jax.sampling.openai_api import OpenAICompletionsSampler
 
             return OpenAICompletionsSampler(
                 rollout.server_url,
-                _get(rollout, "server_model", "") or "default",
-                timeout_s=float(_get(rollout, "request_timeout_s", 300.0)),
-                max_retries=int(_get(rollout, "max_retries", 3)),
+                rollout.server_model or "default",
+                timeout_s=float(rollout.request_timeout_s),
+                max_retries=int(rollout.max_retries),
             )
         if backend != "embedded":
             raise ValueError(f"rollout.backend must be 'embedded' or 'openai', got {backend!r}")
