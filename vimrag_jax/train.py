@@ -53,6 +53,7 @@ from vimrag_jax.metrics import MetricWriter
 from vimrag_jax.parallel.mesh import mesh_from_config
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
+from vimrag_jax.rollout.records import ROLLOUT_DIR
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
@@ -60,7 +61,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and rollouts.")
 
 PHASE_FILE = "phase.json"
-ROLLOUT_DIR = "rollouts"
 SFT_DATA_DIR = "sft_data"
 EXIT_BAD_CONFIG = 2
 EXIT_NO_DATA = 3

@@ -182,19 +182,8 @@ def update(
     metrics = to_scalars(stats)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
-    learning_rate = _learning_rate(opt_state)
-    if learning_rate is not None:
-        metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
-
-
-def _learning_rate(opt_state: optax.OptState) -> jax.Array | None:
-    """The learning rate used by this step when the optimizer exposes one (inject_hyperparams)."""
-    try:
-        return optax.tree_utils.tree_get(opt_state, "learning_rate")
-    except KeyError:  # several optimizers with their own rates: no single number to report
-        return None
 
 
 def make_pjit_step(

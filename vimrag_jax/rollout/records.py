@@ -59,6 +59,8 @@ SCHEMA_VERSION = 3
 #: read as `NodeKind.EMPTY`.
 READABLE_VERSIONS = (1, 2, 3)
 SHARD_SUFFIX = ".array_record"
+#: Where workers write their shards, under the workdir (unless ``data.shard_dir`` names another).
+ROLLOUT_DIR = "rollouts"
 _TEMP_MARK = ".tmp-"
 
 
