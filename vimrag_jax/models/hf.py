@@ -17,6 +17,7 @@ device block (plus the OS page cache, which is reclaimable) at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -25,7 +26,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _EXPORT_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size
+M = TypeVar("M", bound=nnx.Module)
 
 
 class Converter(Protocol):
@@ -331,14 +333,30 @@ def load_qwen3(
     Raises FileNotFoundError for a missing directory, config.json or safetensors files, and
     ValueError naming the tensor for a missing, unexpected or misshapen one.
     """
-    path = Path(path)
-    config = Qwen3Config.from_hf(read_config(path), dtype=dtype, remat=remat)
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
-    # Some tied checkpoints store the (identical) head anyway.
-    tied_head = config.tie_word_embeddings
+    config = Qwen3Config.from_hf(read_config(Path(path)), dtype=dtype, remat=remat)
+    build = functools.partial(Qwen3ForCausalLM, config)
+    return load_decoder_model(path, build, qwen3_targets, mesh=mesh, rules=rules)
+
+
+def load_decoder_model(
+    path: str | os.PathLike,
+    build: Callable[..., M],
+    targets_of: Callable[[M], dict[str, Target]],
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> M:
+    """Builds `build(rngs=...)` abstractly and fills it from the checkpoint at `path`.
+
+    `targets_of(model)` is the model's checkpoint-name table; a tied model (no `lm_head_dv`)
+    skips the `lm_head.weight` some tied checkpoints store anyway. See `fill_from_checkpoint`
+    for `mesh`, `rules` and the errors.
+    """
+    model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+    tied_head = model.lm_head_dv is None
     fill_from_checkpoint(
         model,
-        qwen3_targets(model),
+        targets_of(model),
         path,
         ignore=lambda name: tied_head and name == "lm_head.weight",
         mesh=mesh,

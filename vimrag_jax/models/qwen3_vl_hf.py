@@ -2,13 +2,14 @@
 
 `qwen3_vl_targets` maps every transformers 5 tensor name (`model.language_model.*`,
 `model.visual.*`, `lm_head.weight`) to our parameter with an invertible converter, so the same
-table serves `load_qwen3_vl` (through `hf.fill_from_checkpoint`) and `hf.save_pretrained`
+table serves `load_qwen3_vl` (through `hf.load_decoder_model`) and `hf.save_pretrained`
 (through `hf.export_checkpoint` with `qwen3_vl_hf_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from jax.sharding import Mesh
 from vimrag_jax.models.hf import (
     Target,
     decoder_targets,
-    fill_from_checkpoint,
     identity,
     lm_head_targets,
+    load_decoder_model,
     read_config,
     transposed,
 )
@@ -195,16 +196,6 @@ def load_qwen3_vl(
     Raises FileNotFoundError for a missing directory, config.json or safetensors files, and
     ValueError naming the tensor for a missing, unexpected or misshapen one.
     """
-    path = Path(path)
-    config = Qwen3VLConfig.from_hf(read_config(path), dtype=dtype, remat=remat)
-    model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-    tied_head = config.text.tie_word_embeddings
-    fill_from_checkpoint(
-        model,
-        qwen3_vl_targets(model),
-        path,
-        ignore=lambda name: tied_head and name == "lm_head.weight",
-        mesh=mesh,
-        rules=rules,
-    )
-    return model
+    config = Qwen3VLConfig.from_hf(read_config(Path(path)), dtype=dtype, remat=remat)
+    build = functools.partial(Qwen3VLForConditionalGeneration, config)
+    return load_decoder_model(path, build, qwen3_vl_targets, mesh=mesh, rules=rules)
