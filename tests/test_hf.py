@@ -11,6 +11,7 @@ import torch
 import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tiny_models import tiny_qwen3
 
 from vimrag_jax.models.hf import (
     export_checkpoint,
@@ -26,17 +27,7 @@ from vimrag_jax.models.presets import PRESETS, init_model, preset_config
 from vimrag_jax.parallel.mesh import make_mesh
 from vimrag_jax.parallel.sharding import param_shardings
 
-_TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-    rope_theta=1e6,
-)
+_TINY = tiny_qwen3(vocab_size=96, max_position_embeddings=64, rope_theta=1e6)
 _IDS = np.random.default_rng(0).integers(0, _TINY["vocab_size"], size=(2, 10)).astype(np.int32)
 
 

@@ -12,22 +12,14 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from tiny_models import tiny_qwen3
 
 from vimrag_jax.models.attention import attend, blocked_attend
 from vimrag_jax.models.hf import from_pretrained, save_pretrained
 from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, default_positions
 from vimrag_jax.models.rope import RopeParameters
 
-_TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-)
+_TINY = tiny_qwen3(max_position_embeddings=64)
 _B, _L = 2, 12
 
 

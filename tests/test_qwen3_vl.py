@@ -11,6 +11,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
+from tiny_models import tiny_qwen3
 from transformers import vision_utils
 
 from vimrag_jax.models import from_pretrained, init_model, save_pretrained
@@ -21,14 +22,9 @@ from vimrag_jax.parallel.mesh import make_mesh
 from vimrag_jax.parallel.sharding import logical_to_mesh_spec, param_shardings
 
 IMAGE, VIDEO, START, END = 150, 151, 152, 153
-_TEXT = dict(
+_TEXT = tiny_qwen3(
     vocab_size=160,
-    hidden_size=64,
-    intermediate_size=96,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
     rope_parameters={
         "rope_type": "default",
         "rope_theta": 10_000.0,

@@ -267,6 +267,7 @@ HF_TEXTS = [
 def hf_checkpoint(tmp_path_factory):
     """A tiny random Qwen3ForCausalLM saved by transformers, with a tiny tokenizer beside it."""
     import torch
+    from tiny_models import tiny_qwen3
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from vimrag_jax.agent.tokenizer import build_tokenizer
@@ -274,15 +275,9 @@ def hf_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("qwen3_embedding")
     tokenizer = build_tokenizer(HF_TEXTS * 3, vocab_size=320)
     config = Qwen3Config(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
+        **tiny_qwen3(
+            narrow=True, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=True
+        )
     )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).eval()

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_qwen3
 
 from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from vimrag_jax.sampling import (
@@ -15,15 +16,7 @@ from vimrag_jax.sampling import (
     token_logprobs,
 )
 
-_CONFIG = Qwen3Config(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+_CONFIG = Qwen3Config(**tiny_qwen3(narrow=True, vocab_size=64))
 _MAX_NEW = 12
 _PROMPTS = [[5, 9, 3, 17, 40, 2, 8, 1, 33, 12, 7, 21, 4, 60], [11, 4, 9], [3, 3, 50, 23, 1, 9, 44]]
 
