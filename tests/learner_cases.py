@@ -22,15 +22,26 @@ def model_fn():
     return init_model(hf, rngs=nnx.Rngs(0))
 
 
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """A ``config.optim`` block for tests (a short warmup-cosine AdamW); ``overrides`` on top."""
+    values = dict(
+        learning_rate=1e-3,
+        schedule="warmup_cosine",
+        warmup_steps=1,
+        total_steps=4,
+        final_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        accumulate_steps=1,
+    )
+    return ml_collections.ConfigDict({**values, **overrides})
+
+
 def optimizer():
-    cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=1, total_steps=4,
-            final_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
-            accumulate_steps=1,
-        )
-    )  # fmt: skip
-    return make_optimizer(cfg)
+    return make_optimizer(optim_config())
 
 
 def batch(seed: int, rows: int = 8) -> dict[str, np.ndarray]:

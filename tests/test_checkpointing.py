@@ -10,27 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from learner_cases import optim_config
 
 from vimrag_jax import checkpointing, optim, publish
 from vimrag_jax.models.standin import StandinConfig, StandinPolicy
 from vimrag_jax.parallel import mesh as mesh_lib
 from vimrag_jax.parallel import step
 
-OPTIM = ml_collections.ConfigDict(
-    dict(
-        learning_rate=1e-3,
-        schedule="warmup_cosine",
-        warmup_steps=2,
-        total_steps=10,
-        final_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.01,
-        grad_clip=1.0,
-        accumulate_steps=2,
-    )
-)
+OPTIM = optim_config(warmup_steps=2, total_steps=10, accumulate_steps=2)
 
 
 def _model_fn(embed_dim=16):

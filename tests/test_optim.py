@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from learner_cases import optim_config
 
 from vimrag_jax import checkpointing, optim
 from vimrag_jax.models.standin import StandinConfig, StandinPolicy
@@ -14,21 +15,8 @@ from vimrag_jax.parallel import mesh as mesh_lib
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:
-    values = dict(
-        learning_rate=1.0,
-        schedule="warmup_cosine",
-        warmup_steps=4,
-        total_steps=12,
-        final_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        grad_clip=0.0,
-        accumulate_steps=1,
-    )
-    values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    base = dict(learning_rate=1.0, warmup_steps=4, total_steps=12, weight_decay=0.0)
+    return optim_config(**{**base, "grad_clip": 0.0, **overrides})
 
 
 def test_schedule_values_by_hand():
