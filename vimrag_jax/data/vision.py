@@ -77,21 +77,8 @@ def image_patches(
     mean = np.asarray(IMAGE_MEAN, np.float32)
     std = np.asarray(IMAGE_STD, np.float32)
     chw = np.moveaxis((pixels - mean) / std, -1, 0)
-    grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
-    blocks = chw.reshape(
-        3,
-        grid_h // MERGE_SIZE,
-        MERGE_SIZE,
-        PATCH_SIZE,
-        grid_w // MERGE_SIZE,
-        MERGE_SIZE,
-        PATCH_SIZE,
-    )
-    # (block row, block col, row in block, col in block, channel, y, x)
-    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)
     # a still image fills both frames of the temporal patch
-    frames = np.repeat(blocks[:, :, :, :, :, None], TEMPORAL_PATCH_SIZE, axis=5)
-    return frames.reshape(grid_h * grid_w, PATCH_DIM), (1, grid_h, grid_w)
+    return _patchify(np.repeat(chw[None], TEMPORAL_PATCH_SIZE, axis=0))
 
 
 def _check_size(height: int, width: int) -> None:
@@ -116,8 +103,14 @@ def video_patches(
     mean = np.asarray(IMAGE_MEAN, np.float32) * np.float32(255)
     std = np.asarray(IMAGE_STD, np.float32) * np.float32(255)
     fchw = np.moveaxis((resized.astype(np.float32) - mean) / std, -1, 1)
+    return _patchify(fchw)
+
+
+def _patchify(fchw: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``(float32[t·gh·gw, 1536], (t, gh, gw))`` of normalised frames float32[F, 3, H, W] (F a
+    multiple of the temporal patch): rows in the processor's order, 2×2 merge blocks together."""
     grid_t = len(fchw) // TEMPORAL_PATCH_SIZE
-    grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
+    grid_h, grid_w = fchw.shape[2] // PATCH_SIZE, fchw.shape[3] // PATCH_SIZE
     blocks = fchw.reshape(
         grid_t,
         TEMPORAL_PATCH_SIZE,
