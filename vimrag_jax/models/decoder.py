@@ -17,7 +17,7 @@ are the checkpoint layout that `vimrag_jax.models.hf` maps to transformers' name
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,15 @@ if TYPE_CHECKING:  # qwen3 imports this module; the config is only a type here
 
 KVPair = tuple[jax.Array, jax.Array]  # (keys [B, T, G, K], values [B, T, G, K]) of one layer
 AfterLayer = Callable[[int, jax.Array], jax.Array]  # (layer index, its output) -> new output
+
+
+class LayerInputs(NamedTuple):
+    """What every decoder layer reads in one call besides the hidden states."""
+
+    cos_blk: jax.Array  # rotary tables float32[B, L, head_dim]
+    sin_blk: jax.Array
+    allowed_bqm: jax.Array  # bool[B, L, M]: may query q see key m (M = L, or T cache slots)
+    cache_index: jax.Array | int = 0  # with a KV cache: the slot of this call's first token
 
 
 class RMSNorm(nnx.Module):
@@ -77,21 +86,16 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
 
     def __call__(
-        self,
-        x_bld: jax.Array,
-        cos_blk: jax.Array,
-        sin_blk: jax.Array,
-        allowed_bqm: jax.Array,
-        *,
-        kv_cache: KVPair | None = None,
-        cache_index: jax.Array | int = 0,
+        self, x_bld: jax.Array, inputs: LayerInputs, kv_cache: KVPair | None = None
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the cache with this call's keys/values written.
 
-        Without a cache, `allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
-        `[B, T, G, K]`, the new keys/values are written at slots `cache_index .. + L` (the same
-        slots for every row) and queries attend over all T slots: `allowed_bqm: bool[B, L, T]`.
+        Without a cache, `inputs.allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
+        `[B, T, G, K]`, the new keys/values are written at slots `inputs.cache_index .. + L`
+        (the same slots for every row) and queries attend over all T slots:
+        `allowed_bqm: bool[B, L, T]`.
         """
+        cos_blk, sin_blk, allowed_bqm, cache_index = inputs
         dtype = x_bld.dtype
         q_blhk = dense(x_bld, self.q_dhk[...].astype(dtype))
         k_blgk = dense(x_bld, self.k_dgk[...].astype(dtype))
@@ -137,24 +141,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(
-        self,
-        x_bld: jax.Array,
-        cos_blk: jax.Array,
-        sin_blk: jax.Array,
-        allowed_bqm: jax.Array,
-        *,
-        kv_cache: KVPair | None = None,
-        cache_index: jax.Array | int = 0,
+        self, x_bld: jax.Array, inputs: LayerInputs, kv_cache: KVPair | None = None
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the updated cache (see `Attention.__call__`)."""
-        attn_out = self.attn(
-            self.input_norm(x_bld),
-            cos_blk,
-            sin_blk,
-            allowed_bqm,
-            kv_cache=kv_cache,
-            cache_index=cache_index,
-        )
+        attn_out = self.attn(self.input_norm(x_bld), inputs, kv_cache)
         new_cache = None
         if kv_cache is not None:
             attn_out, new_cache = attn_out
@@ -163,8 +153,8 @@ class DecoderLayer(nnx.Module):
         return x_bld if kv_cache is None else (x_bld, new_cache)
 
 
-def _layer_forward(layer: DecoderLayer, x_bld, cos_blk, sin_blk, allowed_bqm) -> jax.Array:
-    return layer(x_bld, cos_blk, sin_blk, allowed_bqm)
+def _layer_forward(layer: DecoderLayer, x_bld: jax.Array, inputs: LayerInputs) -> jax.Array:
+    return layer(x_bld, inputs)
 
 
 # Recomputes a layer's activations in the backward pass instead of keeping them.
@@ -222,24 +212,19 @@ def empty_cache(config: Qwen3Config, batch: int, cache_size: int) -> KVCache:
 def cached_decoder_layers(
     layers: Sequence[DecoderLayer],
     x_bld: jax.Array,
-    cos_blk: jax.Array,
-    sin_blk: jax.Array,
-    allowed_bqt: jax.Array,
+    inputs: LayerInputs,
     cache_layers: tuple[KVPair, ...],
-    cache_index: jax.Array | int,
     after_layer: AfterLayer | None = None,
 ) -> tuple[jax.Array, tuple[KVPair, ...]]:
-    """Runs `layers` over `x[B, L, D]`, writing their keys/values at `cache_index .. + L`.
-
+    """Runs `layers` over `x[B, L, D]`, writing their keys/values at slots
+    `inputs.cache_index .. + L`; `inputs.allowed_bqm` is `bool[B, L, T]` over the T slots.
     Returns the last layer's output (before the final norm) and the updated caches.
     `after_layer(i, x)` is applied to the output of layer i (Qwen3-VL adds DeepStack features
     there).
     """
     new_layers = []
     for i, (layer, kv) in enumerate(zip(layers, cache_layers, strict=True)):
-        x_bld, kv = layer(
-            x_bld, cos_blk, sin_blk, allowed_bqt, kv_cache=kv, cache_index=cache_index
-        )
+        x_bld, kv = layer(x_bld, inputs, kv)
         if after_layer is not None:
             x_bld = after_layer(i, x_bld)
         new_layers.append(kv)
@@ -261,7 +246,7 @@ class DecoderStack(nnx.Module):
     The parameters are attributes of the model itself (`embed_vd`, `layers`, `final_norm`,
     `lm_head_dv`; None when tied), so their paths are the same in every model that subclasses
     this. A subclass sets `self.config` and its own parameters, calls `__init__` with the text
-    decoder's config, and defines `text_config` and `position_tables`.
+    decoder's config, and defines `text_config`, `position_tables` and `step_positions`.
     """
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
@@ -319,10 +304,10 @@ class DecoderStack(nnx.Module):
         attention pattern and `after_layer(i, x)` is applied after layer i (Qwen3-VL adds
         DeepStack there). With `text_config.remat`, each layer is rematerialised.
         """
-        cos_blk, sin_blk = self.position_tables(positions)
+        inputs = LayerInputs(*self.position_tables(positions), allowed_bqm)
         forward = _remat_layer_forward if self.text_config.remat else _layer_forward
         for i, layer in enumerate(self.layers):
-            x_bld = forward(layer, x_bld, cos_blk, sin_blk, allowed_bqm)
+            x_bld = forward(layer, x_bld, inputs)
             if after_layer is not None:
                 x_bld = after_layer(i, x_bld)
         return self.final_norm(x_bld)
@@ -350,15 +335,12 @@ class DecoderStack(nnx.Module):
         b, length = valid_bl.shape
         if cache_size < length:
             raise ValueError(f"cache_size={cache_size} is shorter than the prompt ({length}).")
-        cos_blk, sin_blk = self.position_tables(positions)
+        inputs = LayerInputs(*self.position_tables(positions), causal_allowed(valid_bl))
         x_bld, layers = cached_decoder_layers(
             self.layers,
             x_bld,
-            cos_blk,
-            sin_blk,
-            causal_allowed(valid_bl),
+            inputs,
             self.init_cache(b, length).layers,
-            0,
             after_layer=after_layer,
         )
         cache = KVCache(
@@ -379,15 +361,11 @@ class DecoderStack(nnx.Module):
         valid_bt = jax.lax.dynamic_update_slice(
             cache.valid_bt, jnp.ones((tokens_b.shape[0], 1), bool), (0, cache.length)
         )
-        cos_blk, sin_blk = self.position_tables(self.step_positions(cache.next_position_b))
+        positions = self.step_positions(cache.next_position_b)
+        cos_blk, sin_blk = self.position_tables(positions)
+        inputs = LayerInputs(cos_blk, sin_blk, valid_bt[:, None, :], cache.length)
         x_b1d, layers = cached_decoder_layers(
-            self.layers,
-            self.embed(tokens_b[:, None]),
-            cos_blk,
-            sin_blk,
-            valid_bt[:, None, :],
-            cache.layers,
-            cache.length,
+            self.layers, self.embed(tokens_b[:, None]), inputs, cache.layers
         )
         new_cache = KVCache(
             layers=layers,

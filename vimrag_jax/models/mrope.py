@@ -13,6 +13,7 @@ of the three axes, interleaved (T H W T H W ... then T for the rest) as set by `
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -39,8 +40,7 @@ _REMEDY = (
 )
 
 
-def _as_host(name: str, value: Any) -> np.ndarray | None:
-    return host_array(name, value, _REMEDY)
+_as_host = functools.partial(host_array, remedy=_REMEDY)
 
 
 def rope_index(

@@ -41,6 +41,7 @@ HF config fields read: top level `image_token_id`, `video_token_id`, `vision_sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -152,8 +153,7 @@ _REMEDY = (
 )
 
 
-def _host(name: str, value: Any) -> np.ndarray | None:
-    return host_array(name, value, _REMEDY)
+_host = functools.partial(host_array, remedy=_REMEDY)
 
 
 def _visual_inputs(
