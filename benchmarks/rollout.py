@@ -31,8 +31,9 @@ def main() -> None:
 
     import importlib.util
 
-    from vimrag_jax.agent.baselines import make_agent
     from vimrag_jax.experiment import Experiment
+    from vimrag_jax.rollout.trajectory import run_records
+    from vimrag_jax.rollout.worker import experiment_agent
 
     spec = importlib.util.spec_from_file_location("ggpo", "configs/ggpo.py")
     module = importlib.util.module_from_spec(spec)
@@ -63,23 +64,23 @@ def main() -> None:
                 batch_buckets=(batch,),
                 length_buckets=(rc.max_prompt_tokens,),
             )
-            return make_agent(rc, experiment.store, experiment.tokenizer, sampler)
+            return experiment_agent(experiment, sampler, rc)
 
         questions = experiment.train_questions[: args.questions]
         results = {}
         batched = agent_for(rows)
-        batched.run(questions, seed=99)  # warm-up: compiles
+        run_records(batched, questions, seed=99)  # warm-up: compiles
         began = time.perf_counter()
-        out = batched.run(questions, seed=0)
+        _, out = run_records(batched, questions, seed=0)  # records built too, as a worker does
         results["batched"] = (time.perf_counter() - began, out.stats)
 
         single = agent_for(1)
-        single.run(questions[:1], group_size=1, seed=99)
+        run_records(single, questions[:1], group_size=1, seed=99)
         began = time.perf_counter()
         stats = []
         for q in questions:
             for i in range(args.group_size):
-                stats.append(single.run([q], group_size=1, seed=i).stats)
+                stats.append(run_records(single, [q], group_size=1, seed=i)[1].stats)
         elapsed = time.perf_counter() - began
         merged = dataclasses.replace(
             stats[0],

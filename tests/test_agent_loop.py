@@ -12,15 +12,14 @@ from vimrag_jax.agent import prompts
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.loop import VimRAGAgent
 from vimrag_jax.agent.protocol import format_tool_call, parse_action
-from vimrag_jax.agent.render import memory_frames, render_record
-from vimrag_jax.agent.scripted_sampler import (
+from vimrag_jax.agent.tokenizer import build_tokenizer
+from vimrag_jax.envs import scripted
+from vimrag_jax.envs.scripted_sampler import (
     ScriptedSampler,
     expert_factory,
     labelled,
     noisy_factory,
 )
-from vimrag_jax.agent.tokenizer import build_tokenizer
-from vimrag_jax.envs import scripted
 from vimrag_jax.envs.synthetic import SyntheticConfig, build, entity_kinds
 from vimrag_jax.experiment import tokenizer_texts
 from vimrag_jax.memory.energy import smart_resize
@@ -28,9 +27,25 @@ from vimrag_jax.models.presets import init_model, preset_config
 from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.rl.ggpo import node_keep_mask
 from vimrag_jax.rollout.records import ShardWriter, read_shard, validate_record
+from vimrag_jax.rollout.render import memory_frames, render_record
+from vimrag_jax.rollout.trajectory import record_dims, run_records
 from vimrag_jax.sampling.sampler import Completion, Sampler
 
 CONFIG = RolloutConfig(max_segment_tokens=2048, max_new_tokens=320, group_size=1)
+
+
+@dataclasses.dataclass
+class Run:
+    """One ``run_records`` call: the records beside the agent's episodes and stats."""
+
+    records: list
+    episodes: list
+    stats: object
+
+
+def _run(agent, questions, **kwargs) -> Run:
+    records, rollouts = run_records(agent, questions, **kwargs)
+    return Run(records, rollouts.episodes, rollouts.stats)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +60,7 @@ def world(tmp_path_factory):
 def expert_run(world):
     _, questions, store, tokenizer = world
     agent = VimRAGAgent(store, tokenizer, ScriptedSampler(tokenizer, expert_factory()), CONFIG)
-    return agent.run(questions[:4], seed=5)
+    return _run(agent, questions[:4], seed=5)
 
 
 def _without_time(record):
@@ -119,7 +134,7 @@ def test_expert_through_the_loop_is_correct_and_clean(world, expert_run, tmp_pat
             assert record["item_id"][i, k] == info.item_id
             assert record["item_modality"][i, k] == {"image": 0, "video": 1}[info.modality]
     # Records validate and round-trip through a shard.
-    with ShardWriter(tmp_path, name="expert-00000000", dims=CONFIG.dims) as writer:
+    with ShardWriter(tmp_path, name="expert-00000000", dims=record_dims(CONFIG)) as writer:
         for record in expert_run.records:
             writer.write(record)
     (path,) = list(tmp_path.glob("*.array_record"))
@@ -150,7 +165,7 @@ def noisy_runs(world):
     def run(batch):
         backend = ScriptedSampler(tokenizer, noisy_factory(kinds, noise=noise))
         agent = VimRAGAgent(store, tokenizer, backend, CONFIG)
-        return agent.run(batch, seed=1, group_ids=[q.question_id for q in batch])
+        return _run(agent, batch, seed=1, group_ids=[q.question_id for q in batch])
 
     together = run(questions[:8])
     apart = run(questions[:4]).records + run(questions[4:8]).records
@@ -258,7 +273,7 @@ def _run_puppet(world, scripts, config):
     _, questions, store, tokenizer = world
     batch = [dataclasses.replace(questions[0], question_id=name) for name in scripts]
     agent = VimRAGAgent(store, tokenizer, Puppet(tokenizer, scripts), config)
-    return agent.run(batch, group_ids=list(scripts))
+    return _run(agent, batch, group_ids=list(scripts))
 
 
 def test_each_invalid_action_gets_its_error_and_the_episode_continues(world):
@@ -373,7 +388,7 @@ def test_tiny_random_qwen3_runs_batched_episodes(world):
         batch_buckets=(4,),
         length_buckets=(config.max_prompt_tokens,),
     )
-    out = VimRAGAgent(store, tokenizer, sampler, config).run(questions[:2], seed=0)
+    out = _run(VimRAGAgent(store, tokenizer, sampler, config), questions[:2], seed=0)
     assert len(out.records) == 4 and out.stats.model_calls >= 4
     assert out.stats.invalid_actions >= 1
     for record in out.records:

@@ -2,6 +2,7 @@
 keeps, and valid records on the shared loop machinery."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from vimrag_jax.envs.synthetic import SyntheticConfig, build
 from vimrag_jax.experiment import tokenizer_texts
 from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.rollout.records import validate_record
+from vimrag_jax.rollout.trajectory import run_records
 from vimrag_jax.sampling.sampler import Completion
 
 CONFIG = RolloutConfig(max_segment_tokens=2048, max_new_tokens=256, group_size=1)
@@ -69,9 +71,9 @@ def _run(world, agent, scripts):
     questions, store, tokenizer = world
     config = dataclasses.replace(CONFIG, agent=agent)
     batch = [dataclasses.replace(questions[0], question_id=name) for name in scripts]
-    out = make_agent(config, store, tokenizer, Script(tokenizer, scripts)).run(
-        batch, group_ids=list(scripts)
-    )
+    agent = make_agent(config, store, tokenizer, Script(tokenizer, scripts))
+    records, rollouts = run_records(agent, batch, group_ids=list(scripts))
+    out = types.SimpleNamespace(records=records, episodes=rollouts.episodes)
     for record in out.records:
         validate_record(record)
     prompts = [[tokenizer.decode(s.prompt) for s in e.segments] for e in out.episodes]

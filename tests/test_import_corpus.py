@@ -450,9 +450,10 @@ class _EvidencePolicy:
 
 def test_agent_keeps_imported_pictures_and_video_frames(dataset, tmp_path):
     from vimrag_jax.agent import baselines
-    from vimrag_jax.agent.scripted_sampler import ScriptedSampler
+    from vimrag_jax.envs.scripted_sampler import ScriptedSampler
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.rollout.records import validate_record
+    from vimrag_jax.rollout.trajectory import run_records
 
     cfg = _dataset_config(dataset)
     cfg.model.name = "tiny"
@@ -470,7 +471,8 @@ def test_agent_keeps_imported_pictures_and_video_frames(dataset, tmp_path):
         stop_token_ids=experiment.stop_token_ids(),
     )
     by_id = {q.question_id: q for q in load_questions(dataset["questions"], dataset["store"])}
-    out = agent.run(
+    records, _ = run_records(
+        agent,
         [by_id["q4"], by_id["q6"]],  # about the picture 10 and the video 20
         group_size=2,
         policy_version=0,
@@ -479,9 +481,9 @@ def test_agent_keeps_imported_pictures_and_video_frames(dataset, tmp_path):
         env_name="dataset",
         worker_id="t",
     )
-    assert len(out.records) == 4
+    assert len(records) == 4
     kept = {"q4": (10, [0]), "q6": (20, [1, 2])}  # the video's frames at key_timestamp 1.1, 2.2
-    for record in out.records:
+    for record in records:
         validate_record(record)
         assert record["reward"] == 1.0 and record["num_invalid_actions"] == 0
         assert record["relevant"][1] and record["answer_node"] == 2

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vimrag_jax.agent.render import graph_layout, main, node_depths, render_record
 from vimrag_jax.memory.energy import allocate_pixels, memory_energy, smart_resize
 from vimrag_jax.memory.graph import critical_path
 from vimrag_jax.rl.ggpo import node_keep_mask
+from vimrag_jax.rollout.render import graph_layout, main, node_depths, render_record
 
 N, K = 6, 3
 # References compiled once: eager calls would compile every scan / solve op separately (slow).
@@ -196,7 +196,7 @@ def test_cli_renders_a_shard_record(tmp_path, capsys):
 
 
 def test_video_slots_draw_their_keyframes_with_split_budgets():
-    from vimrag_jax.agent.render import memory_frames
+    from vimrag_jax.rollout.render import memory_frames
 
     record = make_record()
     record["item_id"] = np.where(record["item_valid"], np.arange(N * K).reshape(N, K) + 10, -1)

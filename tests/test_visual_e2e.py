@@ -24,16 +24,18 @@ from flax import nnx
 
 from vimrag_jax.agent import prompts
 from vimrag_jax.agent.loop import VimRAGAgent
-from vimrag_jax.agent.scripted_sampler import ScriptedSampler, expert_factory
 from vimrag_jax.data.pipeline import PipelineOptions, make_pipeline, visual_stage_from_config
 from vimrag_jax.data.vision import VisualPatches
+from vimrag_jax.envs.scripted_sampler import ScriptedSampler, expert_factory
 from vimrag_jax.experiment import Experiment
 from vimrag_jax.learner import Learner, loss_inputs, trim_tokens
+from vimrag_jax.memory.energy import TOTAL_PIXELS
 from vimrag_jax.models.presets import init_model, preset_config
 from vimrag_jax.parallel.mesh import make_mesh
 from vimrag_jax.parallel.step import policy_logprobs, visual_inputs
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rollout.records import ShardWriter, shard_name
+from vimrag_jax.rollout.trajectory import record_dims, run_records
 from vimrag_jax.sampling.logprobs import VISUAL_KEYS
 from vimrag_jax.sampling.sampler import Sampler
 
@@ -50,7 +52,11 @@ def _config() -> ml_collections.ConfigDict:
                 num_entities=8,
                 num_questions=12,
                 eval_questions=2,
+                sft_questions=0,
+                min_hops=1,
                 max_hops=1,
+                near_duplicates=4,
+                distractors_per_entity=1,
                 image_height=32,
                 image_width=64,
                 video_frames=4,
@@ -59,12 +65,37 @@ def _config() -> ml_collections.ConfigDict:
             ),
             data=dict(corpus="", max_segment_tokens=1536, batch_segments=BATCH_SEGMENTS),
             rollout=dict(
+                agent="vimrag",
                 group_size=2,
                 questions_per_batch=2,
                 max_model_calls=8,
+                retrieval_top_k=3,
                 max_new_tokens=256,
+                temperature=1.0,
+                top_p=1.0,
+                invalid_action_policy="continue",
+                max_invalid_actions=5,
+                max_visuals=64,
+                reward_metric="em",
+                reward_threshold=0.5,
                 prompt_style="compact",
                 max_policy_lag=2,
+            ),
+            # Every key RolloutConfig reads (it takes no defaults).
+            graph=dict(
+                max_nodes=16,
+                max_items=3,
+                max_keyframes=4,
+                max_query_tokens=32,
+                max_summary_tokens=64,
+            ),
+            memory=dict(
+                lam=0.1,
+                gamma=0.3,
+                top_k=5,
+                total_pixels=TOTAL_PIXELS,
+                rollout_budget="averaged",
+                eval_budget="energy",
             ),
         )
     )
@@ -151,16 +182,21 @@ def run(tmp_path_factory) -> Run:
     )
     backend = ExpertAndModel(ScriptedSampler(experiment.tokenizer, expert_factory()), sampler)
     agent = VimRAGAgent(
-        experiment.store, experiment.tokenizer, backend, rc, stop_token_ids=sampler.eos_token_ids
+        experiment.store,
+        experiment.tokenizer,
+        backend,
+        rc,
+        stop_token_ids=sampler.eos_token_ids,
+        visual_patches=VisualPatches.from_store(experiment.store),
     )
     # One question answered by a picture, one by a video.
     store = experiment.store
     by_modality = {}
     for question in experiment.train_questions:
         by_modality.setdefault(store.item(question.evidence_ids[-1]).modality, question)
-    records = agent.run([by_modality["image"], by_modality["video"]], seed=0).records
+    records, _ = run_records(agent, [by_modality["image"], by_modality["video"]], seed=0)
     shards = tmp_path_factory.mktemp("shards")
-    with ShardWriter(shards, name=shard_name("w0", 0), dims=rc.dims) as writer:
+    with ShardWriter(shards, name=shard_name("w0", 0), dims=record_dims(rc)) as writer:
         for record in records:
             writer.write(record)
     stage = visual_stage_from_config(

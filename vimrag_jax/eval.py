@@ -7,7 +7,7 @@ Runs one greedy rollout per held-out question (``env.eval_questions``) with the 
 budget (``memory.eval_budget``: the energy allocation of SPEC §2, where training rollouts use
 the averaged budget), on the newest policy published in ``DIR/policy/`` (the initial policy
 when none is), and writes ``DIR/eval/eval-v<version>.json`` with the episodes beside it
-(``episodes-v<version>.array_record``; draw one with ``python -m vimrag_jax.agent.render``).
+(``episodes-v<version>.array_record``; draw one with ``python -m vimrag_jax.rollout.render``).
 The learner calls `evaluate` itself every ``eval.every_steps`` updates and at the end of
 training.
 """
@@ -40,30 +40,27 @@ def evaluate(
     sampler). ``accuracy`` is the mean outcome reward (SPEC §4's judged-correct reward).
     With ``episodes_dir`` the episodes are also written there as the trajectory shard
     ``episodes-v<version>`` (replacing an older one of that version), to read or draw with
-    ``python -m vimrag_jax.agent.render``.
+    ``python -m vimrag_jax.rollout.render``.
     """
-    from vimrag_jax.agent.baselines import make_agent
+    from vimrag_jax.rollout.trajectory import mean_reward, run_records
+    from vimrag_jax.rollout.worker import experiment_agent
 
     config = experiment.rollout_config(evaluation=True)
     questions = experiment.eval_questions[: num_questions or None]
     if not questions:
         raise ValueError("no evaluation questions: set env.eval_questions > 0")
-    agent = make_agent(
-        config,
-        experiment.store,
-        experiment.tokenizer,
-        backend,
-        stop_token_ids=experiment.stop_token_ids(),
-    )
+    agent = experiment_agent(experiment, backend, config)
     began = time.perf_counter()
-    out = agent.run(questions, group_size=1, policy_version=policy_version, greedy=True, seed=0)
+    records, out = run_records(
+        agent, questions, group_size=1, policy_version=policy_version, greedy=True, seed=0
+    )
     stats = out.stats
     if episodes_dir is not None:
-        write_episodes(episodes_dir, policy_version, out.records)
-    answered = sum(record["answer_node"] >= 0 for record in out.records)
+        write_episodes(episodes_dir, policy_version, records)
+    answered = sum(record["answer_node"] >= 0 for record in records)
     return {
-        "accuracy": stats.mean_reward,
-        "answered": answered / len(out.records),
+        "accuracy": mean_reward(records),
+        "answered": answered / len(records),
         "invalid_action_rate": stats.invalid_rate,
         "model_calls_per_episode": stats.model_calls / max(stats.episodes, 1),
         "episodes": float(stats.episodes),
@@ -120,7 +117,7 @@ def main(argv: list[str]) -> int:
     value = {name: holder.value for name, holder in _FLAGS.items()}
     if value["config"] is None or not value["workdir"]:
         raise app.UsageError("--config and --workdir are required")
-    from vimrag_jax.agent import scripted_sampler
+    from vimrag_jax.envs import scripted_sampler
     from vimrag_jax.experiment import Experiment
 
     experiment = Experiment.from_config(value["config"], value["workdir"])

@@ -27,7 +27,7 @@ from vimrag_jax.agent import prompts
 from vimrag_jax.agent.actions import InvalidAction, StepActions
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.episode import Episode
-from vimrag_jax.agent.loop import VimRAGAgent
+from vimrag_jax.agent.loop import PromptVisuals, VimRAGAgent
 from vimrag_jax.agent.protocol import ROOT_ID, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS, Action
 
 _SYSTEM = """\
@@ -181,10 +181,16 @@ def make_agent(
     backend: Any,
     *,
     stop_token_ids: Sequence[int] | None = None,
+    visual_patches: PromptVisuals | None = None,
 ) -> VimRAGAgent:
     """The agent named by ``config.agent`` (``vimrag``, ``react``, ``summary`` or ``mem1``)."""
     return AGENT_CLASSES[config.agent](
-        store, tokenizer, backend, config, stop_token_ids=stop_token_ids
+        store,
+        tokenizer,
+        backend,
+        config,
+        stop_token_ids=stop_token_ids,
+        visual_patches=visual_patches,
     )
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 from vimrag_jax.agent import prompts
 from vimrag_jax.memory.energy import PIXELS_PER_TOKEN, TOTAL_PIXELS
-from vimrag_jax.rollout.records import RecordDims
 
 INVALID_POLICIES = ("continue", "end")
 AGENTS = ("vimrag", "react", "summary", "mem1")
@@ -149,15 +148,14 @@ class RolloutConfig:
         return cls(**fields)
 
     @property
-    def dims(self) -> RecordDims:
-        """Record maxima: N nodes, K items, S = max model calls, L tokens, V visuals."""
-        return RecordDims(
-            nodes=self.max_nodes,
-            items=self.max_items,
-            segments=self.max_model_calls,
-            tokens=self.max_segment_tokens,
-            visuals=self.max_visuals,
-        )
+    def dims(self) -> Any:
+        """The record maxima, ``rollout.trajectory.record_dims(self)`` (a ``RecordDims``).
+
+        Kept for ``train.py`` and ``benchmarks/pipeline.py``; new code calls ``record_dims``,
+        so that ``agent/`` needs nothing of ``rollout/``."""
+        from vimrag_jax.rollout.trajectory import record_dims
+
+        return record_dims(self)
 
     @property
     def max_prompt_tokens(self) -> int:

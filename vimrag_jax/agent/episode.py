@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from vimrag_jax.agent import prompts
 from vimrag_jax.agent.protocol import ROOT_ID, Action
-from vimrag_jax.envs import scripted
+from vimrag_jax.memory.graph import MemoryGraph
 from vimrag_jax.retrieval.corpus import ItemInfo
 
 
@@ -24,6 +24,42 @@ class QuestionLike(Protocol):
     text: str
     answer: str
     evidence_ids: tuple[int, ...]
+
+
+def information_id(item_id: int) -> str:
+    """The ``information_id`` of a corpus item in a memorize action: its id as a decimal string."""
+    return str(int(item_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievedItem:
+    """A retrieval result as a scripted policy sees it (``text``: the passage or the caption)."""
+
+    item_id: int
+    modality: str
+    text: str
+    timestamps: tuple[float, ...] = ()
+
+    @property
+    def information_id(self) -> str:
+        """The id a memorize action uses for this item."""
+        return information_id(self.item_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeView:
+    """What a scripted policy sees before each model call.
+
+    ``node_ids[0]`` is the root (the question); ``node_parents[i]`` lists node i's parent ids.
+    ``pending`` holds the results of the last search until they are memorized. ``step`` counts the
+    model calls made so far in the episode.
+    """
+
+    question: str
+    node_ids: tuple[str, ...] = (ROOT_ID,)
+    node_parents: tuple[tuple[str, ...], ...] = ((),)
+    pending: tuple[RetrievedItem, ...] = ()
+    step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +73,7 @@ class RowContext:
 
     key: str
     question: Any
-    view: scripted.EpisodeView
+    view: EpisodeView
     labels: dict[str, str]
 
 
@@ -53,6 +89,9 @@ class MemorySlot:
 
 @dataclasses.dataclass
 class Segment:
+    """One model call: its prompt ids, the sampled ids with their log-probs, the node it created
+    or wrote, and the prompt's visual references."""
+
     prompt: list[int]
     sampled: list[int]
     logprobs: list[float]
@@ -115,14 +154,9 @@ class RolloutStats:
     model_calls: int = 0
     generated_tokens: int = 0
     invalid_actions: int = 0
-    reward_sum: float = 0.0
     end_reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     generate_s: float = 0.0
     total_s: float = 0.0
-
-    @property
-    def mean_reward(self) -> float:
-        return self.reward_sum / max(self.episodes, 1)
 
     @property
     def invalid_rate(self) -> float:
@@ -136,18 +170,25 @@ class RolloutStats:
 
 @dataclasses.dataclass
 class Rollouts:
-    records: list[dict[str, Any]]
+    """What ``VimRAGAgent.run`` returns: the episodes, groups consecutive; the final batched
+    ``MemoryGraph`` as a host copy (row ``i`` is episode ``i``'s graph; None without episodes);
+    the run's statistics."""
+
     episodes: list[Episode]
+    graph: MemoryGraph | None
     stats: RolloutStats
 
 
 __all__ = [
     "Episode",
+    "EpisodeView",
     "MemorySlot",
     "QuestionLike",
+    "RetrievedItem",
     "RolloutStats",
     "Rollouts",
     "RowContext",
     "Segment",
     "Turn",
+    "information_id",
 ]

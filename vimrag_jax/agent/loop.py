@@ -1,7 +1,10 @@
 """The VimRAG agent loop: many episodes in lockstep, one batched generate call per step.
 
 ``VimRAGAgent.run`` plays G rollouts of each question against a corpus store and a sampler
-backend and returns one trajectory record per rollout (SPEC §6), groups consecutive.
+backend and returns the episodes (``agent.episode``: per node the texts, per model call the
+prompt and sampled tokens, log-probs, node and visual references), groups consecutive, with the
+final batched ``MemoryGraph`` (a host copy) and run statistics. ``rollout.trajectory`` turns an
+episode and its row of the graph into a trajectory record (SPEC §6).
 
 One step, for every live episode at once:
 
@@ -25,25 +28,20 @@ One step, for every live episode at once:
    ``wants_contexts = True`` (the scripted policies) also receive one ``RowContext`` per prompt.
    Backends with ``takes_prefill_inputs`` true (the KV-cache sampler over a Qwen3-VL policy)
    also receive each prompt's images and videos as ``prefill_inputs``: the processor-style
-   arrays ``data.vision.VisualPatches`` builds from the prompt's visual references, the very
-   references the record stores as ``segment_visuals``, so the learner rebuilds the same
-   pixels. Text-only backends get token ids only.
+   arrays the caller's ``visual_patches`` (``data.vision.VisualPatches``) builds from the
+   prompt's visual references, the very references a segment keeps, so the learner rebuilds
+   the same pixels. Text-only backends get token ids only.
 3. **Act.** Each completion is parsed and checked against the episode (``actions``); valid
    actions update the host mirror and are packed into one ``TurnActions``; the batched
    ``MemoryGraph`` and the next step's visual budgets come from one jitted call
    (``graph_ops.TurnUpdater``). Searches of all rows go to the store in one batched query.
 
-Each model call is a segment: ``tokens`` = prompt ids + sampled ids, ``loss_mask`` on the
-sampled ids only, ``behavior_logprobs`` the backend's log-probs there, ``segment_node`` the node
+Each model call is a ``Segment``: the prompt ids, the sampled ids and their log-probs, the node
 the call created or wrote (search: the new node; memorize: the node memorized; answer: the
-answer node; invalid: the newest node, the root if none), ``segment_visuals`` the prompt's
-visual references. An episode ends at its answer, after ``max_model_calls`` calls, after
-``max_invalid_actions`` invalid actions (or the first one with ``invalid_action_policy="end"``),
-or when a prompt does not fit.
-
-Records also carry the node texts (``node_title``: the ids the policy chose, ``"root"`` and
-``"answer"`` for the root and answer nodes; ``node_query``; ``node_summary``) and each kept memory
-slot's corpus ``item_id`` and ``item_modality`` (-1 for empty slots), for pictures of rollouts.
+answer node; invalid: the newest node, the root if none) and the prompt's visual references.
+An episode ends at its answer, after ``max_model_calls`` calls, after ``max_invalid_actions``
+invalid actions (or the first one with ``invalid_action_policy="end"``), or when a prompt does
+not fit.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -61,8 +59,10 @@ from vimrag_jax.agent.actions import InvalidAction, StepActions, frame_size
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.episode import (
     Episode,
+    EpisodeView,
     MemorySlot,
     QuestionLike,
+    RetrievedItem,
     Rollouts,
     RolloutStats,
     RowContext,
@@ -70,12 +70,15 @@ from vimrag_jax.agent.episode import (
     Turn,
 )
 from vimrag_jax.agent.protocol import Action, parse_action
-from vimrag_jax.data.vision import VisualPatches
-from vimrag_jax.envs import scripted
-from vimrag_jax.envs.rewards import outcome_reward
 from vimrag_jax.memory.energy import smart_resize
 from vimrag_jax.retrieval.corpus import CorpusStore, ItemInfo
-from vimrag_jax.rollout.records import blank_record
+
+
+class PromptVisuals(Protocol):
+    """Builds a prompt's images and videos from its visual references (``VisualRef.as_row``
+    rows); ``data.vision.VisualPatches`` is one."""
+
+    def prompt_inputs(self, refs: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -83,7 +86,7 @@ def _stable_seed(*parts: Any) -> int:
 
 
 class VimRAGAgent:
-    """Runs batched VimRAG episodes; see the module docstring for the step and the records.
+    """Runs batched VimRAG episodes; see the module docstring for one step.
 
     Args:
       store: the corpus (search + item metadata).
@@ -92,6 +95,8 @@ class VimRAGAgent:
         stop_token_ids, seed[, contexts]) -> list[Completion]``.
       config: the rollout settings.
       stop_token_ids: tokens that end a turn (default: the tokenizer's eos).
+      visual_patches: builds each prompt's pixels for a backend with ``takes_prefill_inputs``
+        (required there, ignored otherwise), e.g. ``data.vision.VisualPatches.from_store``.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class VimRAGAgent:
         config: RolloutConfig,
         *,
         stop_token_ids: Sequence[int] | None = None,
+        visual_patches: PromptVisuals | None = None,
     ):
         self.store = store
         self.tokenizer = tokenizer
@@ -114,9 +120,14 @@ class VimRAGAgent:
             config.budget, config.lam, config.gamma, config.total_pixels, config.top_k
         )
         # Pixels for a backend whose model sees images and videos (None: token ids only).
-        self.visual_patches: VisualPatches | None = None
+        self.visual_patches: PromptVisuals | None = None
         if getattr(backend, "takes_prefill_inputs", False):
-            self.visual_patches = VisualPatches.from_store(store)
+            if visual_patches is None:
+                raise ValueError(
+                    "the backend takes prefill inputs (its model sees pixels): pass "
+                    "visual_patches, e.g. data.vision.VisualPatches.from_store(store)"
+                )
+            self.visual_patches = visual_patches
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -125,14 +136,12 @@ class VimRAGAgent:
         questions: Sequence[QuestionLike],
         *,
         group_size: int | None = None,
-        policy_version: int = 0,
         seed: int = 0,
         group_ids: Sequence[str] | None = None,
         greedy: bool = False,
-        env_name: str = "",
-        worker_id: str = "",
     ) -> Rollouts:
-        """G rollouts of every question; records in question order, each group consecutive."""
+        """G rollouts of every question: episodes in question order, each group consecutive,
+        row ``i`` of the returned graph being episode ``i``'s."""
         started = time.perf_counter()
         cfg = self.config
         g = cfg.group_size if group_size is None else int(group_size)
@@ -147,7 +156,7 @@ class VimRAGAgent:
         ]
         stats = RolloutStats(episodes=len(episodes))
         if not episodes:
-            return Rollouts([], [], stats)
+            return Rollouts([], None, stats)
         graphs = graph_ops.batched_empty_graph(
             len(episodes),
             cfg.max_nodes,
@@ -167,16 +176,10 @@ class VimRAGAgent:
         for episode in episodes:
             if not episode.done:
                 episode.end("max_model_calls")
-        host = jax.device_get(graphs)
-        records = [
-            self._record(e, row, host, policy_version, g, env_name, worker_id)
-            for row, e in enumerate(episodes)
-        ]
-        for episode, record in zip(episodes, records, strict=True):
-            stats.reward_sum += record["reward"]
+        for episode in episodes:
             stats.end_reasons[episode.end_reason] += 1
         stats.total_s = time.perf_counter() - started
-        return Rollouts(records, episodes, stats)
+        return Rollouts(episodes, jax.device_get(graphs), stats)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -253,7 +256,7 @@ class VimRAGAgent:
 
     def prefill_inputs(self, visuals: Sequence[prompts.VisualRef]) -> dict[str, np.ndarray] | None:
         """A prompt's images and videos for the backend (None for a text-only prompt), built
-        from the references the record keeps as the segment's ``segment_visuals``."""
+        from the references its segment keeps (the record's ``segment_visuals``)."""
         if not visuals or self.visual_patches is None:
             return None
         refs = np.array([ref.as_row() for ref in visuals], np.int64)
@@ -306,11 +309,9 @@ class VimRAGAgent:
     def context(self, episode: Episode) -> RowContext:
         """The scripted-policy view of an episode (see ``RowContext``)."""
         pending = episode.pending or ()
-        items = tuple(
-            scripted.RetrievedItem(i.item_id, i.modality, i.text, i.timestamps) for i in pending
-        )
+        items = tuple(RetrievedItem(i.item_id, i.modality, i.text, i.timestamps) for i in pending)
         labels = prompts.item_labels(self.observation_items(pending))
-        view = scripted.EpisodeView(
+        view = EpisodeView(
             episode.question.text,
             tuple(episode.node_ids[: episode.num_nodes]),
             tuple(episode.node_parents),
@@ -364,90 +365,5 @@ class VimRAGAgent:
                 buffers[f"{key}_tokens"][row, :n] = tokens[:n]
                 buffers[f"{key}_len"][row] = n
 
-    # -- records ---------------------------------------------------------------------------------
 
-    def _record(self, episode, row, graphs, policy_version, group_size, env_name, worker_id):
-        cfg = self.config
-        dims = cfg.dims
-        gold = set(int(i) for i in episode.question.evidence_ids)
-        n = episode.num_nodes
-        node_valid = np.asarray(graphs.node_valid[row])
-        if int(node_valid.sum()) != n:
-            raise RuntimeError(
-                f"episode {episode.key}: host graph has {n} nodes, device graph "
-                f"{int(node_valid.sum())}"
-            )
-        relevant = np.zeros((dims.nodes,), bool)
-        for i, found in enumerate(episode.retrieved):
-            relevant[i] = bool(gold & set(found))
-        kinds = np.where(node_valid, np.asarray(graphs.node_kind[row]), 0).astype(np.int8)
-        item_valid = np.asarray(graphs.bank.valid[row])
-
-        def pad(texts: list[str]) -> list[str]:  # one string per node slot, "" for padding
-            return [*texts, *[""] * (dims.nodes - len(texts))]
-
-        record = blank_record(
-            dims,
-            question_id=str(episode.question.question_id),
-            group_id=episode.group_id,
-            question=episode.question.text,
-            gold_answer=episode.question.answer,
-            prediction=episode.prediction or "",
-            env=env_name,
-            worker_id=worker_id,
-            policy_version=int(policy_version),
-            group_size=int(group_size),
-            answer_node=int(episode.answer_node),
-            num_invalid_actions=int(episode.num_invalid),
-            num_segments=len(episode.segments),
-            reward=outcome_reward(
-                episode.prediction,
-                episode.question.answer,
-                metric=cfg.reward_metric,
-                threshold=cfg.reward_threshold,
-            ),
-            adjacency=np.asarray(graphs.adjacency[row]),
-            node_valid=node_valid,
-            node_kind=kinds,
-            relevant=relevant,
-            priority=np.asarray(graphs.bank.priority[row]),
-            item_valid=item_valid,
-            item_id=np.where(item_valid, np.asarray(graphs.bank.item_id[row]), -1),
-            item_modality=np.where(item_valid, np.asarray(graphs.bank.modality[row]), -1),
-            node_title=pad(episode.node_ids),
-            node_query=pad(episode.queries),
-            node_summary=pad(episode.summaries),
-        )
-        for s, segment in enumerate(episode.segments):
-            p, g = len(segment.prompt), len(segment.sampled)
-            record["tokens"][s, :p] = segment.prompt
-            record["tokens"][s, p : p + g] = segment.sampled
-            record["loss_mask"][s, p : p + g] = True
-            record["behavior_logprobs"][s, p : p + g] = segment.logprobs
-            record["segment_node"][s] = segment.node
-            record["segment_valid"][s] = True
-            for v, ref in enumerate(segment.visuals):
-                record["segment_visuals"][s, v] = ref.as_row()
-                record["segment_visual_valid"][s, v] = True
-        return record
-
-
-def run_episodes(
-    questions: Sequence[QuestionLike],
-    backend: Any,
-    store: CorpusStore,
-    tokenizer: Any,
-    *,
-    config: RolloutConfig,
-    policy_version: int = 0,
-    group_size: int | None = None,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Records of ``group_size`` rollouts per question (see ``VimRAGAgent.run``)."""
-    agent = VimRAGAgent(store, tokenizer, backend, config)
-    return agent.run(
-        questions, group_size=group_size, policy_version=policy_version, seed=seed
-    ).records
-
-
-__all__ = ["VimRAGAgent", "run_episodes"]
+__all__ = ["PromptVisuals", "VimRAGAgent"]

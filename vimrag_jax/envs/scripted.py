@@ -1,9 +1,9 @@
 """Scripted VimRAG policies for the synthetic environment: cold-start SFT data and test fixtures.
 
-A policy sees a small host-side ``EpisodeView`` (the question, the graph's node ids and parents,
-the retrieval results waiting to be memorized, the step) and returns the next action as
-``(tool_name, arguments)`` with exactly the SPEC §3 argument schemas; turning an action into model
-text is the protocol module's job.
+A policy sees a small host-side ``EpisodeView`` (``agent.episode``: the question, the graph's node
+ids and parents, the retrieval results waiting to be memorized, the step) and returns the next
+action as ``(tool_name, arguments)`` with exactly the SPEC §3 argument schemas; turning an action
+into model text is the protocol module's job.
 
 ``information_id`` convention: the decimal string of the corpus item id (``"17"``), so an id the
 model writes names one corpus item whatever order the retriever returned it in. The observation
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vimrag_jax.agent import protocol
+from vimrag_jax.agent.episode import EpisodeView, RetrievedItem, information_id
 from vimrag_jax.envs.synthetic import (
     ATTRIBUTES,
     RELATIONS,
@@ -45,44 +47,8 @@ from vimrag_jax.envs.synthetic import (
 SEARCH = "add_search_node"
 MEMORIZE = "summarize_and_memorize"
 ANSWER = "add_answer_node"
-ROOT_ID = "root"
+ROOT_ID = protocol.ROOT_ID
 Action = tuple[str, dict]
-
-
-def information_id(item_id: int) -> str:
-    """The ``information_id`` of a corpus item in a memorize action: its id as a decimal string."""
-    return str(int(item_id))
-
-
-@dataclass(frozen=True)
-class RetrievedItem:
-    """One retrieval result as the policy sees it (``text`` is the passage or the caption)."""
-
-    item_id: int
-    modality: str
-    text: str
-    timestamps: tuple[float, ...] = ()
-
-    @property
-    def information_id(self) -> str:
-        """The id a memorize action uses for this item."""
-        return information_id(self.item_id)
-
-
-@dataclass(frozen=True)
-class EpisodeView:
-    """What a scripted policy sees before each model call.
-
-    ``node_ids[0]`` is the root (the question); ``node_parents[i]`` lists node i's parent ids.
-    ``pending`` holds the results of the last search until they are memorized. ``step`` counts the
-    model calls made so far in the episode.
-    """
-
-    question: str
-    node_ids: tuple[str, ...] = (ROOT_ID,)
-    node_parents: tuple[tuple[str, ...], ...] = ((),)
-    pending: tuple[RetrievedItem, ...] = ()
-    step: int = 0
 
 
 @dataclass

@@ -33,10 +33,15 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+if TYPE_CHECKING:
+    from vimrag_jax.agent.config import RolloutConfig
+    from vimrag_jax.agent.loop import PromptVisuals, VimRAGAgent
 
 _FLAGS: dict[str, flags.FlagHolder] = {}
 
@@ -119,7 +124,7 @@ def questions_for_batch(questions, worker_id: str, seed: int, start: int, count:
 
 def build_agent(experiment, policy: str):
     """(agent, model or None) for ``policy`` and the config's ``rollout.agent``."""
-    from vimrag_jax.agent import baselines, scripted_sampler
+    from vimrag_jax.envs import scripted_sampler
 
     rc = experiment.rollout_config()
     model = None
@@ -132,14 +137,30 @@ def build_agent(experiment, policy: str):
     else:
         factory = scripted_sampler.noisy_factory(experiment.entities, max_calls=rc.max_model_calls)
         backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
-    agent = baselines.make_agent(
-        rc,
+    return experiment_agent(experiment, backend, rc), model
+
+
+def experiment_agent(experiment: Any, backend: Any, config: RolloutConfig) -> VimRAGAgent:
+    """The configured agent (``rollout.agent``) on the experiment's corpus and tokenizer."""
+    from vimrag_jax.agent import baselines
+
+    return baselines.make_agent(
+        config,
         experiment.store,
         experiment.tokenizer,
         backend,
         stop_token_ids=experiment.stop_token_ids(),
+        visual_patches=visual_patches(backend, experiment.store),
     )
-    return agent, model
+
+
+def visual_patches(backend: Any, store: Any) -> PromptVisuals | None:
+    """The pixels builder for a backend whose model sees images and videos (else None)."""
+    if not getattr(backend, "takes_prefill_inputs", False):
+        return None
+    from vimrag_jax.data.vision import VisualPatches
+
+    return VisualPatches.from_store(store)
 
 
 def run_worker(
@@ -160,6 +181,7 @@ def run_worker(
     """
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.rollout.records import ShardWriter, shard_name
+    from vimrag_jax.rollout.trajectory import mean_reward, record_dims, run_records
 
     stop = stop or StopFlag()
     experiment = Experiment.from_config(cfg, workdir)
@@ -219,7 +241,8 @@ def run_worker(
         batch = questions_for_batch(pool, worker_id, seed, start, count)
         group_ids = [f"{worker_id}-{sequence:08d}-{i}" for i in range(count)]
         began = time.perf_counter()
-        out = agent.run(
+        records, out = run_records(
+            agent,
             batch,
             group_size=rc.group_size,
             policy_version=version,
@@ -228,22 +251,23 @@ def run_worker(
             env_name=experiment.env_name,
             worker_id=worker_id,
         )
-        with ShardWriter(directory, name=shard_name(worker_id, sequence), dims=rc.dims) as writer:
-            for record in out.records:
+        name = shard_name(worker_id, sequence)
+        with ShardWriter(directory, name=name, dims=record_dims(rc)) as writer:
+            for record in records:
                 writer.write(record)
         elapsed = time.perf_counter() - began
-        written += len(out.records)
+        written += len(records)
         stats = out.stats
         logging.info(
             "worker %s shard %d: %d trajectories (%.2f/s), %.1f generated tokens/s, "
             "invalid-action rate %.3f, mean reward %.3f, policy v%d, %.0f%% outside the model",
             worker_id,
             sequence,
-            len(out.records),
-            len(out.records) / elapsed,
+            len(records),
+            len(records) / elapsed,
             stats.generated_tokens / elapsed,
             stats.invalid_rate,
-            stats.mean_reward,
+            mean_reward(records),
             version,
             100 * stats.outside_model_share,
         )

@@ -1,11 +1,14 @@
 """Draws one trajectory's memory graph (PNG or SVG): layout, GGPO masking and memory thumbnails.
 
-    python -m vimrag_jax.agent.render --shard=PATH --index=I --out=FILE.png [--corpus=DIR]
+    python -m vimrag_jax.rollout.render --shard=PATH --index=I --out=FILE.png [--corpus=DIR]
+        [--positive_threshold=R]
 
 The picture shows what the learner makes of a rollout (SPEC §6 record): nodes laid out left to
 right by depth (longest path from the root), their id / query / summary text, the edges, the
 critical path ``P_ans`` (answer node and its ancestors) outlined in red, and the nodes whose
-segments the GGPO mask drops (SPEC §4) greyed. Each node's kept memory images are drawn at the
+segments the GGPO mask drops (SPEC §4) greyed (a trajectory is positive, so masked, when its
+reward reaches ``positive_threshold``: pass the config's ``loss.positive_threshold``; the default
+is ``LossConfig``'s). Each node's kept memory images are drawn at the
 size the graph-modulated budget gives them (SPEC §2: `memory_energy` → `allocate_pixels` →
 `smart_resize`), all at one scale, so their areas compare across the graph; items outside the
 global top-K get no pixels and are drawn as small crossed boxes.
@@ -13,11 +16,12 @@ global top-K get no pixels and are drawn as small crossed boxes.
 Node texts and per-slot corpus ids are read from the record keys that version-2 records carry
 (older ones and hand-made dicts may lack them): ``node_title``, ``node_query``, ``node_summary``
 (N strings each), ``item_id`` (int[N, K], corpus id of each memory slot, -1 when empty) and
-``item_modality`` (int[N, K]: 0 image, 1 video). Without ``item_id`` or a corpus, thumbnails are
-grey boxes of a square image's allocated size; with both, the real pixels are drawn and their
-aspect ratio used. A video slot is drawn as its keyframes side by side, each at the frame size
-its share of the slot's budget gives (SPEC §2: keyframes split the budget evenly). Records do not
-store keyframes, so they are read back from the prompts (`memory_frames`); a video whose
+``item_modality`` (int[N, K]: ``Modality``, 0 image, 1 video, -1 empty). Without ``item_id`` or
+a corpus, thumbnails are grey boxes of a square image's allocated size; with both, the real
+pixels are drawn and their aspect ratio used. A video slot is drawn as its keyframes side by
+side, each at the frame size its share of the slot's budget gives (SPEC §2: keyframes split the
+budget evenly). Records do not store keyframes, so they are read back from the prompts
+(`memory_frames`); a video whose
 keyframes no prompt showed is drawn as its first frame with the whole budget.
 
 `graph_layout` is pure (record → `GraphLayout`) and holds every decision the picture shows;
@@ -49,10 +53,13 @@ from vimrag_jax.memory.energy import (
 )
 from vimrag_jax.memory.graph import critical_path
 from vimrag_jax.rl.ggpo import node_keep_mask
+from vimrag_jax.rl.losses import LossConfig
 
 LoadVisual = Callable[[int, int], np.ndarray]
 Budget = Literal["energy", "averaged"]
 
+#: The reward at which a trajectory counts as positive, when the caller passes none.
+POSITIVE_THRESHOLD = LossConfig().positive_threshold
 REQUIRED_KEYS = ("adjacency", "node_valid", "priority", "item_valid", "answer_node", "reward")
 _KIND_NAMES = {0: "root", 1: "search", 2: "answer"}
 # Drawing units: one unit ≈ 1/1000 of the side of an image holding the whole pixel budget.
@@ -236,7 +243,7 @@ def graph_layout(
     record: Mapping[str, Any],
     *,
     budget: Budget = "energy",
-    positive_threshold: float = 1.0,
+    positive_threshold: float = POSITIVE_THRESHOLD,
     native_sizes: Mapping[tuple[int, int], tuple[int, int]] | None = None,
 ) -> GraphLayout:
     """The picture of a record as data: boxes, edges, critical path and GGPO-greyed nodes.
@@ -393,7 +400,7 @@ def render_record(
     *,
     load_visual: LoadVisual | None = None,
     budget: Budget = "energy",
-    positive_threshold: float = 1.0,
+    positive_threshold: float = POSITIVE_THRESHOLD,
 ) -> GraphLayout:
     """Draws ``record``'s memory graph to ``out_path`` (``.png`` or ``.svg``); returns the layout.
 
@@ -530,6 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output file, .png or .svg")
     parser.add_argument("--corpus", default=None, help="corpus store directory for pixels")
     parser.add_argument("--budget", choices=("energy", "averaged"), default="energy")
+    parser.add_argument(
+        "--positive_threshold",
+        type=float,
+        default=POSITIVE_THRESHOLD,
+        help="reward at which GGPO masks a trajectory's dead ends (the config's "
+        "loss.positive_threshold)",
+    )
     args = parser.parse_args(argv)
     if args.index < 0:
         parser.error(f"--index must be >= 0, got {args.index}")
@@ -539,7 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if record is None:
         parser.error(f"--index {args.index} is past the end of {args.shard}")
     layout = render_record(
-        record, args.out, load_visual=_corpus_loader(args.corpus), budget=args.budget
+        record,
+        args.out,
+        load_visual=_corpus_loader(args.corpus),
+        budget=args.budget,
+        positive_threshold=args.positive_threshold,
     )
     print(
         f"wrote {args.out}: {len(layout.nodes)} nodes, critical {sorted(layout.critical)}, "
