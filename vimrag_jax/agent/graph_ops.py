@@ -7,7 +7,7 @@ query tokens, the memorize bank and summary) and ``TurnUpdater`` applies them wi
 did nothing this turn (finished, invalid action) carry ``NONE`` and are left unchanged. No
 per-episode JAX dispatch happens on the host.
 
-The host checks every action before packing it (``agent.loop``), so the graph ops here see only
+The host checks every action before packing it (``agent.actions``), so the graph ops here see only
 valid actions; their ``error`` codes still guard the arrays.
 """
 
