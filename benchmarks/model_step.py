@@ -2,7 +2,7 @@
 
 Training step (both sides the same workload): forward over `[batch, seq]` tokens, per-token
 log-probs, GSPO sequence ratios over a response mask, the clipped objective, backward, AdamW.
-Ours uses `vimrag_jax.sampling.sequence_logprobs` and `vimrag_jax.rl.losses.policy_objective`
+Ours uses `vimrag_jax.sampling.sequence_logprobs` and `vimrag_jax.rl.ggpo.policy_objective`
 (preset "gspo") under one `jax.jit` with the train state donated; the baseline is transformers'
 `Qwen3ForCausalLM` (PyTorch CPU, SDPA attention) with the same objective written in torch.
 
@@ -71,7 +71,8 @@ def jax_step(batch: int, seq: int, steps: int, remat: bool) -> dict:
     from flax import nnx
 
     from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-    from vimrag_jax.rl.losses import LossConfig, policy_objective
+    from vimrag_jax.rl.ggpo import policy_objective
+    from vimrag_jax.rl.losses import LossConfig
     from vimrag_jax.sampling import sequence_logprobs
 
     config = Qwen3Config(

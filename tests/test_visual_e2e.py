@@ -65,6 +65,7 @@ def _config() -> ml_collections.ConfigDict:
             ),
             data=dict(corpus="", max_segment_tokens=1536, batch_segments=BATCH_SEGMENTS),
             rollout=dict(
+                backend="embedded",
                 agent="vimrag",
                 group_size=2,
                 questions_per_batch=2,

@@ -26,7 +26,6 @@ def config_file(tmp_path_factory):
         textwrap.dedent(
             f"""
             import importlib.util
-            import ml_collections
 
             _spec = importlib.util.spec_from_file_location("ggpo", "{REPO / "configs/ggpo.py"}")
             _ggpo = importlib.util.module_from_spec(_spec)
@@ -42,9 +41,7 @@ def config_file(tmp_path_factory):
                 c.rollout.questions_per_batch = 2
                 c.rollout.max_new_tokens = 12 if arg == "model" else 320
                 c.rollout.max_model_calls = 12
-                c.env = ml_collections.ConfigDict(
-                    dict(num_entities=12, num_questions=24, eval_questions=4, max_hops=2)
-                )
+                c.env.update(num_entities=12, num_questions=24, eval_questions=4, max_hops=2)
                 return c
             """
         )
@@ -154,20 +151,15 @@ def test_question_stream_is_deterministic_and_cycles():
 
 def test_experiment_loads_published_weights(tmp_path):
     import jax
-    import ml_collections
     from flax import nnx
 
     from vimrag_jax import publish
     from vimrag_jax.experiment import Experiment
 
-    cfg = ml_collections.ConfigDict(
-        {
-            "seed": 0,
-            "model": {"name": "tiny", "dtype": "float32"},
-            "data": {"corpus": "", "max_segment_tokens": 2048},
-            "env": {"num_entities": 12, "num_questions": 8, "eval_questions": 2},
-        }
-    )
+    cfg = ggpo.get_config()
+    cfg.model.name = "tiny"
+    cfg.data.max_segment_tokens = 2048
+    cfg.env.update(num_entities=12, num_questions=8, eval_questions=2)
     experiment = Experiment.from_config(cfg, tmp_path)
     assert len(experiment.train_questions) == 6 and len(experiment.eval_questions) == 2
     model = experiment.initial_model()
@@ -195,7 +187,6 @@ def test_experiment_loads_published_weights(tmp_path):
 
 
 def _throttled_config():
-    import ml_collections
 
     cfg = ggpo.get_config()
     cfg.model.name = "tiny"
@@ -205,9 +196,7 @@ def _throttled_config():
     cfg.rollout.max_new_tokens = 12
     cfg.rollout.max_model_calls = 4
     cfg.rollout.max_shards_per_version = 1
-    cfg.env = ml_collections.ConfigDict(
-        dict(num_entities=12, num_questions=24, eval_questions=4, max_hops=2)
-    )
+    cfg.env.update(num_entities=12, num_questions=24, eval_questions=4, max_hops=2)
     return cfg
 
 
