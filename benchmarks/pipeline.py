@@ -91,6 +91,7 @@ def main() -> None:
     from vimrag_jax.parallel.mesh import mesh_from_config
     from vimrag_jax.rl.losses import LossConfig
     from vimrag_jax.rollout.records import list_shards
+    from vimrag_jax.rollout.trajectory import record_dims
     from vimrag_jax.rollout.worker import run_worker
 
     cfg = load_config()
@@ -111,7 +112,7 @@ def main() -> None:
         shard_bytes = sum(path.stat().st_size for path in shards)
 
         experiment = Experiment.from_config(cfg, workdir)
-        dims = experiment.rollout_config().dims
+        dims = record_dims(experiment.rollout_config())
         options = options_from_config(cfg, shard_dir, dims, follow=False, advantage="group")
 
         def batches(depth: int):

@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.connect_timeout_s = 10.0
     c.rollout.request_timeout_s = 300.0
     c.rollout.max_retries = 3
-    # The agent (vimrag_jax.agent.loop.RolloutConfig reads these).
+    # The agent (vimrag_jax.agent.config.RolloutConfig reads these).
     c.rollout.agent = "vimrag"  # vimrag | react | summary | mem1 (the paper's baselines)
     c.rollout.questions_per_batch = 4  # questions per worker batch (x group_size episodes)
     c.rollout.max_new_tokens = 256  # per model call

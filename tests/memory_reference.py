@@ -25,29 +25,27 @@ def parents_of(adjacency: np.ndarray, node_valid: np.ndarray, j: int) -> list[in
     return [i for i in range(j) if node_valid[i] and adjacency[i, j]]
 
 
-def ancestors(adjacency: np.ndarray, node_valid: np.ndarray, node: int) -> set[int]:
-    """Strict ancestors by depth-first search over parent lists."""
-    if node < 0:
-        return set()
+def _reachable(step, adjacency, node_valid, node) -> set[int]:
+    """Nodes reachable from ``node`` by repeated ``step`` (parents or children), by DFS."""
     seen: set[int] = set()
-    stack = parents_of(adjacency, node_valid, node)
+    stack = step(adjacency, node_valid, node)
     while stack:
         i = stack.pop()
         if i not in seen:
             seen.add(i)
-            stack.extend(parents_of(adjacency, node_valid, i))
+            stack.extend(step(adjacency, node_valid, i))
     return seen
+
+
+def ancestors(adjacency: np.ndarray, node_valid: np.ndarray, node: int) -> set[int]:
+    """Strict ancestors by depth-first search over parent lists."""
+    if node < 0:
+        return set()
+    return _reachable(parents_of, adjacency, node_valid, node)
 
 
 def descendants(adjacency: np.ndarray, node_valid: np.ndarray, node: int) -> set[int]:
-    seen: set[int] = set()
-    stack = children_of(adjacency, node_valid, node)
-    while stack:
-        j = stack.pop()
-        if j not in seen:
-            seen.add(j)
-            stack.extend(children_of(adjacency, node_valid, j))
-    return seen
+    return _reachable(children_of, adjacency, node_valid, node)
 
 
 def critical_path(adjacency, node_valid, answer_node) -> np.ndarray:

@@ -204,7 +204,7 @@ def run(tmp_path_factory) -> Run:
         cfg, experiment.initial_model, experiment.store, rc.max_visual_patches
     )
     options = PipelineOptions(
-        directory=shards, dims=rc.dims, batch_segments=BATCH_SEGMENTS, follow=False
+        directory=shards, dims=record_dims(rc), batch_segments=BATCH_SEGMENTS, follow=False
     )
     batches = list(iter(make_pipeline(options, visual_inputs=stage, prefetch=0)))
     return Run(cfg, experiment, model, backend, records, batches)

@@ -112,11 +112,9 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    value = {name: holder.value for name, holder in _FLAGS.items()}
-    if value["config"] is None or not value["workdir"]:
-        raise app.UsageError("--config and --workdir are required")
+    from vimrag_jax.rollout.worker import flag_values
+
+    value = flag_values(_FLAGS, argv)
     from vimrag_jax.envs import scripted_sampler
     from vimrag_jax.experiment import Experiment
 

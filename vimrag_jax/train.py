@@ -54,6 +54,7 @@ from vimrag_jax.parallel.mesh import mesh_from_config
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
 from vimrag_jax.rollout.records import ROLLOUT_DIR
+from vimrag_jax.rollout.trajectory import record_dims
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
@@ -178,7 +179,7 @@ class Trainer:
         self.config_flags = config_flags
         self.mesh = mesh_from_config(cfg.mesh, jax.devices())
         self.experiment = Experiment.from_config(cfg, self.workdir)
-        self.dims = self.experiment.rollout_config().dims
+        self.dims = record_dims(self.experiment.rollout_config())
         self.pad_id = int(self.experiment.tokenizer.pad_token_id or 0)
         self.model_fn = _model_fn(self.experiment)
         self.checkpointer = Checkpointer.from_config(self.workdir, cfg.checkpoint)

@@ -148,16 +148,6 @@ class RolloutConfig:
         return cls(**fields)
 
     @property
-    def dims(self) -> Any:
-        """The record maxima, ``rollout.trajectory.record_dims(self)`` (a ``RecordDims``).
-
-        Kept for ``train.py`` and ``benchmarks/pipeline.py``; new code calls ``record_dims``,
-        so that ``agent/`` needs nothing of ``rollout/``."""
-        from vimrag_jax.rollout.trajectory import record_dims
-
-        return record_dims(self)
-
-    @property
     def max_prompt_tokens(self) -> int:
         return self.max_segment_tokens - self.max_new_tokens
 

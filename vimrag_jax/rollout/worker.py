@@ -281,12 +281,19 @@ def _batch_seed(seed: int, worker_id: str, sequence: int) -> int:
     return zlib.crc32(f"{seed}/{worker_id}/{sequence}".encode()) & 0x7FFFFFFF
 
 
-def main(argv: list[str]) -> int:
+def flag_values(holders: dict[str, flags.FlagHolder], argv: list[str]) -> dict[str, Any]:
+    """A program's flag values by name; UsageError on positional arguments or without
+    ``--config`` and ``--workdir`` (the worker's and the evaluator's common flags)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    value = {name: holder.value for name, holder in _FLAGS.items()}
+    value = {name: holder.value for name, holder in holders.items()}
     if value["config"] is None or not value["workdir"]:
         raise app.UsageError("--config and --workdir are required")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    value = flag_values(_FLAGS, argv)
     stop = StopFlag().install()
     run_worker(
         value["config"],
