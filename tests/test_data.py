@@ -28,6 +28,7 @@ from vimrag_jax.data.vision import VisualInputs, VisualPatches, image_patches
 from vimrag_jax.rl import ggpo, losses
 from vimrag_jax.rollout.records import RecordDims, ShardWriter, encode_record, shard_name
 from vimrag_jax.schema import segment_field
+from vimrag_jax.timeline import Timeline
 
 DIMS = RecordDims(nodes=5, items=2, segments=4, tokens=6, visuals=2)
 _NEXT_ID = iter(range(1, 10**9))
@@ -239,6 +240,33 @@ def test_stale_groups_are_counted_and_left_to_the_update(tmp_path):
     assert is_late(4, 7, 2) and not is_late(5, 7, 2)
     with pytest.raises(ValueError, match="current_version"):
         options(tmp_path, max_policy_lag=2)
+
+
+def test_groups_of_lost_versions_are_dropped_and_counted(tmp_path):
+    # A restart lost versions 3..4: a group with a rollout of either is dropped (counted), the
+    # others are kept, and lags count only the versions that survived.
+    rng = np.random.default_rng(7)
+    before, lost, mixed, after = (make_group(rng, 2, version=v) for v in (2, 4, 2, 5))
+    mixed[1]["policy_version"] = 3
+    write_shard(tmp_path, shard_name("w0", 0), [before, lost, mixed, after])
+    timeline = Timeline(((3, 4),))
+    opts = options(
+        tmp_path,
+        batch=64,
+        max_policy_lag=1,
+        current_version=PolicyVersion(5),
+        timeline=timeline,
+    )
+    it = iter(make_pipeline(opts, prefetch=0))
+    (batch,) = list(it)
+    assert ids(valid_rows([batch])) == ids(reference_rows([before, after]))
+    metrics = pipeline_metrics(it.get_state())
+    assert (metrics["lost_groups"], metrics["lost_records"]) == (2, 4)
+    assert metrics["stale_groups"] == 0  # v2 is one surviving version behind v5
+    kept, late = drop_late_segments(batch, 5, 1, timeline)
+    assert late == 0 and np.array_equal(kept["segment_valid"], batch["segment_valid"])
+    _, late = drop_late_segments(batch, 5, 1)  # counted without the timeline: v2 is 3 behind
+    assert late == len(reference_rows([before]))
 
 
 def test_segments_lagging_at_the_update_are_dropped_and_counted(tmp_path):

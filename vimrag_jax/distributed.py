@@ -141,6 +141,12 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Waits until every process gets here (collective; nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def max_over_processes(value: int) -> int:
     """The largest ``value`` any process passed (collective)."""
     if jax.process_count() == 1:

@@ -7,12 +7,14 @@ on a shared filesystem) poll for the newest version and reload. Layout::
       LATEST                      "12\\n": the newest complete version
       v00000012/params.safetensors   one tensor per parameter, named by its pytree path
       v00000012/policy.json          {"version": 12, "dtypes": {...}, "created": ...}
+      history.jsonl               one line per publication: {"version", "step", "time"}
+      timeline.json               versions lost to a restart (`vimrag_jax.timeline`)
 
 A version is written into a hidden temporary directory and renamed into place, and ``LATEST`` is
 replaced atomically after that, so a reader never sees a partial version: a publisher that dies
 mid-write leaves only a ``.tmp-*`` directory, which readers ignore and the next publish removes.
-Versions only go up. Old versions are pruned, keeping the newest ``keep`` (a worker may still be
-reading one it picked a moment ago).
+Versions only go up, across restarts too (`vimrag_jax.timeline`). Old versions are pruned, keeping
+the newest ``keep`` (a worker may still be reading one it picked a moment ago).
 
 Safetensors: a flat name → tensor file, no code inside (no pickle), memory-mappable and readable
 from any language. bfloat16, which numpy cannot hold natively, is stored as its raw 16 bits and
@@ -36,11 +38,13 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from vimrag_jax.distributed import to_host
+from vimrag_jax.faults import kill_point
 
 POLICY_DIR = "policy"
 LATEST = "LATEST"
 PARAMS_FILE = "params.safetensors"
 INFO_FILE = "policy.json"
+HISTORY_FILE = "history.jsonl"
 _VERSION_DIR = re.compile(r"^v(\d{8,})$")
 _RAW_DTYPES = {"bfloat16": (ml_dtypes.bfloat16, np.uint16)}
 
@@ -101,12 +105,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def publish_policy(
-    params: Any, workdir: str | os.PathLike, version: int, *, keep: int = 3
+    params: Any,
+    workdir: str | os.PathLike,
+    version: int,
+    *,
+    keep: int = 3,
+    step: int | None = None,
 ) -> Path | None:
     """Publishes ``params`` as ``version``; returns its directory on process 0, else None.
 
     Call it on every process: sharded parameters are gathered collectively, then only
-    process 0 writes. ``version`` must exceed every version already published.
+    process 0 writes. ``version`` must exceed every version already published. ``step`` (the
+    learner's step) goes into ``history.jsonl`` with the version.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
@@ -137,9 +147,15 @@ def publish_policy(
     save_file(tensors, str(tmp / PARAMS_FILE))
     info = {"version": int(version), "dtypes": dtypes, "created": time.time()}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+    kill_point("publish", version)
     final = version_dir(workdir, version)
     os.rename(tmp, final)
+    kill_point("published", version)
     _write_atomically(root / LATEST, f"{int(version)}\n")
+    # One small append per line (whole on POSIX); a line torn by a kill is skipped when read.
+    line = json.dumps({"version": int(version), "step": step, "time": time.time()}) + "\n"
+    with open(root / HISTORY_FILE, "a") as history:
+        history.write(line)
 
     for old in published_versions(workdir)[:-keep]:
         shutil.rmtree(version_dir(workdir, old), ignore_errors=True)
@@ -173,3 +189,18 @@ def load_policy(path: str | os.PathLike, abstract_params: Any) -> Any:
         sharding = getattr(leaf, "sharding", None)
         values.append(array if sharding is None else jax.device_put(array, sharding))
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def publication_history(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every publication of the run in order (``history.jsonl``; a line torn by a kill is
+    skipped)."""
+    path = Path(workdir) / POLICY_DIR / HISTORY_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

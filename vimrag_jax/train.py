@@ -7,9 +7,12 @@ the rollout workers' shards, publishing policy weights every ``publish.every_ste
 With ``rollout.embedded_workers > 0`` (the CPU default) the trainer runs its own rollout worker
 processes; on pods ``launch/`` starts them elsewhere.
 
-Restarting with the same ``--workdir`` resumes: the newest orbax checkpoint gives the train
-state, the phase, the policy version and the input pipeline's ledger, so no trajectory is read
-twice or skipped. ``WORKDIR/phase.json`` records that the RL phase has begun.
+Restarting with the same ``--workdir`` resumes, after a clean stop or a kill at any moment:
+the newest orbax checkpoint gives the train state, the policy version and the input pipeline's
+ledger as of one step, so no trajectory is trained twice on the surviving timeline; the policy
+versions published after that checkpoint are lost and their rollouts dropped and counted
+(`vimrag_jax.resume`, `vimrag_jax.timeline`). ``faults.kill_point`` marks the moments tests and
+the kill drill kill the learner at.
 
 Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time (or no warm-start data).
 """
@@ -19,8 +22,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vimrag_jax import config_checks, distributed, optim, publish
@@ -48,20 +50,28 @@ from vimrag_jax.data.pipeline import (
     visual_stage_from_config,
 )
 from vimrag_jax.data.pipeline import pipeline_metrics as read_pipeline_counters
+from vimrag_jax.faults import kill_point
 from vimrag_jax.learner import Learner, batch_token_counts
 from vimrag_jax.metrics import MetricWriter
 from vimrag_jax.parallel.mesh import mesh_from_config
+from vimrag_jax.resume import (
+    continue_timeline,
+    expert_trajectories_missing,
+    mark_expert_data_done,
+    read_phase,
+    write_phase,
+)
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
 from vimrag_jax.rollout.records import ROLLOUT_DIR
 from vimrag_jax.rollout.trajectory import record_dims
+from vimrag_jax.timeline import NO_LOSS, Timeline
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/ggpo.py[:preset].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and rollouts.")
 
-PHASE_FILE = "phase.json"
 SFT_DATA_DIR = "sft_data"
 EXIT_BAD_CONFIG = 2
 EXIT_NO_DATA = 3
@@ -91,24 +101,6 @@ def _main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def _read_phase(workdir: Path) -> dict[str, Any]:
-    path = workdir / PHASE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {"phase": "sft"}
-
-
-def _write_phase(workdir: Path, phase: dict[str, Any]) -> None:
-    if not _main_process():
-        return
-    tmp = workdir / f".{PHASE_FILE}.tmp"
-    tmp.write_text(json.dumps(phase))
-    os.replace(tmp, workdir / PHASE_FILE)
-
-
 def _model_fn(experiment):
     """A builder of the policy's shapes and seeded initial values (jit-able)."""
     cfg = experiment.cfg
@@ -134,11 +126,14 @@ def _initial_params(experiment):
     return nnx.state(experiment.initial_model(), nnx.Param)
 
 
-def _without_late_segments(batch, version: int, max_lag: int) -> tuple[dict | None, int]:
-    """(``batch`` without the segments lagging more than ``max_lag`` versions behind ``version``
-    (``data.pipeline.drop_late_segments``), or None when no process has a segment left to
-    train; the number dropped over all processes). Collective on several processes."""
-    batch, late = drop_late_segments(batch, version, max_lag)
+def _without_late_segments(
+    batch, version: int, max_lag: int, timeline: Timeline = NO_LOSS
+) -> tuple[dict | None, int]:
+    """(``batch`` without the segments lagging more than ``max_lag`` versions of ``timeline``
+    behind ``version`` (``data.pipeline.drop_late_segments``), or None when no process has a
+    segment left to train; the number dropped over all processes). Collective on several
+    processes."""
+    batch, late = drop_late_segments(batch, version, max_lag, timeline)
     late = int(distributed.sum_over_processes({"late": late})["late"])
     if late and not distributed.max_over_processes(bool(batch["segment_valid"].any())):
         logging.info("skipped a batch: all its segments lag more than %d versions", max_lag)
@@ -235,19 +230,22 @@ class Trainer:
     # --- supervised warm start --------------------------------------------------------
 
     def _sft_data(self) -> Path:
+        """The warm start's shards: ``sft.data``, or scripted-expert trajectories written to
+        ``WORKDIR/sft_data`` (only those still missing after a kill; then marked done)."""
         if self.cfg.sft.data:
             return Path(self.cfg.sft.data)
         directory = self.workdir / SFT_DATA_DIR
-        if _main_process() and not any(directory.glob("*.array_record")):
+        trajectories = int(self.cfg.sft.num_trajectories)
+        missing = expert_trajectories_missing(directory, trajectories) if _main_process() else 0
+        if missing:
             logging.info(
-                "writing %d scripted-expert trajectories for the warm start to %s",
-                self.cfg.sft.num_trajectories, directory,
+                "writing %d scripted-expert trajectories (of %d) for the warm start to %s",
+                missing, trajectories, directory,
             )  # fmt: skip
-            trajectories = int(self.cfg.sft.num_trajectories)
             extra = [
                 "--policy=scripted_expert",
                 "--questions=sft",
-                f"--max_trajectories={trajectories}",
+                f"--max_trajectories={missing}",
                 f"--shard_dir={directory}",
             ]
             if jax.process_count() > 1:  # every process reads its own shards: write enough
@@ -262,7 +260,9 @@ class Trainer:
                     f"the scripted-expert worker failed (status {code}); see "
                     f"{self.workdir / 'logs' / 'expert.log'}"
                 )
-        _sync("sft_data")
+        if _main_process():
+            mark_expert_data_done(directory)
+        distributed.barrier("sft_data")
         return directory
 
     def run_sft(self) -> Any:
@@ -330,6 +330,7 @@ class Trainer:
                 optim.sft_optim_config(self.cfg), learner.step - 1
             )
             self._log(learner.step, metrics, batch, wait, prefix="sft/")
+            kill_point("sft_step", learner.step)
             learner.save(
                 self.checkpointer,
                 learner.step,
@@ -365,6 +366,7 @@ class Trainer:
             policy_version=version,
             episodes_dir=self.workdir / eval_lib.EVAL_DIR,
         )
+        kill_point("eval", global_step)
         eval_lib.write_report(self.workdir, version, metrics)
         self.writer.write(global_step, {f"eval/{k}": v for k, v in metrics.items()})
         logging.info("eval at policy v%d: %s", version, metrics)
@@ -378,19 +380,31 @@ class Trainer:
             return
         from vimrag_jax.models.hf import save_pretrained
 
+        # Written beside the target and swapped in whole: a kill leaves the previous export or
+        # none, never a partial one (leftovers of a killed export are removed here).
         directory = self.workdir / "export"
+        for stale in self.workdir.glob(".export-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = self.workdir / f".export-{os.getpid()}"
         try:
-            save_pretrained(model, directory, dtype=self.cfg.export.dtype)
+            save_pretrained(model, staging, dtype=self.cfg.export.dtype)
         except NotImplementedError as err:  # e.g. a model without an exporter yet
             logging.warning("no Hugging Face export: %s", err)
             return
-        self.experiment.tokenizer.save_pretrained(str(directory))
+        self.experiment.tokenizer.save_pretrained(str(staging))
+        kill_point("export")
+        if directory.exists():
+            old = self.workdir / f".export-old-{os.getpid()}"
+            os.rename(directory, old)
+            shutil.rmtree(old)
+        os.rename(staging, directory)
         logging.info("exported the final policy to %s", directory)
 
-    def _publish(self, learner: Learner, version: int) -> None:
+    def _publish(self, learner: Learner, version: int, step: int) -> None:
         # Workers read the plain parameter tree (`Experiment.load_latest`): no Variable boxes.
         params = learner.params().to_pure_dict()
-        publish.publish_policy(params, self.workdir, version, keep=int(self.cfg.publish.keep))
+        keep = int(self.cfg.publish.keep)
+        publish.publish_policy(params, self.workdir, version, keep=keep, step=step)
 
     def run_rl(self, start_params: Any | None) -> None:
         cfg = self.cfg
@@ -420,12 +434,14 @@ class Trainer:
                 params = _initial_params(self.experiment)
             learner.initialize(params)
         offset = self.sft_calls  # checkpoint steps continue after the warm start's
-        _write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})
+        write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})
 
-        # Only process 0 reads the policy directory; every process joins the publication.
-        latest = publish.latest_policy(self.workdir)
-        if distributed.broadcast_from_main(latest is None or latest[0] < version):
-            self._publish(learner, version)
+        version, timeline = continue_timeline(
+            self.workdir,
+            version,
+            offset + learner.step,
+            lambda new: self._publish(learner, new, offset + learner.step),
+        )
         current = PolicyVersion(version)
         directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
         directory.mkdir(parents=True, exist_ok=True)
@@ -435,6 +451,7 @@ class Trainer:
             self.dims,
             current_version=current,
             skip_uniform_groups=bool(cfg.data.skip_uniform_groups),
+            timeline=timeline,
         )
         options = dataclasses.replace(options, progress={})
         workers = LocalWorkers(
@@ -471,25 +488,28 @@ class Trainer:
                 batch, pending = pending, None
                 last_data = time.monotonic()
                 wait = time.perf_counter() - began
-                batch, late = _without_late_segments(batch, version, max_lag)
+                batch, late = _without_late_segments(batch, version, max_lag, timeline)
                 late_segments += late
                 if batch is None:
                     continue
                 metrics = learner.train_step(batch)
+                kill_point("rl_step", offset + learner.step)
                 trained_version = version  # the policy this batch updated (lag is to it)
                 if learner.step % self.micro == 0:
                     updates = learner.step // self.micro
                     if updates % int(cfg.publish.every_steps) == 0:
                         version += 1
-                        self._publish(learner, version)
+                        self._publish(learner, version, offset + learner.step)
                         current.set(version)
                     every = int(cfg.eval.every_steps)
                     if every and updates % every == 0 and learner.step < self.rl_calls:
                         self._evaluate(learner, version, offset + learner.step)
                 valid = np.asarray(batch["segment_valid"], bool)
                 if valid.any():
-                    lag = trained_version - np.asarray(batch["policy_version"])[valid].mean()
-                    metrics["policy_lag"] = float(lag)
+                    sampled = np.asarray(batch["policy_version"])[valid]
+                    metrics["policy_lag"] = float(
+                        timeline.surviving_lag(sampled, trained_version).mean()
+                    )
                 metrics["policy_version"] = float(version)
                 metrics["late_segments"] = float(late_segments)
                 metrics["learning_rate"] = optim.learning_rate_at(cfg.optim, learner.step - 1)
@@ -498,13 +518,15 @@ class Trainer:
                 metrics.update(rollout_reward.update(counters))
                 metrics["workers_restarted"] = float(workers.restarts)
                 self._log(offset + learner.step, metrics, batch, wait)
-                learner.save(
+                saved = learner.save(
                     self.checkpointer,
                     offset + learner.step,
                     data_state=iterator.get_state(),
                     metadata=run_metadata(cfg, version, phase="rl", late_segments=late_segments),
                     force=learner.step == self.rl_calls,
                 )
+                if saved:  # the save is written in the background: a kill here interrupts it
+                    kill_point("checkpoint", offset + learner.step)
                 workers.check()
         finally:
             workers.stop()
@@ -513,7 +535,7 @@ class Trainer:
         self._export(learner)
 
     def run(self) -> int:
-        phase = _read_phase(self.workdir)
+        phase = read_phase(self.workdir)
         params = None
         try:
             if phase["phase"] != "rl" and self.sft_calls > 0:

@@ -45,6 +45,7 @@ from vimrag_jax.data.shards import COUNTERS, Cursor, Ledger, ShardSource, defaul
 from vimrag_jax.rl.ggpo import is_positive
 from vimrag_jax.rollout.records import RecordError, ShardReader, decode_record
 from vimrag_jax.schema import RecordDims
+from vimrag_jax.timeline import NO_LOSS, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class PipelineOptions:
     out; for messages about a learner that waits, never for checkpoints.
     ``positive_threshold``: a rollout counts in ``rewarded_records`` when its reward is positive
     by GGPO's rule (`rl.ggpo.is_positive`, the config's ``loss.positive_threshold``).
+    ``timeline``: the policy versions restarts lost (`vimrag_jax.timeline`); a group with a
+    rollout sampled by one is dropped and counted (``lost_groups``), and lags are counted on
+    the surviving timeline.
     """
 
     directory: str | Path
@@ -97,6 +101,7 @@ class PipelineOptions:
     process_count: int | None = None
     progress: dict[str, int] | None = dataclasses.field(default=None, compare=False)
     positive_threshold: float = 1.0
+    timeline: Timeline = NO_LOSS
 
     def __post_init__(self):
         if not isinstance(self.dims, RecordDims):
@@ -307,9 +312,12 @@ class _SegmentBatchIterator(grain.DatasetIterator):
             threshold = self._opt.positive_threshold
             rewarded = sum(bool(is_positive(float(r["reward"]), threshold)) for r in records)
             self._count(groups_read=1, records_read=len(records), rewarded_records=rewarded)
-            if self._stale(records):
+            lost = any(self._opt.timeline.is_lost(r["policy_version"]) for r in records)
+            if not lost and self._stale(records):
                 self._count(stale_groups=1, stale_records=len(records))
-            if self._opt.skip_uniform_groups and _uniform(records):
+            if lost:
+                self._count(lost_groups=1, lost_records=len(records))
+            elif self._opt.skip_uniform_groups and _uniform(records):
                 self._count(uniform_groups=1, uniform_records=len(records))
             else:
                 self._emit(shard, start, group, resume)
@@ -324,7 +332,7 @@ class _SegmentBatchIterator(grain.DatasetIterator):
         if opt.max_policy_lag is None:
             return False
         oldest = min(record["policy_version"] for record in records)
-        return bool(is_late(oldest, opt.current_version(), opt.max_policy_lag))
+        return bool(is_late(oldest, opt.current_version(), opt.max_policy_lag, opt.timeline))
 
     def _emit(
         self,
@@ -357,15 +365,22 @@ def _uniform(records: list[dict[str, Any]]) -> bool:
 
 
 def is_late(
-    sampled_version: int | np.ndarray, trained_version: int, max_policy_lag: int
+    sampled_version: int | np.ndarray,
+    trained_version: int,
+    max_policy_lag: int,
+    timeline: Timeline = NO_LOSS,
 ) -> bool | np.ndarray:
-    """The policy-lag rule: sampled more than ``max_policy_lag`` versions before the policy
-    that ``trained_version`` names (the one about to be updated)."""
-    return trained_version - sampled_version > max_policy_lag
+    """The policy-lag rule: sampled more than ``max_policy_lag`` versions of the surviving
+    ``timeline`` before the policy that ``trained_version`` names (the one about to be
+    updated)."""
+    return timeline.surviving_lag(sampled_version, trained_version) > max_policy_lag
 
 
 def drop_late_segments(
-    batch: Mapping[str, np.ndarray], trained_version: int, max_policy_lag: int
+    batch: Mapping[str, np.ndarray],
+    trained_version: int,
+    max_policy_lag: int,
+    timeline: Timeline = NO_LOSS,
 ) -> tuple[dict[str, np.ndarray], int]:
     """``batch`` with every segment sampled more than ``max_policy_lag`` versions before
     ``trained_version`` (the policy the batch is about to update) marked invalid, and how many
@@ -377,7 +392,8 @@ def drop_late_segments(
     moves past it).
     """
     valid = np.asarray(batch["segment_valid"], bool)
-    late = valid & is_late(np.asarray(batch["policy_version"]), trained_version, max_policy_lag)
+    versions = np.asarray(batch["policy_version"])
+    late = valid & is_late(versions, trained_version, max_policy_lag, timeline)
     count = int(late.sum())
     if not count:
         return dict(batch), 0
@@ -427,6 +443,7 @@ def options_from_config(
     advantage: str = "group",
     skip_uniform_groups: bool = False,
     batch_segments: int | None = None,
+    timeline: Timeline = NO_LOSS,
 ) -> PipelineOptions:
     """`PipelineOptions` from the experiment config (``rollout.max_policy_lag``; the lag applies
     only with ``current_version``). ``batch_segments`` (default ``data.batch_segments``) is the
@@ -443,6 +460,7 @@ def options_from_config(
         advantage=advantage,
         skip_uniform_groups=skip_uniform_groups,
         positive_threshold=float(cfg.loss.positive_threshold),
+        timeline=timeline,
     )
 
 

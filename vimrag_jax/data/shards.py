@@ -37,14 +37,18 @@ COUNTERS = (
     "stale_records",
     "incomplete_groups",
     "incomplete_records",
-    # Complete groups read (stale ones included) and their positive records (`rl.ggpo.is_positive`):
-    # the success of the rollouts as the workers produced them, before any filtering.
+    # Complete groups read (stale and lost ones included) and their positive records
+    # (`rl.ggpo.is_positive`): the success of the rollouts as the workers produced them, before
+    # any filtering.
     "groups_read",
     "records_read",
     "rewarded_records",
     # Groups dropped because every rollout got the same reward (PipelineOptions).
     "uniform_groups",
     "uniform_records",
+    # Groups with a rollout sampled by a policy version a restart lost (`vimrag_jax.timeline`).
+    "lost_groups",
+    "lost_records",
 )
 # Counters older states may lack (they start at 0 on restore).
 _LATER_COUNTERS = frozenset(COUNTERS[COUNTERS.index("groups_read") :])

@@ -3,7 +3,9 @@
 On one machine `python -m vimrag_jax.train` runs `rollout.embedded_workers` copies of
 `python -m vimrag_jax.rollout.worker` with the trainer's own `--config` flags, watches them
 (a worker that dies is restarted, up to a limit, and counted) and stops them on exit: SIGTERM
-first, so each finishes its shard, then SIGKILL after a grace period. Their logs go to
+first, so each finishes its shard, then SIGKILL after a grace period. A trainer that is killed
+takes its workers with it (`die_with_parent`): a restarted trainer starts workers of the same
+ids, which must not meet orphans of the last run writing the same shard names. Their logs go to
 `WORKDIR/logs/<worker id>.log`. On pods `rollout.embedded_workers = 0` and `launch/` starts
 workers on their own hosts.
 """
@@ -19,6 +21,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from absl import logging
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Makes this process die with SIGKILL when ``parent_pid``, its parent, dies (Linux's
+    parent-death signal); exits at once if that parent is already gone. Elsewhere the worker
+    checks `parent_alive` between batches instead."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logging.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if not parent_alive(parent_pid):  # died before the signal was armed
+        logging.info("parent %d is gone; exiting", parent_pid)
+        sys.exit(0)
+
+
+def parent_alive(parent_pid: int) -> bool:
+    """Whether ``parent_pid`` is still this process's parent (an orphan is re-parented)."""
+    return os.getppid() == parent_pid
 
 
 def config_flags_from_argv(argv: Sequence[str]) -> list[str]:
@@ -66,6 +90,7 @@ class LocalWorkers:
             *self.config_flags,
             f"--workdir={self.workdir}",
             f"--worker_id={worker_id}",
+            f"--parent_pid={os.getpid()}",
             *self.extra_flags,
         ]
 

@@ -22,6 +22,8 @@ the learner it would otherwise spend the CPU on rollouts the learner drops as st
 
 SIGTERM (and SIGINT) set a flag: the worker finishes the batch and shard in flight, then exits 0.
 On restart the shard sequence continues after the highest one on disk for this worker id.
+``--parent_pid`` (set by a trainer for its embedded workers): the worker dies with that process,
+so a killed trainer leaves no orphan writing under the worker id its restart reuses.
 ``--policy=scripted_expert|scripted_noisy`` swaps the model for a scripted policy (SFT data).
 """
 
@@ -38,6 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vimrag_jax.faults import kill_point
+from vimrag_jax.rollout.local_workers import die_with_parent, parent_alive
 
 if TYPE_CHECKING:
     from vimrag_jax.agent.config import RolloutConfig
@@ -72,6 +77,10 @@ def _define_flags() -> None:
         questions=flags.DEFINE_enum(
             "questions", "rl", ["rl", "sft"],
             "Question split: the RL one, or the warm start's (env.sft_questions).",
+        ),
+        parent_pid=flags.DEFINE_integer(
+            "parent_pid", 0,
+            "Die with this parent process (set by the trainer for its embedded workers).",
         ),
     )  # fmt: skip
 
@@ -173,6 +182,7 @@ def run_worker(
     shard_dir: str = "",
     questions: str = "rl",
     stop: StopFlag | None = None,
+    parent_pid: int = 0,
 ) -> int:
     """The worker loop (see the module docstring); returns the trajectories written.
 
@@ -213,6 +223,9 @@ def run_worker(
     at_version = 0  # shards written with the current version
     waiting_since = None
     while not stop.stop and (max_trajectories <= 0 or written < max_trajectories):
+        if parent_pid and not parent_alive(parent_pid):
+            logging.info("worker %s: the trainer that started it is gone; stopping", worker_id)
+            break
         if model is not None:
             newer = experiment.load_latest(model, newer_than=loaded)
             if newer is not None:
@@ -255,6 +268,8 @@ def run_worker(
         with ShardWriter(directory, name=name, dims=record_dims(rc)) as writer:
             for record in records:
                 writer.write(record)
+        if policy == "scripted_expert":  # the trainer waits for these: kill it half-way
+            kill_point("expert_data", sequence, parent=True)
         elapsed = time.perf_counter() - began
         written += len(records)
         stats = out.stats
@@ -295,6 +310,8 @@ def flag_values(holders: dict[str, flags.FlagHolder], argv: list[str]) -> dict[s
 def main(argv: list[str]) -> int:
     value = flag_values(_FLAGS, argv)
     stop = StopFlag().install()
+    if value["parent_pid"]:
+        die_with_parent(value["parent_pid"])
     run_worker(
         value["config"],
         value["workdir"],
@@ -304,6 +321,7 @@ def main(argv: list[str]) -> int:
         shard_dir=value["shard_dir"],
         questions=value["questions"],
         stop=stop,
+        parent_pid=value["parent_pid"],
     )
     return 0
 
