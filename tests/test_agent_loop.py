@@ -3,13 +3,15 @@ random Qwen3 through the embedded sampler, records, and batching independence.""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from vimrag_jax.agent import prompts
+from vimrag_jax.agent import graph_ops, prompts
 from vimrag_jax.agent.config import RolloutConfig
+from vimrag_jax.agent.graph_ops import ActionKind
 from vimrag_jax.agent.loop import VimRAGAgent
 from vimrag_jax.agent.protocol import format_tool_call, parse_action
 from vimrag_jax.agent.tokenizer import build_tokenizer
@@ -23,6 +25,7 @@ from vimrag_jax.envs.scripted_sampler import (
 from vimrag_jax.envs.synthetic import SyntheticConfig, build, entity_kinds
 from vimrag_jax.experiment import tokenizer_texts
 from vimrag_jax.memory.energy import smart_resize
+from vimrag_jax.memory.graph import GraphError
 from vimrag_jax.models.presets import init_model, preset_config
 from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.rl.ggpo import node_keep_mask
@@ -91,12 +94,11 @@ def test_expert_through_the_loop_is_correct_and_clean(world, expert_run, tmp_pat
         # The loop's graph is the one the expert meant: same nodes, parents and answer parents.
         final = intended.views[-1]
         assert episode.node_ids[:-1] == list(final.node_ids)
-        assert episode.node_parents[:-1] == list(final.node_parents)
-        assert episode.node_parents[-1] == intended.answer_parents
         n = len(episode.node_ids)
         assert record["node_valid"].sum() == n and record["answer_node"] == n - 1
         assert list(record["node_kind"][:n]) == [0] + [1] * (n - 2) + [2]
-        for j, parents in enumerate(episode.node_parents):
+        meant = [*final.node_parents, intended.answer_parents]
+        for j, parents in enumerate(meant):
             rows = np.flatnonzero(record["adjacency"][:, j])
             assert [episode.node_ids[i] for i in rows] == sorted(
                 parents, key=episode.node_ids.index
@@ -248,6 +250,11 @@ _ANSWER = format_tool_call("add_answer_node", {"parent_ids": ["root"], "answer":
 _CASES = {
     "bad_json": (['<tool_call>{"name": oops</tool_call>', _ANSWER], "not valid JSON", 0),
     "unknown_parent": ([_search("a", ["nope"]), _ANSWER], 'unknown parent id "nope"', 0),
+    "answer_parent": (
+        [format_tool_call("add_answer_node", {"parent_ids": ["a"], "answer": "red"}), _ANSWER],
+        'unknown parent id "a"; the nodes are "root"',
+        0,
+    ),
     "search_twice": (
         [_search("a"), _search("b"), "MEMORIZE_ALL", _ANSWER],
         "must be followed",
@@ -296,6 +303,45 @@ def test_each_invalid_action_gets_its_error_and_the_episode_continues(world):
         np.testing.assert_allclose(
             record["behavior_logprobs"][record["loss_mask"]], -0.5
         )  # the backend's log-probs, on sampled tokens only
+
+
+def test_rejected_actions_leave_their_rows_unchanged():
+    # The graph judges structure: a rejected row keeps every array (bank included) but
+    # ``error``, and its next frame budgets are those it had.
+    updater = graph_ops.turn_updater("energy")
+    graphs = graph_ops.batched_empty_graph(
+        3, 3, 2, max_query_tokens=4, max_summary_tokens=4, max_keyframes=2
+    )
+
+    def turn(graphs, kinds, parents=(), node=0, keep=False):
+        buffers = graph_ops.blank_actions(graphs)
+        buffers["kind"][:] = kinds
+        for row, parent in parents:
+            buffers["parent_mask"][row, parent] = True
+        buffers["node"][:] = node
+        buffers["bank_valid"][:, 0] = buffers["bank_saliency"][:, 0] = keep
+        buffers["bank_item_id"][:, 0] = 7
+        return updater(graphs, graph_ops.pack_actions(buffers))
+
+    search, memorize, answer = ActionKind.SEARCH, ActionKind.MEMORIZE, ActionKind.ANSWER
+    graphs, _ = turn(graphs, search, [(r, 0) for r in range(3)])
+    graphs, before = turn(graphs, memorize, node=1, keep=True)
+    kept = jax.device_get(graphs)
+    # A search into the slot kept for the answer; an answer whose parent is its own (unknown)
+    # slot; a memorize into the root.
+    graphs, after = turn(graphs, [search, answer, memorize], [(0, 1), (1, 2)], keep=True)
+    full, unknown = GraphError.GRAPH_FULL, GraphError.UNKNOWN_PARENT
+    assert after.error.tolist() == [full, unknown, GraphError.NOT_A_SEARCH_NODE]
+    got = jax.device_get(graphs)
+    assert got.error.tolist() == after.error.tolist()
+    jax.tree.map(np.testing.assert_array_equal, got.replace(error=0), kept.replace(error=0))
+    np.testing.assert_array_equal(after.budgets, before.budgets)
+    assert before.budgets[:, 1, 0].min() > 0
+    # The kept slot takes the answer; rows without an action read OK.
+    graphs, last = turn(graphs, [answer, 0, 0], [(0, 1)])
+    assert last.error.tolist() == [GraphError.OK] * 3
+    assert last.row(0).answer_node == 2 and last.row(0).parents(2) == [1]
+    assert last.row(1).answer_node == -1 and last.row(1).num_nodes == 2
 
 
 def test_graph_full_and_max_calls(world):

@@ -1,12 +1,13 @@
-"""Checking a parsed action against an episode and applying it: search, memorize, answer.
+"""Checking a parsed action and applying it to an episode: search, memorize, answer.
 
-Each completion is parsed (``protocol.parse_action``) and checked against the episode's graph:
-parents exist, ids are new, searches and memorizes alternate, every retrieved item is memorized
-exactly once, and the graph has room. A rejected action raises ``InvalidAction`` whose message
-goes back to the model. A valid one updates the host mirror (ids and text, which JAX cannot hold)
-and writes its row of the step's ``StepActions``: the action buffers that ``graph_ops`` packs
-into one ``TurnActions`` for the jitted graph update, plus the queries to search and the
-summaries to tokenize.
+One set of checks, split by who can make them. The host checks what the graph cannot see: ids are
+new, searches and memorizes alternate, every retrieved item is memorized exactly once, keyframes
+lie in their video (``pack_action``; a failure raises ``InvalidAction``). A passing action is
+written into its row of the step's ``StepActions`` (the buffers ``graph_ops`` packs into one
+``TurnActions``, the queries and summaries to tokenize) and returned as a ``Proposal``. The graph
+then checks the structure (parents exist, room for the node, one answer) in the jitted update;
+its ``GraphError`` becomes the message (``graph_error_message``), and only an accepted action
+reaches the episode's texts (``commit``). The message of a rejected action goes back to the model.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vimrag_jax.agent.episode import Episode, MemorySlot
 from vimrag_jax.agent.graph_ops import ActionKind
 from vimrag_jax.agent.protocol import ROOT_ID, Action
 from vimrag_jax.memory.energy import smart_resize
-from vimrag_jax.memory.graph import Modality
+from vimrag_jax.memory.graph import GraphError, MemoryGraphError, Modality
 from vimrag_jax.retrieval.corpus import ItemInfo
 
 
@@ -34,10 +35,11 @@ class InvalidAction(Exception):
 
 @dataclasses.dataclass
 class StepActions:
-    """The valid actions of one step, all rows: graph buffers, searches and summaries to run.
+    """The host-checked actions of one step, all rows: graph buffers, queries and summaries.
 
     ``buffers`` are ``graph_ops.blank_actions`` arrays (one row per episode); ``searches`` and
-    ``summaries`` are ``(row, text)`` pairs.
+    ``summaries`` are ``(row, text)`` pairs to tokenize (a search runs only once the graph has
+    accepted it).
     """
 
     buffers: dict[str, np.ndarray]
@@ -80,40 +82,59 @@ def observation_items(items: Sequence[ItemInfo], pixels: int) -> list[prompts.Re
     return out
 
 
-def parent_indices(episode: Episode, parent_ids: Sequence[str]) -> list[int]:
-    """Node indices of ``parent_ids``; InvalidAction naming an unknown id."""
+@dataclasses.dataclass
+class Proposal:
+    """An action that passed the host's checks and is packed for the graph: what the episode
+    gains once the graph accepts it (``commit``); dropped when the graph rejects it."""
+
+    action: Action
+    text: str
+    slots: list[MemorySlot] = dataclasses.field(default_factory=list)  # memorize: kept items
+
+
+def parent_mask_row(mask: np.ndarray, episode: Episode, parent_ids: Sequence[str]) -> None:
+    """Marks ``parent_ids`` in a row of parent masks. An id that names no node marks the new
+    node's own slot (``len(node_ids)``, not yet valid), which the graph rejects as
+    ``UNKNOWN_PARENT``; with no slot left the graph is full and says so first."""
     index = {node_id: i for i, node_id in enumerate(episode.node_ids)}
-    out = []
     for parent in parent_ids:
-        if parent not in index or index[parent] == episode.answer_node:
-            known = ", ".join(json_quote(n) for n in episode.node_ids)
-            raise InvalidAction(f"unknown parent id {json_quote(parent)}; the nodes are {known}")
-        out.append(index[parent])
-    return out
+        i = index.get(parent, len(episode.node_ids))
+        if i < mask.shape[0]:
+            mask[i] = True
 
 
-def _add_node(episode: Episode, node_id: str, parent_ids: Sequence[str], query: str) -> int:
-    """Appends a node to the host mirror; returns its index."""
-    episode.node_ids.append(node_id)
-    episode.node_parents.append(tuple(parent_ids))
-    episode.queries.append(query)
-    episode.summaries.append("")
-    episode.memory.append([])
-    episode.retrieved.append(())
-    return episode.num_nodes - 1
+def graph_error_message(code: int, episode: Episode, action: Action) -> str:
+    """The invalid-action message for an action the graph rejected with ``code``."""
+    code = GraphError(code)
+    if code == GraphError.UNKNOWN_PARENT:
+        ids = episode.node_ids
+        unknown = [p for p in action.arguments["parent_ids"] if p not in ids]
+        known = ", ".join(json_quote(n) for n in ids)
+        if unknown:
+            return f"unknown parent id {json_quote(unknown[0])}; the nodes are {known}"
+    if code == GraphError.GRAPH_FULL and action.kind == "search":
+        return (
+            "the memory graph is full (no room for another search); answer now with add_answer_node"
+        )
+    if code == GraphError.GRAPH_FULL:
+        return "the memory graph is full; no room for the answer node"
+    return str(MemoryGraphError(code))
 
 
-def apply_action(
+def pack_action(
     episode: Episode,
     row: int,
     action: Action,
     text: str,
     step: StepActions,
     config: RolloutConfig,
-) -> int:
-    """Checks a parsed valid action against the episode and applies it; returns its node."""
+) -> Proposal:
+    """Checks what only the host can (searches and memorizes alternate, ids are new, memorize
+    listings and keyframes) and packs the action into the step's row; the graph checks the
+    structure (parents, room, one answer). Nothing of the episode changes here."""
     args = action.arguments
     buffers = step.buffers
+    kept: list[MemorySlot] = []
     if action.kind == "search":
         if episode.pending is not None:
             raise InvalidAction(
@@ -123,53 +144,60 @@ def apply_action(
         node_id = args["id"].strip()
         if node_id == ROOT_ID or node_id in episode.node_ids:
             raise InvalidAction(f"node id {json_quote(node_id)} already exists; choose a new id")
-        parents = parent_indices(episode, args["parent_ids"])
-        if episode.num_nodes >= config.max_nodes - 1:
-            raise InvalidAction(
-                "the memory graph is full (no room for another search); answer now with "
-                "add_answer_node"
-            )
-        node = _add_node(episode, node_id, args["parent_ids"], args["query"])
-        episode.pending, episode.pending_node = (), node
-        episode.pending_turns = (prompts.Message("assistant", text),)
-        episode.error_turns = ()
         buffers["kind"][row] = ActionKind.SEARCH
-        buffers["parent_mask"][row, parents] = True
-        buffers["step"][row] = episode.step
+        parent_mask_row(buffers["parent_mask"][row], episode, args["parent_ids"])
         step.searches.append((row, args["query"]))
-        return node
-    if action.kind == "memorize":
+    elif action.kind == "memorize":
         if episode.pending is None:
             raise InvalidAction("there are no search results to memorize; search first")
         views = observation_items(episode.pending, config.observation_pixels)
         slots = check_memorize(episode.pending, views, args["memorize"], config.max_keyframes)
-        node = episode.pending_node
-        episode.summaries[node] = args["summarize"]
-        episode.memory[node] = [s for s in slots if s is not None]
         fill_bank(buffers, row, episode.pending, slots)
         buffers["kind"][row] = ActionKind.MEMORIZE
-        buffers["node"][row] = node
-        buffers["step"][row] = episode.step
+        # Results are pending only right after a search: the node awaiting them is the newest.
+        buffers["node"][row] = len(episode.node_ids) - 1
         step.summaries.append((row, args["summarize"]))
-        episode.pending, episode.pending_node = None, -1
-        episode.pending_turns = episode.error_turns = ()
-        return node
-    if action.kind == "answer":
+        kept = [s for s in slots if s is not None]
+    elif action.kind == "answer":
         if episode.pending is not None:
             raise InvalidAction(
                 "record the last search results with summarize_and_memorize before answering"
             )
-        parents = parent_indices(episode, args["parent_ids"])
-        if episode.num_nodes >= config.max_nodes:
-            raise InvalidAction("the memory graph is full; no room for the answer node")
-        node = _add_node(episode, "answer", args["parent_ids"], "")
-        episode.answer_node, episode.prediction = node, args["answer"]
         buffers["kind"][row] = ActionKind.ANSWER
-        buffers["parent_mask"][row, parents] = True
-        buffers["step"][row] = episode.step
+        parent_mask_row(buffers["parent_mask"][row], episode, args["parent_ids"])
+    else:
+        raise InvalidAction(action.error or "invalid action")
+    buffers["step"][row] = episode.step
+    return Proposal(action, text, kept)
+
+
+def _add_node(episode: Episode, node_id: str, query: str) -> None:
+    episode.node_ids.append(node_id)
+    episode.queries.append(query)
+    episode.summaries.append("")
+    episode.memory.append([])
+    episode.retrieved.append(())
+
+
+def commit(episode: Episode, proposal: Proposal) -> None:
+    """Applies an action the graph accepted to the episode's texts and turn state."""
+    args = proposal.action.arguments
+    kind = proposal.action.kind
+    if kind == "search":
+        _add_node(episode, args["id"].strip(), args["query"])
+        episode.pending = ()  # results arrive with this step's searches
+        episode.pending_turns = (prompts.Message("assistant", proposal.text),)
+        episode.error_turns = ()
+    elif kind == "memorize":
+        node = len(episode.node_ids) - 1
+        episode.summaries[node] = args["summarize"]
+        episode.memory[node] = proposal.slots
+        episode.pending = None
+        episode.pending_turns = episode.error_turns = ()
+    else:
+        _add_node(episode, "answer", "")
+        episode.prediction = args["answer"]
         episode.end("answered")
-        return node
-    raise InvalidAction(action.error or "invalid action")
 
 
 def check_memorize(
@@ -258,13 +286,16 @@ def fill_bank(
 
 __all__ = [
     "InvalidAction",
+    "Proposal",
     "StepActions",
-    "apply_action",
     "check_memorize",
+    "commit",
     "fill_bank",
     "frame_size",
+    "graph_error_message",
     "json_quote",
     "keyframes",
     "observation_items",
-    "parent_indices",
+    "pack_action",
+    "parent_mask_row",
 ]

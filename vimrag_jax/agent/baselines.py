@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vimrag_jax.agent import prompts
-from vimrag_jax.agent.actions import InvalidAction, StepActions
+from vimrag_jax.agent.actions import InvalidAction, Proposal, StepActions
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.episode import Episode
 from vimrag_jax.agent.loop import PromptVisuals, VimRAGAgent
@@ -82,7 +82,7 @@ class _ChainAgent(VimRAGAgent):
 
     name = ""
 
-    def act(self, episode, row, action: Action, text, step: StepActions) -> int:
+    def act(self, episode, row, action: Action, text, step: StepActions) -> Proposal:
         if action.tool_name not in _TOOLS[self.name]:
             raise InvalidAction(
                 f"{action.tool_name} is not available; use {', '.join(_TOOLS[self.name])}"
@@ -109,7 +109,7 @@ class ReActAgent(_ChainAgent):
 
     name = "react"
 
-    def render(self, episode, budget):
+    def render(self, episode, graph):
         return self.chat(episode, self.question_turn(episode), episode.history)
 
     def on_retrieval(self, episode, items, observation) -> None:
@@ -128,16 +128,15 @@ class SummaryAgent(_ChainAgent):
 
     name = "summary"
 
-    def render(self, episode, budget):
+    def render(self, episode, graph):
         notes = prompts.defuse(episode.notes) if episode.notes else "(none yet)"
         user = f"{self.question_turn(episode)}\n\nYour notes: {notes}"
         return self.chat(episode, user, episode.pending_turns + episode.error_turns)
 
-    def act(self, episode, row, action, text, step) -> int:
-        node = super().act(episode, row, action, text, step)
-        if action.kind == "memorize":
-            episode.notes = action.arguments["summarize"]
-        return node
+    def commit(self, episode, proposal: Proposal) -> None:
+        super().commit(episode, proposal)
+        if proposal.action.kind == "memorize":
+            episode.notes = proposal.action.arguments["summarize"]
 
 
 class Mem1Agent(_ChainAgent):
@@ -145,21 +144,15 @@ class Mem1Agent(_ChainAgent):
 
     name = "mem1"
 
-    def render(self, episode, budget):
+    def render(self, episode, graph):
         state = prompts.defuse(episode.notes) if episode.notes else "(empty)"
         user = f"{self.question_turn(episode)}\n\nYour internal state: {state}"
         return self.chat(episode, user, episode.pending_turns + episode.error_turns)
 
-    def act(self, episode, row, action, text, step) -> int:
-        turns = episode.pending_turns
-        episode.pending_turns = ()  # a new call replaces the last observation
-        try:
-            node = super().act(episode, row, action, text, step)
-        except InvalidAction:
-            episode.pending_turns = turns
-            raise
-        episode.notes = action.reasoning.strip()
-        return node
+    def commit(self, episode, proposal: Proposal) -> None:
+        episode.pending_turns = ()  # an accepted call replaces the last observation
+        super().commit(episode, proposal)
+        episode.notes = proposal.action.reasoning.strip()
 
     def on_retrieval(self, episode, items, observation) -> None:
         episode.pending = None

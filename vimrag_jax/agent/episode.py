@@ -1,8 +1,9 @@
 """Host state of batched episodes: per-episode texts, segments and turns, and run statistics.
 
-The graph arrays of every episode live in one batched ``MemoryGraph`` (``graph_ops``); an
-``Episode`` keeps what JAX cannot hold (ids and texts the policy wrote, the retrieved items, the
-prompt turns still to show) and each model call as a ``Segment``.
+The graph of every episode lives in one batched ``MemoryGraph`` (``graph_ops``), the only record
+of its structure (parents, answer node, node count). An ``Episode`` keeps what JAX cannot hold, by
+node (the ids and texts the policy wrote, the kept items, the retrieved ids), the prompt turns
+still to show, and each model call as a ``Segment``.
 """
 
 from __future__ import annotations
@@ -111,20 +112,23 @@ class Turn:
 
 @dataclasses.dataclass
 class Episode:
-    """Host state of one rollout; the graph arrays live in the batched ``MemoryGraph``."""
+    """Host state of one rollout; its structure lives in the batched ``MemoryGraph``.
+
+    The per-node lists are indexed like the graph's nodes and grow only when the graph accepts
+    an action (``actions.commit``); ``node_ids[i]`` is the id the policy gave node ``i``
+    (``"answer"`` for the answer node).
+    """
 
     question: Any
     group_id: str
     index: int
     key: str
     node_ids: list[str] = dataclasses.field(default_factory=lambda: [ROOT_ID])
-    node_parents: list[tuple[str, ...]] = dataclasses.field(default_factory=lambda: [()])
     queries: list[str] = dataclasses.field(default_factory=lambda: [""])
     summaries: list[str] = dataclasses.field(default_factory=lambda: [""])
     memory: list[list[MemorySlot]] = dataclasses.field(default_factory=lambda: [[]])
     retrieved: list[tuple[int, ...]] = dataclasses.field(default_factory=lambda: [()])
     pending: tuple[ItemInfo, ...] | None = None
-    pending_node: int = -1
     pending_turns: tuple[prompts.Message, ...] = ()
     error_turns: tuple[prompts.Message, ...] = ()
     history: list[prompts.Message] = dataclasses.field(default_factory=list)
@@ -133,14 +137,9 @@ class Episode:
     turns: list[Turn] = dataclasses.field(default_factory=list)
     step: int = 0
     num_invalid: int = 0
-    answer_node: int = -1
     prediction: str | None = None
     done: bool = False
     end_reason: str = ""
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.node_ids)
 
     def end(self, reason: str) -> None:
         self.done, self.end_reason = True, reason

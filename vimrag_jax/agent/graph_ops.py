@@ -3,12 +3,15 @@
 The loop keeps all episodes' graphs in one batched ``MemoryGraph`` (leading axis B). Each turn it
 packs what every row did into a ``TurnActions`` of padded arrays (a kind per row, parent masks,
 query tokens, the memorize bank and summary) and ``TurnUpdater`` applies them with a single
-``jax.jit(jax.vmap(...))`` call that also returns the next step's per-frame pixel budgets. Rows that
-did nothing this turn (finished, invalid action) carry ``NONE`` and are left unchanged. No
-per-episode JAX dispatch happens on the host.
+``jax.jit(jax.vmap(...))`` call that also returns a ``TurnView``: what the host reads back each
+step (every row's structure, the status of its action, the next step's per-frame pixel budgets).
+Rows that did nothing this turn (finished, invalid action) carry ``NONE`` and are left unchanged.
+No per-episode JAX dispatch happens on the host.
 
-The host checks every action before packing it (``agent.actions``), so the graph ops here see only
-valid actions; their ``error`` codes still guard the arrays.
+The graph decides whether an action's structure is valid: parents that exist, room for the node
+(``apply_one`` keeps the last slot for the answer), no second answer. A rejected action leaves
+its row unchanged except ``error``, which ``agent.actions`` turns into the invalid-action message.
+The host checks only what the graph cannot see (texts, ids, the search/memorize alternation).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from flax import struct
 
 from vimrag_jax.memory import energy
 from vimrag_jax.memory.graph import (
+    GraphError,
     MemoryGraph,
+    NodeKind,
     VisualBank,
     add_answer_node,
     add_search_node,
@@ -106,11 +111,23 @@ def _select(kind: jax.Array, options: dict[int, MemoryGraph], default: MemoryGra
     return out
 
 
-def apply_one(graph: MemoryGraph, action: TurnActions) -> MemoryGraph:
-    """Applies one row's action (unbatched); rows with ``NONE`` come back unchanged."""
+def _search_keeping_the_last_slot(graph: MemoryGraph, action: TurnActions):
+    """``add_search_node``, except that a search may not take the last free slot: the agent keeps
+    it for the answer node, so an episode can always end with an answer. Taking it is
+    ``GRAPH_FULL`` (after ``ALREADY_ANSWERED``, as in the graph's own order of checks)."""
     searched, new = add_search_node(
         graph, action.parent_mask, action.query_tokens, step=action.step
     )
+    last = (graph.num_nodes >= graph.max_nodes - 1) & (graph.answer_node < 0)
+    kept = graph.replace(error=jnp.asarray(GraphError.GRAPH_FULL, jnp.int32))
+    searched = jax.tree.map(lambda old, new_: jnp.where(last, old, new_), kept, searched)
+    return searched, jnp.where(last, -1, new)
+
+
+def apply_one(graph: MemoryGraph, action: TurnActions) -> MemoryGraph:
+    """Applies one row's action (unbatched); rows with ``NONE`` come back unchanged, and so do
+    rows whose action the graph rejects, except their ``error``."""
+    searched, new = _search_keeping_the_last_slot(graph, action)
     slot = jnp.clip(new, 0, graph.max_nodes - 1)
     width = graph.query_tokens.shape[-1]
     searched = searched.replace(
@@ -139,8 +156,56 @@ def apply_one(graph: MemoryGraph, action: TurnActions) -> MemoryGraph:
     return _select(action.kind, options, graph)
 
 
+@struct.dataclass
+class TurnView:
+    """What the host reads back after each turn (one small transfer per step): every row's graph
+    structure, the status of the row's action and the next step's frame budgets.
+
+    Batched ``[B, ...]`` as the updater returns it; ``row(r)`` is one episode's host view, whose
+    ``num_nodes``, ``parents`` and ``answer_node`` are the structure the prompts show.
+    """
+
+    adjacency: jax.Array  # bool[B, N, N]
+    node_valid: jax.Array  # bool[B, N]
+    node_kind: jax.Array  # int32[B, N], NodeKind
+    error: jax.Array  # int32[B], GraphError of this turn's action (OK for rows without one)
+    budgets: jax.Array  # int32[B, N, K], frame pixel budgets for the next prompt
+
+    @classmethod
+    def of(cls, graphs: MemoryGraph, budgets: jax.Array, error: jax.Array) -> TurnView:
+        return cls(graphs.adjacency, graphs.node_valid, graphs.node_kind, error, budgets)
+
+    def row(self, r: int) -> TurnView:
+        """Episode ``r``'s view (unbatched host arrays)."""
+        return jax.tree.map(lambda x: np.asarray(x)[r], self)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes in the graph (unbatched view)."""
+        return int(np.sum(self.node_valid))
+
+    @property
+    def answer_node(self) -> int:
+        """The answer node's index, -1 until answered (unbatched view)."""
+        found = np.flatnonzero(np.asarray(self.node_kind) == NodeKind.ANSWER)
+        return int(found[0]) if found.size else -1
+
+    def parents(self, node: int) -> list[int]:
+        """Node ``node``'s parents in index order (unbatched view)."""
+        return np.flatnonzero(np.asarray(self.adjacency)[:, node]).tolist()
+
+
+def initial_view(graphs: MemoryGraph) -> TurnView:
+    """The host view of fresh graphs: no action yet, zero budgets (there is no memory)."""
+    graphs = jax.device_get(graphs)
+    b, n = graphs.node_valid.shape
+    budgets = np.zeros((b, n, graphs.bank.valid.shape[-1]), np.int32)
+    return TurnView.of(graphs, budgets, np.zeros((b,), np.int32))
+
+
 class TurnUpdater:
-    """Jitted ``(graphs, actions) -> (graphs, frame budgets int32[B, N, K])`` for a batch.
+    """Jitted ``(graphs, actions) -> (graphs, TurnView)`` for a batch; the view comes back as
+    host arrays.
 
     ``mode`` is the visual budget rule (``"averaged"`` for training rollouts, ``"energy"`` for
     evaluation); the remaining arguments are the SPEC §2 constants. Compiles once per batch size.
@@ -168,12 +233,14 @@ class TurnUpdater:
 
         def update(graphs: MemoryGraph, actions: TurnActions):
             graphs = jax.vmap(apply_one)(graphs, actions)
-            return graphs, jax.vmap(budget)(graphs)
+            error = jnp.where(actions.kind == ActionKind.NONE, GraphError.OK, graphs.error)
+            return graphs, TurnView.of(graphs, jax.vmap(budget)(graphs), error)
 
         self._update = jax.jit(update, donate_argnums=(0,))
 
-    def __call__(self, graphs: MemoryGraph, actions: TurnActions) -> tuple[MemoryGraph, jax.Array]:
-        return self._update(graphs, actions)
+    def __call__(self, graphs: MemoryGraph, actions: TurnActions) -> tuple[MemoryGraph, TurnView]:
+        graphs, view = self._update(graphs, actions)
+        return graphs, jax.device_get(view)
 
 
 @functools.lru_cache(maxsize=16)
@@ -212,9 +279,11 @@ __all__ = [
     "ActionKind",
     "TurnActions",
     "TurnUpdater",
+    "TurnView",
     "apply_one",
     "batched_empty_graph",
     "blank_actions",
+    "initial_view",
     "pack_actions",
     "turn_updater",
 ]

@@ -31,10 +31,13 @@ One step, for every live episode at once:
    arrays the caller's ``visual_patches`` (``data.vision.VisualPatches``) builds from the
    prompt's visual references, the very references a segment keeps, so the learner rebuilds
    the same pixels. Text-only backends get token ids only.
-3. **Act.** Each completion is parsed and checked against the episode (``actions``); valid
-   actions update the host mirror and are packed into one ``TurnActions``; the batched
-   ``MemoryGraph`` and the next step's visual budgets come from one jitted call
-   (``graph_ops.TurnUpdater``). Searches of all rows go to the store in one batched query.
+3. **Act.** Each completion is parsed; the host checks what only it can see (``actions``: the
+   search/memorize alternation, new ids, memorize listings) and packs what passes into one
+   ``TurnActions``. One jitted call (``graph_ops.TurnUpdater``) applies them to the batched
+   ``MemoryGraph``, whose ``GraphError`` codes judge the structure (parents, room, one answer),
+   and brings back a ``TurnView``: each row's structure, status and next visual budgets. An
+   accepted action reaches the episode's texts; a rejected one becomes the invalid-action
+   message from its code. Accepted searches go to the store in one batched query.
 
 Each model call is a ``Segment``: the prompt ids, the sampled ids and their log-probs, the node
 the call created or wrote (search: the new node; memorize: the node memorized; answer: the
@@ -55,7 +58,7 @@ import jax
 import numpy as np
 
 from vimrag_jax.agent import actions, graph_ops, prompts
-from vimrag_jax.agent.actions import InvalidAction, StepActions, frame_size
+from vimrag_jax.agent.actions import InvalidAction, Proposal, StepActions, frame_size
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.episode import (
     Episode,
@@ -69,8 +72,10 @@ from vimrag_jax.agent.episode import (
     Segment,
     Turn,
 )
+from vimrag_jax.agent.graph_ops import TurnView
 from vimrag_jax.agent.protocol import Action, parse_action
 from vimrag_jax.memory.energy import smart_resize
+from vimrag_jax.memory.graph import GraphError, NodeKind
 from vimrag_jax.retrieval.corpus import CorpusStore, ItemInfo
 
 
@@ -165,13 +170,13 @@ class VimRAGAgent:
             max_summary_tokens=cfg.max_summary_tokens,
             max_keyframes=cfg.max_keyframes,
         )
-        budgets = np.zeros((len(episodes), cfg.max_nodes, cfg.max_items), np.int64)
+        view = graph_ops.initial_view(graphs)
         for step in range(cfg.max_model_calls):
             rows = [r for r, e in enumerate(episodes) if not e.done]
             if not rows:
                 break
-            graphs, budgets = self._step(
-                episodes, rows, graphs, budgets, stats, seed=_stable_seed(seed, step), greedy=greedy
+            graphs, view = self._step(
+                episodes, rows, graphs, view, stats, seed=_stable_seed(seed, step), greedy=greedy
             )
         for episode in episodes:
             if not episode.done:
@@ -183,9 +188,10 @@ class VimRAGAgent:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def _step(self, episodes, rows, graphs, budgets, stats, *, seed: int, greedy: bool):
+    def _step(self, episodes, rows, graphs, view, stats, *, seed: int, greedy: bool):
+        """One model call for every row in ``rows``; returns the graphs and their new view."""
         cfg = self.config
-        rendered = [self.render(episodes[r], budgets[r]) for r in rows]
+        rendered = [self.render(episodes[r], view.row(r)) for r in rows]
         ids = self.tokenizer([x.text for x in rendered], add_special_tokens=False)["input_ids"]
         ready = []
         for r, x, prompt in zip(rows, rendered, ids, strict=True):
@@ -196,7 +202,7 @@ class VimRAGAgent:
             else:
                 ready.append((r, x, list(prompt)))
         if not ready:
-            return graphs, budgets
+            return graphs, view
         kwargs = dict(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -206,7 +212,7 @@ class VimRAGAgent:
             seed=seed,
         )
         if getattr(self.backend, "wants_contexts", False):
-            kwargs["contexts"] = [self.context(episodes[r]) for r, _, _ in ready]
+            kwargs["contexts"] = [self.context(episodes[r], view.row(r)) for r, _, _ in ready]
         if self.visual_patches is not None:
             kwargs["prefill_inputs"] = [self.prefill_inputs(x.visuals) for _, x, _ in ready]
         began = time.perf_counter()
@@ -215,9 +221,10 @@ class VimRAGAgent:
         if len(completions) != len(ready):
             raise RuntimeError(f"backend returned {len(completions)} completions for {len(ready)}")
 
+        # The host checks what it alone can; what passes goes to the graph, all rows in one call.
         step = StepActions.blank(graphs)
+        calls = []
         for (r, x, prompt), completion in zip(ready, completions, strict=True):
-            episode = episodes[r]
             sampled = [int(t) for t in completion.tokens]
             # The turn as the history replays it: without the stop token that ended it (the
             # chat template closes the turn itself; kept, it would be replayed as text).
@@ -227,32 +234,51 @@ class VimRAGAgent:
             stats.model_calls += 1
             stats.generated_tokens += len(sampled)
             try:
-                if not action.valid:
+                if not action.valid:  # a protocol error never reaches the graph
                     raise InvalidAction(action.error)
-                node = self.act(episode, r, action, text, step)
-                error = None
+                verdict: Proposal | str = self.act(episodes[r], r, action, text, step)
             except InvalidAction as exc:
-                error = str(exc)
-                node = episode.num_nodes - 1
-                episode.num_invalid += 1
-                stats.invalid_actions += 1
-                self.on_invalid(episode, text, error)
-            episode.segments.append(
-                Segment(prompt, sampled, [float(v) for v in completion.logprobs], node, x.visuals)
-            )
-            observation = "" if error is None else prompts.error_observation(error)
-            episode.turns.append(Turn(text, action, error, observation))
-            episode.step += 1
-            if error is not None and (
-                cfg.invalid_action_policy == "end" or episode.num_invalid >= cfg.max_invalid_actions
-            ):
-                episode.end("invalid_action")
-            elif not episode.done and episode.step >= cfg.max_model_calls:
-                episode.end("max_model_calls")
-        self._run_searches(episodes, step.searches)
+                verdict = str(exc)
+            logprobs = [float(v) for v in completion.logprobs]
+            # The segment's node is known once the graph has judged the action.
+            segment = Segment(prompt, sampled, logprobs, -1, x.visuals)
+            calls.append((r, segment, text, action, verdict))
         self._fill_tokens(step)
-        graphs, new_budgets = self._updater(graphs, graph_ops.pack_actions(step.buffers))
-        return graphs, np.asarray(new_budgets)
+        graphs, view = self._updater(graphs, graph_ops.pack_actions(step.buffers))
+
+        # The graph's verdict: accepted actions reach the episode, rejected ones become errors.
+        searches = []
+        for r, segment, text, action, verdict in calls:
+            episode, error = episodes[r], verdict if isinstance(verdict, str) else None
+            if error is None and view.error[r] != GraphError.OK:
+                error = actions.graph_error_message(int(view.error[r]), episode, action)
+            elif error is None:
+                self.commit(episode, verdict)
+                if action.kind == "search":
+                    searches.append((r, action.arguments["query"]))
+            segment.node = view.row(r).num_nodes - 1  # created, written, or the newest node
+            self._close_call(episode, segment, Turn(text, action, error, ""), stats)
+        self._run_searches(episodes, searches)
+        return graphs, view
+
+    def _close_call(self, episode: Episode, segment: Segment, turn: Turn, stats) -> None:
+        """Records a model call and, for an invalid action, its error; ends the episode when
+        the call limits say so."""
+        cfg = self.config
+        if turn.error is not None:
+            episode.num_invalid += 1
+            stats.invalid_actions += 1
+            self.on_invalid(episode, turn.text, turn.error)
+            turn.observation = prompts.error_observation(turn.error)
+        episode.segments.append(segment)
+        episode.turns.append(turn)
+        episode.step += 1
+        if turn.error is not None and (
+            cfg.invalid_action_policy == "end" or episode.num_invalid >= cfg.max_invalid_actions
+        ):
+            episode.end("invalid_action")
+        elif not episode.done and episode.step >= cfg.max_model_calls:
+            episode.end("max_model_calls")
 
     def prefill_inputs(self, visuals: Sequence[prompts.VisualRef]) -> dict[str, np.ndarray] | None:
         """A prompt's images and videos for the backend (None for a text-only prompt), built
@@ -264,19 +290,20 @@ class VimRAGAgent:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def render(self, episode: Episode, budget: np.ndarray) -> prompts.Rendered:
-        """The prompt of the episode's next model call (see the module docstring)."""
+    def render(self, episode: Episode, graph: TurnView) -> prompts.Rendered:
+        """The prompt of the episode's next model call (see the module docstring); ``graph`` is
+        the episode's row of the last ``TurnView`` (structure and frame budgets)."""
         nodes = []
-        for i in range(1, episode.num_nodes):
-            if i == episode.answer_node:
+        for i in range(1, graph.num_nodes):
+            if graph.node_kind[i] != NodeKind.SEARCH:
                 continue
             nodes.append(
                 prompts.NodeView(
                     episode.node_ids[i],
-                    episode.node_parents[i],
+                    self.parent_ids(episode, graph, i),
                     episode.queries[i],
                     episode.summaries[i],
-                    self._memory_views(episode.memory[i], budget[i]),
+                    self._memory_views(episode.memory[i], graph.budgets[i]),
                 )
             )
         turns = episode.pending_turns + episode.error_turns
@@ -306,15 +333,22 @@ class VimRAGAgent:
         """Retrieved items as the observation shows them (``actions.observation_items``)."""
         return actions.observation_items(items, self.config.observation_pixels)
 
-    def context(self, episode: Episode) -> RowContext:
-        """The scripted-policy view of an episode (see ``RowContext``)."""
+    @staticmethod
+    def parent_ids(episode: Episode, graph: TurnView, node: int) -> tuple[str, ...]:
+        """The ids of a node's parents as the graph links them, in node order."""
+        return tuple(episode.node_ids[p] for p in graph.parents(node))
+
+    def context(self, episode: Episode, graph: TurnView) -> RowContext:
+        """The scripted-policy view of an episode (see ``RowContext``); ``graph`` as in
+        ``render``."""
         pending = episode.pending or ()
         items = tuple(RetrievedItem(i.item_id, i.modality, i.text, i.timestamps) for i in pending)
         labels = prompts.item_labels(self.observation_items(pending))
+        n = graph.num_nodes
         view = EpisodeView(
             episode.question.text,
-            tuple(episode.node_ids[: episode.num_nodes]),
-            tuple(episode.node_parents),
+            tuple(episode.node_ids[:n]),
+            tuple(self.parent_ids(episode, graph, i) for i in range(n)),
             items,
             episode.step,
         )
@@ -330,18 +364,27 @@ class VimRAGAgent:
             prompts.Message("user", prompts.error_observation(error)),
         )
 
-    def act(self, episode: Episode, row: int, action: Action, text: str, step: StepActions) -> int:
-        """Checks a parsed action against the episode and applies it; returns its node."""
-        return actions.apply_action(episode, row, action, text, step, self.config)
+    def act(
+        self, episode: Episode, row: int, action: Action, text: str, step: StepActions
+    ) -> Proposal:
+        """Checks a parsed action as far as the host can and packs it for the graph
+        (``actions.pack_action``); raises ``InvalidAction``."""
+        return actions.pack_action(episode, row, action, text, step, self.config)
+
+    def commit(self, episode: Episode, proposal: Proposal) -> None:
+        """Applies an action the graph accepted to the episode (``actions.commit``)."""
+        actions.commit(episode, proposal)
 
     def _run_searches(self, episodes: list[Episode], searches: list[tuple[int, str]]) -> None:
+        """Runs the accepted searches of a step in one batched query; each row's new (newest)
+        node holds the results until memorized."""
         if not searches:
             return
         ids, _ = self.store.search([q for _, q in searches], k=self.config.retrieval_top_k)
         for (row, _), found in zip(searches, ids, strict=True):
             episode = episodes[row]
             items = tuple(self.store.item(int(i)) for i in found)
-            episode.retrieved[episode.pending_node] = tuple(int(i) for i in found)
+            episode.retrieved[-1] = tuple(int(i) for i in found)
             observation = prompts.retrieval_observation(self.observation_items(items))
             episode.turns[-1].observation = observation.text
             self.on_retrieval(episode, items, observation)

@@ -78,11 +78,6 @@ def trajectory_record(
     """The record of one episode; ``graph`` is the batched host graph, ``row`` the episode's."""
     dims = record_dims(config)
     node_valid = np.asarray(graph.node_valid[row])
-    if int(node_valid.sum()) != episode.num_nodes:
-        raise RuntimeError(
-            f"episode {episode.key}: host graph has {episode.num_nodes} nodes, device graph "
-            f"{int(node_valid.sum())}"
-        )
     bank = graph.bank
     item_valid = np.asarray(bank.valid[row])
 
@@ -100,7 +95,7 @@ def trajectory_record(
         worker_id=worker_id,
         policy_version=int(policy_version),
         group_size=int(group_size),
-        answer_node=int(episode.answer_node),
+        answer_node=int(graph.answer_node[row]),
         num_invalid_actions=int(episode.num_invalid),
         num_segments=len(episode.segments),
         reward=episode_reward(episode, config),
