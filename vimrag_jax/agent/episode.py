@@ -51,9 +51,10 @@ class RetrievedItem:
 class EpisodeView:
     """What a scripted policy sees before each model call.
 
-    ``node_ids[0]`` is the root (the question); ``node_parents[i]`` lists node i's parent ids.
-    ``pending`` holds the results of the last search until they are memorized. ``step`` counts the
-    model calls made so far in the episode.
+    ``node_ids[0]`` is the root (the question); ``node_parents[i]`` lists node i's parent ids (the
+    loop reads them off the graph's adjacency, in node order). ``pending`` holds the results of
+    the last search until they are memorized. ``step`` counts the model calls made so far in the
+    episode.
     """
 
     question: str

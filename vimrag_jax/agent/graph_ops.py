@@ -120,7 +120,7 @@ def _search_keeping_the_last_slot(graph: MemoryGraph, action: TurnActions):
     )
     last = (graph.num_nodes >= graph.max_nodes - 1) & (graph.answer_node < 0)
     kept = graph.replace(error=jnp.asarray(GraphError.GRAPH_FULL, jnp.int32))
-    searched = jax.tree.map(lambda old, new_: jnp.where(last, old, new_), kept, searched)
+    searched = jax.tree.map(lambda a, b: jnp.where(last, a, b), kept, searched)
     return searched, jnp.where(last, -1, new)
 
 
@@ -173,6 +173,7 @@ class TurnView:
 
     @classmethod
     def of(cls, graphs: MemoryGraph, budgets: jax.Array, error: jax.Array) -> TurnView:
+        """The view of (batched) ``graphs`` with these budgets and statuses."""
         return cls(graphs.adjacency, graphs.node_valid, graphs.node_kind, error, budgets)
 
     def row(self, r: int) -> TurnView:
@@ -197,10 +198,10 @@ class TurnView:
 
 def initial_view(graphs: MemoryGraph) -> TurnView:
     """The host view of fresh graphs: no action yet, zero budgets (there is no memory)."""
-    graphs = jax.device_get(graphs)
     b, n = graphs.node_valid.shape
-    budgets = np.zeros((b, n, graphs.bank.valid.shape[-1]), np.int32)
-    return TurnView.of(graphs, budgets, np.zeros((b,), np.int32))
+    budgets = np.zeros((b, n, graphs.max_items), np.int32)
+    structure = jax.device_get((graphs.adjacency, graphs.node_valid, graphs.node_kind))
+    return TurnView(*structure, np.zeros((b,), np.int32), budgets)
 
 
 class TurnUpdater:

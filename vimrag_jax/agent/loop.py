@@ -249,13 +249,15 @@ class VimRAGAgent:
         # The graph's verdict: accepted actions reach the episode, rejected ones become errors.
         searches = []
         for r, segment, text, action, verdict in calls:
-            episode, error = episodes[r], verdict if isinstance(verdict, str) else None
-            if error is None and view.error[r] != GraphError.OK:
-                error = actions.graph_error_message(int(view.error[r]), episode, action)
-            elif error is None:
+            episode, error = episodes[r], None
+            if isinstance(verdict, str):  # the host's own check failed
+                error = verdict
+            elif view.error[r] != GraphError.OK:
+                error = actions.graph_error_message(int(view.error[r]), episode, verdict.action)
+            else:
                 self.commit(episode, verdict)
-                if action.kind == "search":
-                    searches.append((r, action.arguments["query"]))
+                if verdict.action.kind == "search":
+                    searches.append((r, verdict.action.arguments["query"]))
             segment.node = view.row(r).num_nodes - 1  # created, written, or the newest node
             self._close_call(episode, segment, Turn(text, action, error, ""), stats)
         self._run_searches(episodes, searches)
