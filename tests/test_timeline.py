@@ -259,3 +259,15 @@ def test_a_checkpoint_half_written_is_never_restored(tmp_path):
     assert restored.data_state == {"at": 2} and restored.metadata["policy_version"] == 1
     assert int(jax.device_get(restored.state.step)) == int(jax.device_get(state.step))
     json.dumps(restored.metadata)
+
+
+def test_evaluations_of_lost_versions_are_set_aside(tmp_path):
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    names = [f"eval-v{v:08d}.json" for v in (1, 2, 3, 4)] + ["episodes-v00000003.array_record"]
+    for name in names:
+        (evals / name).write_text("{}")
+    moved = resume.set_aside_lost_evaluations(tmp_path, (2, 3))
+    assert sorted(p.name for p in moved) == sorted(names[1:3] + names[4:])
+    assert sorted(p.name for p in evals.glob("*-v*")) == [names[0], names[3]]
+    assert all(p.parent == evals / "lost" and p.is_file() for p in moved)

@@ -9,7 +9,8 @@ story the workdir tells:
   not warm-start again;
 - the **policy timeline** (`continue_timeline`, over `vimrag_jax.timeline`): a restart from a
   checkpoint older than the newest published policy version loses the versions after it and
-  continues after the newest, publishing the restored policy at once;
+  continues after the newest, publishing the restored policy at once; evaluations of the lost
+  versions are set aside in ``eval/lost/``;
 - the **warm start's expert data** (`expert_trajectories_missing`, `mark_expert_data_done`):
   written by a scripted-expert worker shard by shard; a kill leaves some shards and no
   ``.done`` marker, and the next start writes only the trajectories still missing.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 from absl import logging
 
 from vimrag_jax import distributed, publish
+from vimrag_jax.eval import EVAL_DIR
 from vimrag_jax.timeline import Timeline, load_timeline, record_loss, resume_version
 
 PHASE_FILE = "phase.json"
@@ -75,6 +78,7 @@ def continue_timeline(
                 lost=lost,
                 resumed_as=version,
             )
+            set_aside_lost_evaluations(workdir, lost)
         logging.warning(
             "restored step %d (policy version %d), but versions %d..%d were published after "
             "that checkpoint: they are lost (policy/timeline.json), their rollouts are dropped "
@@ -86,6 +90,22 @@ def continue_timeline(
     if newest < version:
         publish_as(version)
     return version, timeline
+
+
+def set_aside_lost_evaluations(workdir: str | os.PathLike, lost: tuple[int, int]) -> list[Path]:
+    """Moves the evaluation reports and episodes of the ``lost`` versions (an evaluation that ran
+    after the restored checkpoint) to ``eval/lost/``: they describe policies that no longer
+    exist, and a results table must not pick them up. Returns the moved files' new paths."""
+    directory = Path(workdir) / EVAL_DIR
+    moved = []
+    for path in sorted(directory.glob("*-v*")) if directory.is_dir() else ():
+        found = re.search(r"-v(\d{8,})[.]", path.name)
+        if found and lost[0] <= int(found.group(1)) <= lost[1]:
+            target = directory / "lost" / path.name
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def expert_trajectories_missing(directory: str | os.PathLike, wanted: int) -> int:

@@ -430,6 +430,7 @@ class Trainer:
             params = start_params
             if params is None and restored is not None:
                 params = learner.params()
+                logging.info("starting RL from the warm start's last checkpoint")
             if params is None:
                 params = _initial_params(self.experiment)
             learner.initialize(params)
