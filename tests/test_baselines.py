@@ -67,9 +67,9 @@ def _answer(parents=("root",), think=""):
     return f"<think>{think}</think>{call}" if think else call
 
 
-def _run(world, agent, scripts):
+def _run(world, agent, scripts, **settings):
     questions, store, tokenizer = world
-    config = dataclasses.replace(CONFIG, agent=agent)
+    config = dataclasses.replace(CONFIG, agent=agent, **settings)
     batch = [dataclasses.replace(questions[0], question_id=name) for name in scripts]
     agent = make_agent(config, store, tokenizer, Script(tokenizer, scripts))
     records, rollouts = run_records(agent, batch, group_ids=list(scripts))
@@ -142,3 +142,25 @@ def test_mem1_carries_only_its_state_and_the_last_observation(world):
     assert "state two" in third and "state one" not in third
     assert third.count("<tool_response>") == 1 and '"the logo"' in third
     assert out.episodes[1].end_reason == "answered"
+
+
+def test_mem1_keeps_state_and_observation_when_the_graph_rejects_a_search(world):
+    # Three slots: root, "a", and the one kept for the answer, so the graph refuses "b".
+    scripts = {
+        "m": [
+            _search("a", "the badge", think="state one"),
+            _search("b", "the logo", think="state two"),
+            _answer(("a",), think="done"),
+        ]
+    }
+    out, prompts = _run(world, "mem1", scripts, max_nodes=3)
+    (episode,) = out.episodes
+    assert "memory graph is full" in episode.turns[1].error
+    third = prompts[0][2]
+    # The state and observation stay the last accepted call's; the refused call follows them
+    # with its error (two tool responses: the results, the error).
+    state = third.split("Your internal state: ")[1].split("<|im_end|>")[0]
+    assert "state one" in state and '"the badge"' in third
+    assert third.count("<tool_response>") == 2 and "Error: the memory graph is full" in third
+    _assert_chain(out.records[0], 3)
+    assert episode.end_reason == "answered" and episode.node_ids == ["root", "a", "answer"]
