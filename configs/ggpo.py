@@ -33,7 +33,7 @@ from vimrag_jax.config_checks import ALGORITHMS
 from vimrag_jax.rl.losses import LossConfig
 
 ALGORITHM = "ggpo"
-PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_4b", "qwen3vl_8b")
+PRESETS = ("tiny", "smoke", "qwen3vl_2b", "qwen3vl_4b", "qwen3vl_8b")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -104,9 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.group_size = 8  # G rollouts per question
     c.rollout.max_model_calls = 20
     c.rollout.retrieval_top_k = 3
-    # Rollouts sampled more than this many versions before the policy they would update are
-    # dropped: whole groups when the pipeline reads them, single segments again at the update
-    # (a prefetched batch can fall behind). Both counted: data/stale_*, late_segments.
+    # Segments sampled more than this many versions (of the surviving timeline) before the
+    # policy they would update are dropped at the update (late_segments); groups already that
+    # old when the pipeline reads them are counted (data/stale_*).
     c.rollout.max_policy_lag = 2
     c.rollout.max_shards_per_version = 0  # a worker waits for a newer policy after this many
     c.rollout.embedded_workers = 1  # local worker processes the trainer starts (0 on pods)
@@ -238,7 +238,7 @@ def supervised_only(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.rollout.embedded_workers = 0  # no rollouts: the data are expert trajectories
     # The SFT phase's optimizer is config.optim with sft.learning_rate / warmup_steps / steps
     # (vimrag_jax.optim.sft_optim_config), so those keys are the only ones to set here.
-    c.sft.steps = 100 if c.preset == "tiny" else 500
+    c.sft.steps = {"tiny": 100, "smoke": 1}.get(c.preset, 500)
     return c
 
 
@@ -249,6 +249,8 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     c.preset = preset
     if preset == "tiny":
         return _tiny(c)
+    if preset == "smoke":
+        return _smoke(_tiny(c))
     size = preset.removeprefix("qwen3vl_")
     c.model.update(name="hf", dtype="bfloat16", remat=True)
     c.rollout.embedded_workers = 0
@@ -302,6 +304,23 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 30
     c.eval.update(every_steps=30, num_questions=12)
     c.export.dtype = "float32"
+    return c
+
+
+def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``smoke`` preset: ``tiny`` shrunk so that every part runs in about a minute on two
+    cores (one warm-start step on four expert trajectories, then RL with a local worker, a
+    checkpoint every step, an evaluation of two questions and the export at the end); the
+    end-to-end tests and the kill drill run it. It checks the machinery, nothing learns."""
+    c.model.name = "tiny"  # the smallest policy
+    c.data.skip_uniform_groups = False  # a random policy's groups all get reward 0: keep them
+    c.sft.update(steps=1, warmup_steps=1, num_trajectories=4)
+    c.optim.warmup_steps = 1
+    c.rollout.update(group_size=2, questions_per_batch=2, max_model_calls=9, max_new_tokens=192)
+    c.data.update(batch_segments=8, max_wait_s=240)
+    c.checkpoint.every_steps = 1
+    c.metrics.every_steps = 1
+    c.eval.update(every_steps=0, num_questions=2)
     return c
 
 

@@ -30,25 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS = 4
-FLAGS = (
-    "--config=configs/ggpo.py",
-    "--config.model.name=tiny",
-    "--config.data.skip_uniform_groups=False",
-    "--config.eval.every_steps=0",
+FLAGS = (  # the `smoke` preset with a longer warm start and checkpoints every 3 steps
+    "--config=configs/ggpo.py:smoke",
     f"--config.sft.steps={SFT_STEPS}",
-    "--config.sft.warmup_steps=1",
     "--config.sft.num_trajectories=16",
-    "--config.optim.warmup_steps=1",
-    "--config.rollout.group_size=2",
-    "--config.rollout.questions_per_batch=2",
-    "--config.rollout.max_model_calls=9",
-    "--config.rollout.max_new_tokens=192",
-    "--config.data.batch_segments=8",
-    "--config.data.max_wait_s=240",
     "--config.checkpoint.every_steps=3",
-    "--config.metrics.every_steps=1",
-    "--config.eval.num_questions=2",
-    "--config.export.dtype=float32",
 )
 
 

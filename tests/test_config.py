@@ -26,7 +26,7 @@ def test_presets_are_consistent(preset, tmp_path):
     if cfg.model.name == "hf":
         (tmp_path / "config.json").write_text("{}")
         cfg.model.path = str(tmp_path)
-    devices = {"tiny": 1, "qwen3vl_2b": 8, "qwen3vl_4b": 8, "qwen3vl_8b": 8}[preset]
+    devices = {"tiny": 1, "smoke": 1, "qwen3vl_2b": 8, "qwen3vl_4b": 8, "qwen3vl_8b": 8}[preset]
     assert config_checks.find_problems(cfg, devices) == []
 
 
@@ -124,7 +124,7 @@ def test_every_algorithm_and_preset_validates(algorithm, preset, tmp_path):
     if cfg.model.name == "hf":
         (tmp_path / "config.json").write_text("{}")
         cfg.model.path = str(tmp_path)
-    assert config_checks.find_problems(cfg, 1 if preset == "tiny" else 8) == []
+    assert config_checks.find_problems(cfg, 1 if preset in ("tiny", "smoke") else 8) == []
 
 
 @pytest.mark.parametrize("algorithm", ggpo.ALGORITHMS)

@@ -4,7 +4,6 @@ the same command, finishes with every RL update done once and policy versions on
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import train_command
 
-from vimrag_jax import faults, publish
+from vimrag_jax import publish
 from vimrag_jax.models import from_pretrained
 from vimrag_jax.resume import EXPERT_DONE
 from vimrag_jax.rollout.records import list_shards, read_shard
@@ -33,18 +32,7 @@ OVERRIDES = (
 
 
 def _train(workdir: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    env.pop(faults.ENV, None)
-    if kill_at:
-        env[faults.ENV] = kill_at
-    return subprocess.run(
-        train_command.train_command(workdir, TOTAL_STEPS, *OVERRIDES),
-        cwd=train_command.ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return train_command.run_train(workdir, TOTAL_STEPS, *OVERRIDES, kill_at=kill_at)
 
 
 def _killed(result: subprocess.CompletedProcess) -> None:

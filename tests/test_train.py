@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,16 +16,8 @@ from vimrag_jax.rollout.records import list_shards, read_shard
 
 
 def _train(workdir: Path, total_steps: int, *overrides: str) -> subprocess.CompletedProcess:
-    """The small run (`train_command.SMALL`; ``overrides`` replace its values)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    return subprocess.run(
-        train_command.train_command(workdir, total_steps, *overrides),
-        cwd=train_command.ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """The small run (the `smoke` preset; ``overrides`` replace its values)."""
+    return train_command.run_train(workdir, total_steps, *overrides)
 
 
 def _rows(workdir: Path) -> list[dict]:

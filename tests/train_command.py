@@ -2,47 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny preset, shrunk so a run takes about a minute on two cores: one warm-start step on
-# four expert trajectories, then RL steps on rollouts of a local worker subprocess.
-SMALL = (
-    "--config=configs/ggpo.py",
-    # The smallest policy; a random policy's groups are all reward 0, so keep them.
-    "--config.model.name=tiny",
-    "--config.data.skip_uniform_groups=False",
-    "--config.eval.every_steps=0",
-    "--config.sft.steps=1",
-    "--config.sft.warmup_steps=1",
-    "--config.sft.num_trajectories=4",
-    "--config.optim.warmup_steps=1",
-    "--config.rollout.group_size=2",
-    "--config.rollout.questions_per_batch=2",
-    "--config.rollout.max_model_calls=9",
-    "--config.rollout.max_new_tokens=192",
-    "--config.data.batch_segments=8",
-    "--config.data.max_wait_s=240",
-    "--config.checkpoint.every_steps=1",
-    "--config.metrics.every_steps=1",
-    "--config.eval.num_questions=2",
-    "--config.export.dtype=float32",
-)
+# The `smoke` preset: the tiny one shrunk so a run takes about a minute on two cores.
+SMALL = ("--config=configs/ggpo.py:smoke",)
 
 
 def train_command(workdir: Path, total_steps: int, *overrides: str) -> list[str]:
-    """The small run's command line; ``overrides`` (``--config.KEY=VALUE``) replace `SMALL`'s
-    values."""
-    keys = {flag.split("=")[0] for flag in overrides}
-    small = [flag for flag in SMALL if flag.split("=")[0] not in keys]
+    """The small run's command line; ``overrides`` (``--config.KEY=VALUE``) come after the
+    preset's values, so they win."""
     return [
         sys.executable,
         "-m",
         "vimrag_jax.train",
-        *small,
+        *SMALL,
         *overrides,
         f"--config.optim.total_steps={total_steps}",
         f"--workdir={workdir}",
     ]
+
+
+def run_train(
+    workdir: Path, total_steps: int, *overrides: str, kill_at: str = ""
+) -> subprocess.CompletedProcess:
+    """Runs the small train command to its end (``kill_at``: a ``VIMRAG_KILL_AT`` kill point)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env.pop("VIMRAG_KILL_AT", None)
+    if kill_at:
+        env["VIMRAG_KILL_AT"] = kill_at
+    return subprocess.run(
+        train_command(workdir, total_steps, *overrides),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
