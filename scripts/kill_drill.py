@@ -17,7 +17,6 @@ the exit status is 0 when all checks hold.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -39,16 +38,9 @@ FLAGS = (  # the `smoke` preset with a longer warm start and checkpoints every 3
 
 
 def _rows(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line torn by the kill
-            continue
-    return rows
+    from vimrag_jax.jsonl import log_entries
+
+    return log_entries(workdir / "metrics.jsonl")
 
 
 def _trained_steps(rows: list[dict]) -> list[int]:
@@ -87,7 +79,7 @@ def main() -> int:
     parser.add_argument("kills", nargs="?", type=int, default=10)
     parser.add_argument("--workdir", default="")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--total_steps", type=int, default=12)
+    parser.add_argument("--total_steps", type=int, default=60)
     parser.add_argument("--min_s", type=float, default=10.0, help="earliest kill after a start")
     parser.add_argument("--max_s", type=float, default=50.0, help="latest kill after a start")
     args = parser.parse_args()
@@ -155,10 +147,9 @@ def main() -> int:
         print(
             f"kill {kill['kill']:2d} at {kill['after_s']:5.1f}s: phase {kill['phase']}, last step "
             f"{kill['last_step']}; restored step {kill.get('restored', '?')}; versions lost "
-            f"{kill.get('lost', '?')}; expert trajectories written again "
+            f"{kill.get('lost', '?')}; expert trajectories still missing "
             f"{kill.get('expert_rewritten', 0)}"
         )
-    sys.path.insert(0, str(ROOT))
     from vimrag_jax import publish
     from vimrag_jax.timeline import load_timeline
 

@@ -250,14 +250,8 @@ def test_groups_of_lost_versions_are_dropped_and_counted(tmp_path):
     mixed[1]["policy_version"] = 3
     write_shard(tmp_path, shard_name("w0", 0), [before, lost, mixed, after])
     timeline = Timeline(((3, 4),))
-    opts = options(
-        tmp_path,
-        batch=64,
-        max_policy_lag=1,
-        current_version=PolicyVersion(5),
-        timeline=timeline,
-    )
-    it = iter(make_pipeline(opts, prefetch=0))
+    lag = dict(max_policy_lag=1, current_version=PolicyVersion(5))
+    it = iter(make_pipeline(options(tmp_path, batch=64, timeline=timeline, **lag), prefetch=0))
     (batch,) = list(it)
     assert ids(valid_rows([batch])) == ids(reference_rows([before, after]))
     metrics = pipeline_metrics(it.get_state())

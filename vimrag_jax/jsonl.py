@@ -1,9 +1,11 @@
-"""Reading JSON-lines files with errors that name the file and line.
+"""Reading JSON-lines files: user files with errors that name the file and line, and logs.
 
 The corpus importer and the question loader read user files one JSON object per line; a
 problem anywhere must come back as one message ``FILE:LINE: problem``, never a traceback from
 inside the decoder. `records` does the reading; callers raise their own error class for
-problems they find in a record, with the line number it yields.
+problems they find in a record, with the line number it yields. `log_entries` reads the
+append-only logs a run writes itself (metrics, publications), where a kill can tear the last
+line.
 """
 
 from __future__ import annotations
@@ -42,4 +44,19 @@ def records(
             yield line_no, value
 
 
-__all__ = ["records"]
+def log_entries(path: str | os.PathLike) -> list[Any]:
+    """The decoded lines of an append-only JSON-lines log (``[]`` when it does not exist),
+    skipping lines that do not decode: a kill mid-append leaves a torn line."""
+    source = Path(path)
+    if not source.is_file():
+        return []
+    out = []
+    for line in source.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+__all__ = ["log_entries", "records"]

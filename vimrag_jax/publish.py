@@ -39,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 
 from vimrag_jax.distributed import to_host
 from vimrag_jax.faults import kill_point
+from vimrag_jax.jsonl import log_entries
 
 POLICY_DIR = "policy"
 LATEST = "LATEST"
@@ -194,13 +195,4 @@ def load_policy(path: str | os.PathLike, abstract_params: Any) -> Any:
 def publication_history(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every publication of the run in order (``history.jsonl``; a line torn by a kill is
     skipped)."""
-    path = Path(workdir) / POLICY_DIR / HISTORY_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return log_entries(Path(workdir) / POLICY_DIR / HISTORY_FILE)
