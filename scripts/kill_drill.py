@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("kills", nargs="?", type=int, default=10)
     parser.add_argument("--workdir", default="")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--total_steps", type=int, default=60)
+    parser.add_argument("--total_steps", type=int, default=150)
     parser.add_argument("--min_s", type=float, default=10.0, help="earliest kill after a start")
     parser.add_argument("--max_s", type=float, default=50.0, help="latest kill after a start")
     args = parser.parse_args()
