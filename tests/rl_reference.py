@@ -20,14 +20,15 @@ def node_keep(adjacency, node_valid, answer_node, reward, relevant, positive_thr
     return np.array([bool(v) and not bool(r) for v, r in zip(node_valid, relevant, strict=True)])
 
 
-def segment_keep(node_keep_n, segment_node, segment_valid):
-    """bool[S]: valid and (node kept, or node index out of range)."""
+def segment_keep(node_keep_n, segment_node, segment_valid, positive=False):
+    """bool[S]: valid and (node kept; a segment of no node, an invalid turn, only when the
+    trajectory is negative)."""
     n = len(node_keep_n)
     out = np.zeros(len(segment_node), bool)
     for s, (node, valid) in enumerate(zip(segment_node, segment_valid, strict=True)):
         if not valid:
             continue
-        out[s] = bool(node_keep_n[node]) if 0 <= node < n else True
+        out[s] = bool(node_keep_n[node]) if 0 <= node < n else not positive
     return out
 
 

@@ -246,33 +246,23 @@ def _search(node_id, parents=("root",), query="badge"):
 
 
 _ANSWER = format_tool_call("add_answer_node", {"parent_ids": ["root"], "answer": "red"})
-# name -> (script, error message, node of the invalid segment)
+# name -> (script, error message)
 _CASES = {
-    "bad_json": (['<tool_call>{"name": oops</tool_call>', _ANSWER], "not valid JSON", 0),
-    "unknown_parent": ([_search("a", ["nope"]), _ANSWER], 'unknown parent id "nope"', 0),
+    "bad_json": (['<tool_call>{"name": oops</tool_call>', _ANSWER], "not valid JSON"),
+    "unknown_parent": ([_search("a", ["nope"]), _ANSWER], 'unknown parent id "nope"'),
     "answer_parent": (
         [format_tool_call("add_answer_node", {"parent_ids": ["a"], "answer": "red"}), _ANSWER],
         'unknown parent id "a"; the nodes are "root"',
-        0,
     ),
-    "search_twice": (
-        [_search("a"), _search("b"), "MEMORIZE_ALL", _ANSWER],
-        "must be followed",
-        1,
-    ),
-    "memorize_first": (["MEMORIZE_ALL", _ANSWER], "no search results to memorize", 0),
-    "missing_items": ([_search("a"), "MEMORIZE_FIRST", "MEMORIZE_ALL", _ANSWER], "missing", 1),
-    "root_id": ([_search("root"), _ANSWER], 'node id "root" already exists', 0),
+    "search_twice": ([_search("a"), _search("b"), "MEMORIZE_ALL", _ANSWER], "must be followed"),
+    "memorize_first": (["MEMORIZE_ALL", _ANSWER], "no search results to memorize"),
+    "missing_items": ([_search("a"), "MEMORIZE_FIRST", "MEMORIZE_ALL", _ANSWER], "missing"),
+    "root_id": ([_search("root"), _ANSWER], 'node id "root" already exists'),
     "unknown_item": (
         [_search("a"), "MEMORIZE_EXTRA", "MEMORIZE_ALL", _ANSWER],
         'unknown information_id "Video 9"',
-        1,
     ),
-    "answer_pending": (
-        [_search("a"), _ANSWER, "MEMORIZE_ALL", _ANSWER],
-        "before answering",
-        1,
-    ),
+    "answer_pending": ([_search("a"), _ANSWER, "MEMORIZE_ALL", _ANSWER], "before answering"),
 }
 
 
@@ -285,9 +275,9 @@ def _run_puppet(world, scripts, config):
 
 def test_each_invalid_action_gets_its_error_and_the_episode_continues(world):
     _, _, _, tokenizer = world
-    scripts = {name: script for name, (script, _, _) in _CASES.items()}
+    scripts = {name: script for name, (script, _) in _CASES.items()}
     out = _run_puppet(world, scripts, CONFIG)
-    for (name, (_, message, node)), episode, record in zip(
+    for (name, (_, message)), episode, record in zip(
         _CASES.items(), out.episodes, out.records, strict=True
     ):
         validate_record(record)
@@ -295,8 +285,8 @@ def test_each_invalid_action_gets_its_error_and_the_episode_continues(world):
         assert len(errors) == 1 and message in episode.turns[errors[0]].error, name
         assert record["num_invalid_actions"] == 1
         t = errors[0]
-        # The invalid segment belongs to the newest node, and the next prompt shows the error.
-        assert record["segment_node"][t] == node, name
+        # The invalid segment belongs to no node (SPEC §4), and the next prompt shows the error.
+        assert record["segment_node"][t] == -1, name
         next_prompt = tokenizer.decode(episode.segments[t + 1].prompt)
         assert message.split('"')[0] in next_prompt and "Error:" in next_prompt
         assert episode.end_reason == "answered", name

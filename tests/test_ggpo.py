@@ -78,12 +78,14 @@ def test_positive_keep_is_closed_under_parents(g):
     st.lists(st.booleans(), min_size=N, max_size=N),
     st.lists(st.integers(-3, N + 3), min_size=9, max_size=9),
     st.lists(st.booleans(), min_size=9, max_size=9),
+    st.booleans(),
 )
-def test_segment_keep_matches_reference(node_keep, segment_node, segment_valid):
+def test_segment_keep_matches_reference(node_keep, segment_node, segment_valid, positive):
     node_keep, segment_node = np.array(node_keep), np.array(segment_node, np.int32)
     segment_valid = np.array(segment_valid)
-    keep = segment_keep_jit(node_keep, segment_node, segment_valid)
-    np.testing.assert_array_equal(keep, ref.segment_keep(node_keep, segment_node, segment_valid))
+    keep = segment_keep_jit(node_keep, segment_node, segment_valid, positive=np.bool_(positive))
+    want = ref.segment_keep(node_keep, segment_node, segment_valid, positive)
+    np.testing.assert_array_equal(keep, want)
 
 
 @given(
@@ -107,7 +109,10 @@ def test_batch_segment_keep_matches_reference(trajectories, segments):
     )
     for b, row in enumerate(rows):
         node_keep = _ref_keep({**row, "positive_threshold": threshold})
-        expected = ref.segment_keep(node_keep, segment_node[b : b + 1], segment_valid[b : b + 1])
+        positive = row["reward"] >= threshold
+        expected = ref.segment_keep(
+            node_keep, segment_node[b : b + 1], segment_valid[b : b + 1], positive
+        )
         assert bool(keep[b]) == bool(expected[0]), b
 
 
@@ -179,12 +184,16 @@ def test_edges_into_padding_do_not_leak():
     assert _kept_nodes(g) == {0, 2}
 
 
-def test_segment_keep_out_of_range_nodes_follow_validity():
+def test_invalid_turns_are_masked_in_positive_trajectories_only():
     node_keep = np.arange(N) < 2  # nodes 0 and 1 kept
     segment_node = np.array([0, 1, 2, -1, N, -1, 0, N + 5, 5], np.int32)
     segment_valid = np.array([1, 1, 1, 1, 1, 0, 0, 1, 1], bool)
+    # Negative: a turn of no node keeps its negative gradient.
     keep = np.asarray(segment_keep_jit(node_keep, segment_node, segment_valid))
     np.testing.assert_array_equal(keep, [1, 1, 0, 1, 1, 0, 0, 1, 0])
+    # Positive: nothing wasted is reinforced (SPEC §4).
+    keep = np.asarray(segment_keep_jit(node_keep, segment_node, segment_valid, positive=True))
+    np.testing.assert_array_equal(keep, [1, 1, 0, 0, 0, 0, 0, 0, 0])
 
 
 def test_node_keep_runs_eagerly_on_plain_python_scalars():

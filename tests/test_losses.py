@@ -380,7 +380,8 @@ def _reference_objective(logp, batch):
             float(batch["reward"][b]),
             batch["relevant"][b],
         )
-        keep[b] = ref.segment_keep(node_keep, batch["segment_node"][b : b + 1], [True])[0]
+        positive = float(batch["reward"][b]) >= 1.0
+        keep[b] = ref.segment_keep(node_keep, batch["segment_node"][b : b + 1], [True], positive)[0]
     valid = token_mask.any(axis=1)
     loss, _, grad = ref.policy_loss(
         "gspo",

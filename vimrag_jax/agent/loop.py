@@ -41,7 +41,7 @@ One step, for every live episode at once:
 
 Each model call is a ``Segment``: the prompt ids, the sampled ids and their log-probs, the node
 the call created or wrote (search: the new node; memorize: the node memorized; answer: the
-answer node; invalid: the newest node, the root if none) and the prompt's visual references.
+answer node; an invalid turn: none, -1, SPEC §4) and the prompt's visual references.
 An episode ends at its answer, after ``max_model_calls`` calls, after ``max_invalid_actions``
 invalid actions (or the first one with ``invalid_action_policy="end"``), or when a prompt does
 not fit.
@@ -258,7 +258,8 @@ class VimRAGAgent:
                 self.commit(episode, verdict)
                 if verdict.action.kind == "search":
                     searches.append((r, verdict.action.arguments["query"]))
-            segment.node = view.row(r).num_nodes - 1  # created, written, or the newest node
+            # The node the call created or wrote; an invalid turn belongs to none (SPEC §4).
+            segment.node = -1 if error is not None else view.row(r).num_nodes - 1
             self._close_call(episode, segment, Turn(text, action, error, ""), stats)
         self._run_searches(episodes, searches)
         return graphs, view

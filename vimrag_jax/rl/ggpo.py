@@ -77,7 +77,11 @@ def node_keep_mask(
 
 
 def segment_keep_mask(
-    node_keep: jax.Array, segment_node: jax.Array, segment_valid: jax.Array
+    node_keep: jax.Array,
+    segment_node: jax.Array,
+    segment_valid: jax.Array,
+    *,
+    positive: bool | jax.Array = False,
 ) -> jax.Array:
     """bool[S]: a segment keeps its gradient iff it is valid and its node is kept.
 
@@ -85,16 +89,18 @@ def segment_keep_mask(
       node_keep: bool[N], from ``node_keep_mask``.
       segment_node: int[S], the node each segment (model call) acted on.
       segment_valid: bool[S].
+      positive: whether the trajectory is positive (`is_positive`).
 
-    A segment whose node index is out of range (``-1`` or ``>= N``: a model call
-    tied to no node, e.g. an invalid action that created nothing) is not subject to
-    GGPO: it is kept iff it is valid, and so trains with the trajectory's advantage.
+    A segment tied to no node (``-1``, or any index outside ``[0, N)``) is an invalid turn
+    (SPEC §4): masked in a positive trajectory (nothing wasted is reinforced), kept with its
+    negative gradient in a negative one.
     """
     n = node_keep.shape[-1]
     segment_node = jnp.asarray(segment_node, jnp.int32)
     in_range = (segment_node >= 0) & (segment_node < n)
     node_kept = jnp.take(node_keep, jnp.clip(segment_node, 0, n - 1), axis=-1)
-    return jnp.asarray(segment_valid, bool) & (node_kept | ~in_range)
+    no_node_kept = ~jnp.asarray(positive, bool)
+    return jnp.asarray(segment_valid, bool) & jnp.where(in_range, node_kept, no_node_kept)
 
 
 def batch_segment_keep(
@@ -121,7 +127,10 @@ def batch_segment_keep(
             a, v, ans, r, rel, positive_threshold=positive_threshold
         )
     )(adjacency, node_valid, answer_node, reward, relevant)
-    return jax.vmap(segment_keep_mask)(node_keep_bn, segment_node, segment_valid)
+    positive_b = is_positive(jnp.asarray(reward), positive_threshold)
+    return jax.vmap(lambda k, s, v, p: segment_keep_mask(k, s, v, positive=p))(
+        node_keep_bn, segment_node, segment_valid, positive_b
+    )
 
 
 # --- the objective --------------------------------------------------------------------

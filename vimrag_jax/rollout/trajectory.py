@@ -12,7 +12,8 @@ turns one episode and its row of the graph into the record the learner reads:
   ``rollout.reward_metric`` and its token-F1 pass mark ``rollout.reward_threshold``);
 - one segment per model call: ``tokens`` = prompt ids + sampled ids, ``loss_mask`` on the sampled
   ids only, ``behavior_logprobs`` the backend's log-probs there, ``segment_node`` the node the
-  call created or wrote, ``segment_visuals`` the prompt's visual references;
+  call created or wrote (-1 for an invalid turn), ``segment_visuals`` the prompt's visual
+  references;
 - node texts for pictures of rollouts: ``node_title`` (the ids the policy chose, ``"root"`` and
   ``"answer"`` for the root and answer nodes), ``node_query``, ``node_summary``.
 
