@@ -82,12 +82,14 @@ def test_killed_at_every_phase_and_restarted_the_run_finishes_on_one_timeline(tm
     assert list((workdir / publish.POLICY_DIR).glob(".tmp-v00000005-*"))
     assert publish.latest_policy(workdir)[0] == 4
 
-    # 4. Killed while exporting, after the last update, checkpoint and evaluation: restored at
-    #    step 2 again, versions 2..4 lost, continues as 5 (steps 3, 4, 5 publish 6, 7, 8).
+    # 4. Killed while exporting, after the last update and checkpoint (the evaluation comes
+    #    after the export): restored at step 2 again, versions 2..4 lost, continues as 5 (steps
+    #    3, 4, 5 publish 6, 7, 8).
     result = _train(workdir, "export")
     _killed(result)
     assert "versions 2..4 were published after that checkpoint" in result.stderr
     assert not (workdir / "export").exists()  # never a partial export in its place
+    assert not (workdir / "eval" / "eval-v00000008.json").exists()
 
     # 5. Restarted once more: nothing lost, nothing trained again; evaluates and exports.
     result = _train(workdir)

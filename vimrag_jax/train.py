@@ -338,10 +338,10 @@ class Trainer:
                 metadata=run_metadata(self.cfg, 0, phase="sft"),
                 force=learner.step == self.sft_calls,
             )
-        if self.rl_calls == 0:
+        if self.rl_calls == 0:  # the end of the run: export first (the result), then evaluate
+            self._export(learner)
             if self.cfg.eval.at_end:
                 self._evaluate(learner, 0, learner.step)
-            self._export(learner)
         return learner.params()
 
     # --- reinforcement learning --------------------------------------------------------
@@ -531,9 +531,10 @@ class Trainer:
                 workers.check()
         finally:
             workers.stop()
+        # Export first: the run's result is on disk before the (long, at scale) evaluation.
+        self._export(learner)
         if cfg.eval.at_end:
             self._evaluate(learner, version, offset + learner.step)
-        self._export(learner)
 
     def run(self) -> int:
         phase = read_phase(self.workdir)
