@@ -132,9 +132,10 @@ def main() -> int:
         orphans += _orphans(workdir)
         if code == -signal.SIGKILL:
             last = _trained_steps(new_rows)
-            phase = "rl" if any("loss" in row for row in new_rows) else "sft"
-            if not last:
-                phase = "setup/expert data" if restored == 0 else phase
+            if not last:  # killed before this start's first update
+                phase = "start-up (world, expert data)" if restored == 0 else "start-up"
+            else:
+                phase = "rl" if any("loss" in row for row in new_rows) else "warm start"
             kills.append(
                 dict(kill=len(kills) + 1, after_s=round(delay, 1), phase=phase,
                      last_step=last[-1] if last else restored)
