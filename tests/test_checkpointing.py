@@ -197,4 +197,5 @@ def test_publish_is_atomic_monotonic_and_pruned(tmp_path):
     publish.publish_policy(tree, tmp_path, 6, keep=2)
     assert not crashed.exists()
     assert (root / publish.LATEST).read_text().strip() == "6"
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "v00000005", "v00000006"]
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["LATEST", publish.HISTORY_FILE, "v00000005", "v00000006"]
