@@ -165,6 +165,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_wait_s = 600.0  # the learner gives up (exit 3) after this long without rollouts
 
     # vimrag_jax.checkpointing: orbax, one folder per step under WORKDIR/checkpoints.
+    # JAX's persistent compilation cache: a restarted learner or worker reuses the programs the
+    # last one compiled (minutes for a big model). Empty dir: WORKDIR/compile_cache; "off": none.
+    c.compile_cache = ml_collections.ConfigDict({"dir": "", "min_compile_time_s": 1.0})
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50  # in step calls (TrainState.step)
     c.checkpoint.keep = 3

@@ -271,3 +271,22 @@ def test_evaluations_of_lost_versions_are_set_aside(tmp_path):
     assert sorted(p.name for p in moved) == sorted(names[1:3] + names[4:])
     assert sorted(p.name for p in evals.glob("*-v*")) == [names[0], names[3]]
     assert all(p.parent == evals / "lost" and p.is_file() for p in moved)
+
+
+def test_compile_cache_under_the_workdir_by_default(tmp_path):
+    import jax
+    import ml_collections
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        block = ml_collections.ConfigDict({"dir": "", "min_compile_time_s": 0.5})
+        directory = resume.use_compile_cache(block, tmp_path)
+        assert directory == tmp_path / resume.COMPILE_CACHE_DIR and directory.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(directory)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+        block.dir = "off"
+        assert resume.use_compile_cache(block, tmp_path) is None
+    finally:  # other tests in this process compile without a cache
+        for name, value in before.items():
+            jax.config.update(name, value)

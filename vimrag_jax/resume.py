@@ -11,6 +11,8 @@ story the workdir tells:
   checkpoint older than the newest published policy version loses the versions after it and
   continues after the newest, publishing the restored policy at once; evaluations of the lost
   versions are set aside in ``eval/lost/``;
+- the **compiled programs** (`use_compile_cache`): JAX's persistent compilation cache under
+  the workdir, so a restart does not compile a big model's steps again;
 - the **warm start's expert data** (`expert_trajectories_missing`, `mark_expert_data_done`):
   written by a scripted-expert worker shard by shard; a kill leaves some shards and no
   ``.done`` marker, and the next start writes only the trajectories still missing.
@@ -126,3 +128,22 @@ def mark_expert_data_done(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / EXPERT_DONE).write_text("")
+
+
+COMPILE_CACHE_DIR = "compile_cache"
+
+
+def use_compile_cache(block: Any, workdir: str | os.PathLike) -> Path | None:
+    """Points JAX's persistent compilation cache at ``block.dir`` (the config's
+    ``compile_cache``; empty: ``WORKDIR/compile_cache``; ``"off"``: no cache) for programs that
+    took at least ``block.min_compile_time_s`` to compile. Call before the first compile; returns
+    the directory, or None when off."""
+    import jax
+
+    if block.dir == "off":
+        return None
+    directory = Path(block.dir or Path(workdir) / COMPILE_CACHE_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(block.min_compile_time_s))
+    return directory

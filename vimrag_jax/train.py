@@ -59,6 +59,7 @@ from vimrag_jax.resume import (
     expert_trajectories_missing,
     mark_expert_data_done,
     read_phase,
+    use_compile_cache,
     write_phase,
 )
 from vimrag_jax.rl.losses import LossConfig
@@ -569,6 +570,7 @@ def main(argv: list[str]) -> int:
     except config_checks.ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_CONFIG
+    use_compile_cache(cfg.compile_cache, _WORKDIR.value)  # before the first compile
     trainer = Trainer(cfg, _WORKDIR.value, config_flags_from_argv(sys.argv[1:]))
     return trainer.run()
 

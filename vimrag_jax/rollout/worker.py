@@ -310,6 +310,9 @@ def flag_values(holders: dict[str, flags.FlagHolder], argv: list[str]) -> dict[s
 def main(argv: list[str]) -> int:
     value = flag_values(_FLAGS, argv)
     stop = StopFlag().install()
+    from vimrag_jax.resume import use_compile_cache
+
+    use_compile_cache(value["config"].compile_cache, value["workdir"])
     if value["parent_pid"]:
         die_with_parent(value["parent_pid"])
     run_worker(
