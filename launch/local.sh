@@ -29,7 +29,7 @@ trap stop_background EXIT
 for ((i = 0; i < NUM_WORKERS; i++)); do
   run_background "$WORKDIR/logs/worker_$i.log" \
     "$PYTHON" -m vimrag_jax.rollout.worker --config="$CONFIG" --workdir="$WORKDIR" \
-    "${worker_flags[@]}" "$@"
+    --worker_id="local$i" "${worker_flags[@]}" "$@"
 done
 run "$PYTHON" -m vimrag_jax.train --config="$CONFIG" --workdir="$WORKDIR" \
   --config.rollout.embedded_workers=0 "$@"

@@ -72,6 +72,7 @@ if has_stage workers; then
   for host in "${rollout_vms[@]}"; do
     for ((i = 0; i < WORKERS_PER_VM; i++)); do
       worker="python -m vimrag_jax.rollout.worker --config=$CONFIG --workdir=$WORKDIR"
+      worker+=" --worker_id=$host-w$i"  # distinct and stable: shard names and question order
       worker+="${WORKER_FLAGS:+ $WORKER_FLAGS}$overrides"
       run "${vm[@]}" ssh "$host" --zone="$ROLLOUT_ZONE" \
         --command="$install && nohup $worker > worker_$i.log 2>&1 < /dev/null &"

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_local_dry_run_starts_workers_then_the_learner():
     )
     worker = (
         "python -m vimrag_jax.rollout.worker --config=configs/ggpo.py:tiny,gspo --workdir=/tmp/w "
-        "--max_trajectories=8 --config.seed=3 > /tmp/w/logs/worker_{}.log 2>&1 &"
+        "--worker_id=local{0} --max_trajectories=8 --config.seed=3 "
+        "> /tmp/w/logs/worker_{0}.log 2>&1 &"
     )
     assert lines == [
         worker.format(0),
@@ -88,6 +90,8 @@ def test_tpu_pod_dry_run():
     assert lines[0].startswith("tar czf /tmp/vimrag_jax_src.tgz --exclude=.venv")
     assert "gcloud compute tpus tpu-vm scp /tmp/vimrag_jax_src.tgz pod:/tmp/" in text
     assert sum("rollout.worker" in line for line in lines) == 4  # 2 VMs x 2 workers
+    ids = [re.search(r"--worker_id=(\S+)", line).group(1) for line in lines if "worker_id" in line]
+    assert ids == ["g1-w0", "g1-w1", "g2-w0", "g2-w1"]  # distinct: no shard name collides
     assert sum("pip install --quiet" in line for line in lines) == 1  # jax[tpu] on the pod
     learner = lines[-1]
     assert learner.startswith("gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all")
@@ -126,7 +130,8 @@ def test_slurm_dry_run_splits_nodes_between_learner_and_workers():
     assert lines == [
         "srun --nodes=1 --relative=2 --ntasks=4 --ntasks-per-node=4 --gpus-per-task=1 "
         "--kill-on-bad-exit=0 python -m vimrag_jax.rollout.worker "
-        "--config=configs/ggpo.py:qwen3vl_8b --workdir=/shared/r --config.seed=1 "
+        "--config=configs/ggpo.py:qwen3vl_8b --workdir=/shared/r --worker_id=slurm "
+        "--worker_id_env=SLURM_PROCID --config.seed=1 "
         "> /shared/r/logs/workers_42.log 2>&1 &",
         "srun --nodes=2 --relative=0 --ntasks=2 --ntasks-per-node=1 --gpus-per-node=8 "
         "--kill-on-bad-exit=1 python -m vimrag_jax.train --config=configs/ggpo.py:qwen3vl_8b "
@@ -178,3 +183,15 @@ def test_every_sweep_run_names_an_existing_config_file():
         assert (ROOT / path).is_file(), path
         config = _load_file(ROOT / path).get_config(arg)
         assert run["name"] == f"{config.algorithm}_seed{run['overrides']['seed']}"
+
+
+def test_one_launcher_line_starts_workers_with_distinct_ids():
+    from absl import app
+
+    from vimrag_jax.rollout.worker import worker_id
+
+    ids = {worker_id("slurm", "SLURM_PROCID", {"SLURM_PROCID": str(i)}) for i in range(4)}
+    assert ids == {"slurm0", "slurm1", "slurm2", "slurm3"}
+    assert worker_id("w0", "", {}) == "w0"
+    with pytest.raises(app.UsageError, match="SLURM_PROCID is not set"):
+        worker_id("slurm", "SLURM_PROCID", {})

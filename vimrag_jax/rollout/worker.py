@@ -21,7 +21,8 @@ extra shard, so a learner still short of a batch is never starved): on a machine
 the learner it would otherwise spend the CPU on rollouts the learner drops as stale.
 
 SIGTERM (and SIGINT) set a flag: the worker finishes the batch and shard in flight, then exits 0.
-On restart the shard sequence continues after the highest one on disk for this worker id.
+On restart the shard sequence continues after the highest one on disk for this worker id, so
+every worker needs its own id: ``--worker_id_env=SLURM_PROCID`` appends a launcher's task index.
 ``--parent_pid`` (set by a trainer for its embedded workers): the worker dies with that process,
 so a killed trainer leaves no orphan writing under the worker id its restart reuses.
 ``--policy=scripted_expert|scripted_noisy`` swaps the model for a scripted policy (SFT data).
@@ -29,11 +30,13 @@ so a killed trainer leaves no orphan writing under the worker id its restart reu
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +70,11 @@ def _define_flags() -> None:
         ),
         worker_id=flags.DEFINE_string(
             "worker_id", "w0", "Name of this worker (shard name prefix)."
+        ),
+        worker_id_env=flags.DEFINE_string(
+            "worker_id_env", "",
+            "Append this environment variable's value to --worker_id (e.g. SLURM_PROCID: one "
+            "command line starts many distinct workers).",
         ),
         policy=flags.DEFINE_enum(
             "policy", "model", ["model", "scripted_expert", "scripted_noisy"], "Who acts."
@@ -296,6 +304,17 @@ def _batch_seed(seed: int, worker_id: str, sequence: int) -> int:
     return zlib.crc32(f"{seed}/{worker_id}/{sequence}".encode()) & 0x7FFFFFFF
 
 
+def worker_id(base: str, env_var: str, environ: Mapping[str, str]) -> str:
+    """``base`` followed by ``environ[env_var]`` (``base`` alone without ``env_var``): distinct
+    ids for the workers one launcher line starts, stable across their restarts (an id keys its
+    shard sequence and question order). UsageError when the variable is unset."""
+    if not env_var:
+        return base
+    if env_var not in environ:
+        raise app.UsageError(f"--worker_id_env={env_var}, but {env_var} is not set")
+    return f"{base}{environ[env_var]}"
+
+
 def flag_values(holders: dict[str, flags.FlagHolder], argv: list[str]) -> dict[str, Any]:
     """A program's flag values by name; UsageError on positional arguments or without
     ``--config`` and ``--workdir`` (the worker's and the evaluator's common flags)."""
@@ -309,6 +328,7 @@ def flag_values(holders: dict[str, flags.FlagHolder], argv: list[str]) -> dict[s
 
 def main(argv: list[str]) -> int:
     value = flag_values(_FLAGS, argv)
+    value["worker_id"] = worker_id(value["worker_id"], value.pop("worker_id_env"), os.environ)
     stop = StopFlag().install()
     from vimrag_jax.resume import use_compile_cache
 
