@@ -212,7 +212,7 @@ def loss_block(algorithm: str) -> ml_collections.ConfigDict:
 
 # Loss settings that belong to the run, not to the algorithm: how the ratio's denominator
 # is obtained and the KL anchor (a preset such as tiny sets them for every algorithm alike).
-RUN_LOSS_KEYS = ("old_logprobs", "tis_cap", "kl_coef")
+RUN_LOSS_KEYS = ("old_logprobs", "tis_cap", "kl_coef", "num_minibatches")
 
 
 def with_algorithm(c: ml_collections.ConfigDict, algorithm: str) -> ml_collections.ConfigDict:
@@ -258,6 +258,13 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     size = preset.removeprefix("qwen3vl_")
     c.model.update(name="hf", dtype="bfloat16", remat=True)
     c.rollout.embedded_workers = 0
+    # GSPO as published: 4 minibatches per rollout batch against the log-probs of the policy
+    # that started it (the clip binds from the second), the sampler's only through the
+    # truncated importance weight (its numerical gap to the learner exceeds ε = 3e-4 alone).
+    c.loss.update(num_minibatches=4, old_logprobs="recompute")
+    # One version per rollout batch; intervals in whole batches of 4 updates.
+    c.publish.every_steps = 4
+    c.checkpoint.every_steps = 48
     # At most four compiles of the big step (length buckets of 2048).
     c.data.update(
         max_segment_tokens=8192,

@@ -167,7 +167,8 @@ def test_loss_block_is_the_algorithm_preset(algorithm):
     assert cfg.algorithm == algorithm
     # The algorithm's preset, except the run's own settings (the same for every algorithm).
     run = {key: cfg.loss[key] for key in ggpo.RUN_LOSS_KEYS}
-    assert run == {"old_logprobs": "recompute", "tis_cap": 2.0, "kl_coef": 0.5}  # tiny default
+    tiny = {"old_logprobs": "recompute", "tis_cap": 2.0, "kl_coef": 0.5, "num_minibatches": 1}
+    assert run == tiny
     preset = dataclasses.replace(LossConfig.for_algorithm(algorithm), **run)
     assert LossConfig.from_config(cfg.loss) == preset
     assert (cfg.loss.clip_low, cfg.loss.clip_high) == (
@@ -313,3 +314,20 @@ def test_several_processes_need_pjit_and_a_batch_axis_over_them():
     assert rows_per_process(48, 2) == 24 and rows_per_process(48, 1) == 48
     with pytest.raises(ValueError, match="does not split over 2 processes"):
         rows_per_process(7, 2)
+
+
+def test_minibatches_need_whole_shards_and_aligned_intervals():
+    cfg = ggpo.get_config()
+    cfg.loss.num_minibatches = 4
+    cfg.data.batch_segments = 48
+    problems = config_checks.find_problems(cfg, 8)
+    for part in (
+        "config.data.batch_segments=48 must split into loss.num_minibatches=4",
+        "config.checkpoint.every_steps=30 must be a multiple of loss.num_minibatches=4",
+        "config.publish.every_steps=1 must be a multiple",
+        "config.optim.total_steps=90 must be a multiple",
+    ):
+        assert any(part in problem for problem in problems), part
+    cfg.loss.num_minibatches = 0
+    problems = config_checks.find_problems(cfg, 1)
+    assert any("num_minibatches must be an int >= 1" in problem for problem in problems)

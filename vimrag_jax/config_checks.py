@@ -102,6 +102,38 @@ def _check_algorithm(problems: list[str], cfg: ml_collections.ConfigDict) -> Non
             )
 
 
+def _check_minibatches(problems: list[str], cfg: ml_collections.ConfigDict, shards: int) -> None:
+    """``loss.num_minibatches`` M: a rollout batch is M optimizer updates in one step call, so
+    the batch splits into M minibatches of whole shards, and every interval counted in step
+    calls or updates is a multiple of M (none is skipped when the step counter jumps by M)."""
+    minibatches = cfg.loss.get("num_minibatches", 1)
+    if not _is_int(minibatches) or minibatches <= 1:
+        return
+    rows = cfg.data.batch_segments
+    if _is_int(rows) and rows % (minibatches * shards):
+        problems.append(
+            f"config.data.batch_segments={rows} must split into loss.num_minibatches="
+            f"{minibatches} minibatches of whole batch shards ({shards})"
+        )
+    if cfg.optim.accumulate_steps != 1:
+        problems.append(
+            "config.loss.num_minibatches > 1 needs config.optim.accumulate_steps=1 (each "
+            "minibatch is one optimizer update)"
+        )
+    for block, key in (
+        ("optim", "total_steps"),
+        ("publish", "every_steps"),
+        ("checkpoint", "every_steps"),
+        ("eval", "every_steps"),
+    ):
+        value = cfg[block][key]
+        if _is_int(value) and value % minibatches:
+            problems.append(
+                f"config.{block}.{key}={value} must be a multiple of loss.num_minibatches="
+                f"{minibatches} (a rollout batch is that many updates)"
+            )
+
+
 def _check_optim(problems: list[str], optim: ml_collections.ConfigDict) -> None:
     _check_positive(problems, optim, "config.optim", "total_steps", "accumulate_steps")
     if not (_is_number(optim.learning_rate) and optim.learning_rate > 0):
@@ -278,6 +310,7 @@ def find_problems(
                     f"config.{block}.{key}={value} must be divisible by the "
                     f"batch shards (mesh data × fsdp = {data * fsdp})"
                 )
+        _check_minibatches(problems, cfg, data * fsdp)
         if process_count > 1:
             problems.extend(_multi_process_problems(cfg, data * fsdp, process_count))
 

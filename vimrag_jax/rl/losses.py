@@ -323,6 +323,10 @@ class LossConfig:
     # them (e.g. a batch reused for several updates).
     old_logprobs: str = "behavior"
     tis_cap: float = 2.0
+    # GSPO as published: each rollout batch is split into this many minibatches, updated one
+    # after the other against the log-probs of the policy that started the batch (computed once,
+    # before the first), so the clip binds from the second minibatch on (`parallel.step`).
+    num_minibatches: int = 1
 
     def __post_init__(self):
         if self.name not in _POLICY_LOSSES:
@@ -351,6 +355,9 @@ class LossConfig:
             raise ValueError(f"tis_cap must be a number, got {self.tis_cap!r}")
         if not self.tis_cap > 0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        minibatches = self.num_minibatches
+        if isinstance(minibatches, bool) or not isinstance(minibatches, int) or minibatches < 1:
+            raise ValueError(f"num_minibatches must be an int >= 1, got {minibatches!r}")
 
     @classmethod
     def for_algorithm(cls, algorithm: str, **overrides: Any) -> LossConfig:
