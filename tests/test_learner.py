@@ -175,14 +175,13 @@ def test_minibatches_update_in_turn_against_the_policy_that_started_the_batch():
     graphdef, state, _ = step_lib.create_train_state(learner_cases.model_fn, optimizer, mesh)
     batch = loss_inputs(learner_cases.batch(3, rows=8))
     kwargs = dict(graphdef=graphdef, optimizer=optimizer, loss_config=config)
-    new_state, metrics = jax.jit(functools.partial(step_lib.minibatch_update, **kwargs))(
-        state, batch
-    )
+    new_state, metrics = jax.jit(functools.partial(step_lib.update, **kwargs))(state, batch)
 
     # The loop reference: two plain updates, each given the starting policy's log-probs.
     policy = nnx.merge(graphdef, state.params)
     old = np.asarray(step_lib.policy_logprobs(policy, batch["tokens"]))
-    one = jax.jit(functools.partial(step_lib.update, **kwargs))
+    single = {**kwargs, "loss_config": dataclasses.replace(config, num_minibatches=1)}
+    one = jax.jit(functools.partial(step_lib.update, **single))
     ref_state, states = state, []
     for rows in (slice(0, 4), slice(4, 8)):
         minibatch = {key: value[rows] for key, value in batch.items()}

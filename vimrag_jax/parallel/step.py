@@ -158,11 +158,50 @@ def update(
     loss_config: LossConfig,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a batch of segments; pure, so it can be jitted or pmapped.
+    """The optimizer steps of one rollout batch; pure, so it can be jitted or pmapped (the pjit
+    and the pmap step both wrap it).
 
     With `axis_name`, `batch` is this device's slice: the loss is normalised by the global number
     of valid segments, so per-device losses and gradients sum to the global ones.
+
+    With `loss_config.num_minibatches` M > 1 (GSPO as published) the log-probs of the policy that
+    starts the batch are computed once (`old_logprobs`), then the batch's rows are split into M
+    equal minibatches (this device's rows, under pmap), each one optimizer step in turn under
+    `lax.scan`: the first minibatch's ratio is exactly 1, the clip binds from the second on. The
+    truncated importance weight to the sampler's log-probs applies as for one step
+    (`loss.old_logprobs = "recompute"`). Metrics are over the M steps (min / max for ``*_min`` /
+    ``*_max``, the mean otherwise), plus ``clip_fraction/mb<m>``.
+    With M = 1 it is one step on the whole batch.
     """
+    minibatches = loss_config.num_minibatches
+    kwargs = dict(
+        graphdef=graphdef, optimizer=optimizer, loss_config=loss_config, axis_name=axis_name
+    )
+    if minibatches == 1:
+        return _update_once(state, batch, **kwargs)
+    rows = batch["tokens"].shape[0]
+    if rows % minibatches:
+        raise ValueError(f"{rows} rows do not split into {minibatches} minibatches")
+    policy = nnx.merge(graphdef, state.params)
+    old = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
+    batch = {**batch, "old_logprobs": jax.lax.stop_gradient(old)}
+    split = jax.tree.map(lambda x: x.reshape(minibatches, rows // minibatches, *x.shape[1:]), batch)
+    state, metrics = jax.lax.scan(
+        lambda s, minibatch: _update_once(s, minibatch, **kwargs), state, split
+    )
+    out = {}
+    for key, values in metrics.items():
+        reduce = jnp.min if key.endswith("_min") else jnp.max if key.endswith("_max") else jnp.mean
+        out[key] = reduce(values)
+    for m in range(minibatches if "clip_fraction" in metrics else 0):
+        out[f"clip_fraction/mb{m}"] = metrics["clip_fraction"][m]
+    return state, out
+
+
+def _update_once(state: TrainState, batch: Batch, **kwargs) -> tuple[TrainState, dict]:
+    """One optimizer step on a batch (or minibatch) of segments (`update`'s keyword args)."""
+    graphdef, optimizer = kwargs["graphdef"], kwargs["optimizer"]
+    loss_config, axis_name = kwargs["loss_config"], kwargs["axis_name"]
     num_segments = num_valid_segments(batch)
     if axis_name is not None:
         num_segments = jax.lax.psum(num_segments, axis_name)
@@ -186,48 +225,6 @@ def update(
     return new_state, metrics
 
 
-def minibatch_update(
-    state: TrainState,
-    batch: Batch,
-    *,
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    loss_config: LossConfig,
-    axis_name: str | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`loss_config.num_minibatches` optimizer steps on one rollout batch (GSPO as published).
-
-    The log-probs of the policy that starts the batch are computed once (`old_logprobs`), then
-    the batch's rows are split into M equal minibatches (this device's rows, under pmap) and
-    `update` runs on each in turn under `lax.scan`: the first minibatch's ratio is exactly 1, the
-    clip binds from the second on. The truncated importance weight to the sampler's log-probs
-    applies as in `update` (`loss.old_logprobs = "recompute"`). Metrics are over the M updates
-    (min / max for ``*_min`` / ``*_max``, the mean otherwise), plus ``clip_fraction/mb<m>``.
-    With M = 1 this is `update`.
-    """
-    minibatches = loss_config.num_minibatches
-    kwargs = dict(graphdef=graphdef, optimizer=optimizer, loss_config=loss_config)
-    if minibatches == 1:
-        return update(state, batch, axis_name=axis_name, **kwargs)
-    rows = batch["tokens"].shape[0]
-    if rows % minibatches:
-        raise ValueError(f"{rows} rows do not split into {minibatches} minibatches")
-    policy = nnx.merge(graphdef, state.params)
-    old = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
-    batch = {**batch, "old_logprobs": jax.lax.stop_gradient(old)}
-    split = jax.tree.map(lambda x: x.reshape(minibatches, rows // minibatches, *x.shape[1:]), batch)
-    state, metrics = jax.lax.scan(
-        lambda s, minibatch: update(s, minibatch, axis_name=axis_name, **kwargs), state, split
-    )
-    out = {}
-    for key, values in metrics.items():
-        reduce = jnp.min if key.endswith("_min") else jnp.max if key.endswith("_max") else jnp.mean
-        out[key] = reduce(values)
-    for m in range(minibatches if "clip_fraction" in metrics else 0):
-        out[f"clip_fraction/mb{m}"] = metrics["clip_fraction"][m]
-    return state, out
-
-
 def make_pjit_step(
     *,
     graphdef: nnx.GraphDef,
@@ -237,15 +234,13 @@ def make_pjit_step(
     state_shardings: TrainState,
     batch_shardings: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, batch) -> (state, metrics)` over the mesh (`minibatch_update`: one or
+    """`step(state, batch) -> (state, metrics)` over the mesh (`update`: one or
     `loss.num_minibatches` optimizer steps); the input state is donated.
 
     `batch_shardings` comes from `sharding.batch_shardings` on the (abstract) batch; metrics come
     back replicated.
     """
-    fn = functools.partial(
-        minibatch_update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config
-    )
+    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config)
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch_shardings),
@@ -267,7 +262,7 @@ def make_pmap_step(
     per-device state and metrics (identical on every device; see `unreplicate`).
     """
     fn = functools.partial(
-        minibatch_update,
+        update,
         graphdef=graphdef,
         optimizer=optimizer,
         loss_config=loss_config,
