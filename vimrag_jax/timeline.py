@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from vimrag_jax.publish import POLICY_DIR
+
 TIMELINE_FILE = "timeline.json"
-_POLICY_DIR = "policy"  # as publish.POLICY_DIR (publish imports this module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ NO_LOSS = Timeline()
 
 
 def timeline_path(workdir: str | os.PathLike) -> Path:
-    return Path(workdir) / _POLICY_DIR / TIMELINE_FILE
+    return Path(workdir) / POLICY_DIR / TIMELINE_FILE
 
 
 def load_timeline(workdir: str | os.PathLike) -> Timeline:

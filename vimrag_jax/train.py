@@ -98,10 +98,6 @@ def _dropped(counters: dict[str, int]) -> str:
     )
 
 
-def _main_process() -> bool:
-    return jax.process_index() == 0
-
-
 def _model_fn(experiment):
     """A builder of the policy's shapes and seeded initial values (jit-able)."""
     cfg = experiment.cfg
@@ -237,7 +233,8 @@ class Trainer:
             return Path(self.cfg.sft.data)
         directory = self.workdir / SFT_DATA_DIR
         trajectories = int(self.cfg.sft.num_trajectories)
-        missing = expert_trajectories_missing(directory, trajectories) if _main_process() else 0
+        main = distributed.is_main_process()
+        missing = expert_trajectories_missing(directory, trajectories) if main else 0
         if missing:
             logging.info(
                 "writing %d scripted-expert trajectories (of %d) for the warm start to %s",
@@ -261,7 +258,7 @@ class Trainer:
                     f"the scripted-expert worker failed (status {code}); see "
                     f"{self.workdir / 'logs' / 'expert.log'}"
                 )
-        if _main_process():
+        if main:
             mark_expert_data_done(directory)
         distributed.barrier("sft_data")
         return directory
@@ -352,7 +349,7 @@ class Trainer:
         if self.cfg.rollout.backend != "embedded":
             return  # a served policy is evaluated with `python -m vimrag_jax.eval` instead
         model = learner.model()  # every process: several gather the parameters for process 0
-        if not _main_process():
+        if not distributed.is_main_process():
             return
         from vimrag_jax import eval as eval_lib
 
@@ -377,7 +374,7 @@ class Trainer:
         if not self.cfg.export.hf:
             return
         model = learner.model()  # every process: several gather the parameters for process 0
-        if not _main_process():
+        if not distributed.is_main_process():
             return
         from vimrag_jax.models.hf import save_pretrained
 
@@ -459,7 +456,7 @@ class Trainer:
         workers = LocalWorkers(
             self.config_flags,
             self.workdir,
-            count=int(cfg.rollout.embedded_workers) if _main_process() else 0,
+            count=int(cfg.rollout.embedded_workers) if distributed.is_main_process() else 0,
         )
         workers.start()
         rollout_reward = RolloutReward(self._counters(data_state) if data_state else None)
