@@ -1,0 +1,93 @@
+"""Builds one benchmark's TFDS dataset from its raw release; nothing is downloaded.
+
+    python -m vimrag_jax.benchmarks.build --benchmark=NAME --manual_dir=RAW --data_dir=OUT
+        [--overwrite]
+
+``NAME`` is one of ``hotpotqa squad webqa slidevqa mmlongbench_doc lvbench wikihowqa
+syntheticqa xvbench``; ``RAW`` holds the release in its published layout (the files each
+benchmark expects are listed in ``docs/benchmarks_data.md`` and by the error when none is
+found); the dataset is written to ``OUT/NAME/1.0.0/`` as array_record and read back with
+`vimrag_jax.benchmarks.load`. A built dataset is reused unless ``--overwrite`` (which removes
+it first). A malformed raw file stops the build with an error naming the file and record, and
+leaves no dataset behind.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from vimrag_jax import benchmarks
+from vimrag_jax.benchmarks.raw import MissingRawFiles, RawFormatError, find_split_files
+
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def build(
+    name: str,
+    *,
+    manual_dir: str | Path,
+    data_dir: str | Path,
+    overwrite: bool = False,
+    log=print,
+) -> dict[str, int]:
+    """Builds benchmark ``name`` from ``manual_dir`` into ``data_dir``; returns split -> count.
+
+    Raises ``ValueError`` for an unknown name, `MissingRawFiles` when ``manual_dir`` holds
+    none of the benchmark's files and `RawFormatError` for a malformed one.
+    """
+    import tensorflow_datasets as tfds
+
+    dataset = benchmarks.builder(name, data_dir=data_dir)
+    found = find_split_files(name, manual_dir, dataset.SPLIT_FILES)
+    for split, candidates in dataset.SPLIT_FILES.items():
+        where = found[split] if split in found else f"not found ({' or '.join(candidates)})"
+        log(f"{name} {split}: {where}")
+    mode = tfds.download.GenerateMode
+    config = tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir),
+        download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
+    )
+    dataset.download_and_prepare(download_config=config)
+    counts = {split: info.num_examples for split, info in dataset.info.splits.items()}
+    for split, count in counts.items():
+        log(f"{name} {split}: {count} examples")
+    log(f"{name}: {dataset.data_path}")
+    return counts
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module defines no global flags.
+    _FLAGS.update(
+        benchmark=flags.DEFINE_enum("benchmark", None, benchmarks.NAMES, "Benchmark to build."),
+        manual_dir=flags.DEFINE_string("manual_dir", None, "The raw release (published layout)."),
+        data_dir=flags.DEFINE_string("data_dir", None, "Where TFDS datasets are written."),
+        overwrite=flags.DEFINE_bool("overwrite", False, "Rebuild an already built dataset."),
+    )
+    flags.mark_flags_as_required(["benchmark", "manual_dir", "data_dir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    start = time.perf_counter()
+    try:
+        build(
+            value["benchmark"],
+            manual_dir=value["manual_dir"],
+            data_dir=value["data_dir"],
+            overwrite=value["overwrite"],
+        )
+    except (MissingRawFiles, RawFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"built {value['benchmark']} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
