@@ -15,7 +15,9 @@ leaves no dataset behind.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import app, flags
@@ -32,7 +34,7 @@ def build(
     manual_dir: str | Path,
     data_dir: str | Path,
     overwrite: bool = False,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Builds benchmark ``name`` from ``manual_dir`` into ``data_dir``; returns split -> count.
 
@@ -46,12 +48,17 @@ def build(
     for split, candidates in dataset.SPLIT_FILES.items():
         where = found[split] if split in found else f"not found ({' or '.join(candidates)})"
         log(f"{name} {split}: {where}")
+    if dataset.is_prepared() and not overwrite:
+        log(f"{name}: already built in {dataset.data_path}; reused (--overwrite rebuilds it)")
     mode = tfds.download.GenerateMode
     config = tfds.download.DownloadConfig(
         manual_dir=str(manual_dir),
         download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
     )
-    dataset.download_and_prepare(download_config=config)
+    # Nothing is downloaded; a throwaway download_dir keeps TFDS's empty downloads/ folders
+    # out of data_dir.
+    with tempfile.TemporaryDirectory(prefix="vimrag_benchmarks_") as downloads:
+        dataset.download_and_prepare(download_dir=downloads, download_config=config)
     counts = {split: info.num_examples for split, info in dataset.info.splits.items()}
     for split, count in counts.items():
         log(f"{name} {split}: {count} examples")
