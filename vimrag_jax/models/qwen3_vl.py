@@ -107,7 +107,8 @@ class Qwen3VLConfig:
     ) -> Qwen3VLConfig:
         """Reads a `model_type: qwen3_vl` config.json dict (transformers 4.5x or 5.x layout).
 
-        `remat` rematerialises each text decoder layer in the backward pass. Raises
+        `remat` rematerialises each text decoder layer and each vision block in the backward
+        pass. Raises
         NotImplementedError for RoPE types other than "default" and for the text features
         `Qwen3Config.from_hf` refuses.
         """
@@ -129,7 +130,7 @@ class Qwen3VLConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         return cls(
             text=text,
-            vision=Qwen3VLVisionConfig.from_hf(hf["vision_config"], dtype=dtype),
+            vision=Qwen3VLVisionConfig.from_hf(hf["vision_config"], dtype=dtype, remat=remat),
             mrope_section=section,
             **{
                 key: int(hf.get(key, defaults[key]))

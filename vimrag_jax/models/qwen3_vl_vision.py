@@ -8,9 +8,17 @@ layout:
   grid, the (row, column) of every patch for the 2D rotary embedding, and the attention segment
   of every patch (one segment per frame, as transformers' `cu_seqlens`). The processor returns
   `grid_thw` as concrete arrays, so this costs nothing at trace time.
-- **device side** (`VisionTower.__call__`, jit-able): patch embedding, blocks with a
-  block-diagonal attention mask built from the segment ids, the 2x2 spatial merger and the
-  DeepStack mergers. All shapes depend only on the number of patch rows.
+- **device side** (`VisionTower.__call__`, jit-able): patch embedding, blocks whose attention
+  stays within each patch's segment, the 2x2 spatial merger and the DeepStack mergers. All
+  shapes depend only on the number of patch rows.
+
+Attention is `vimrag_jax.models.vision_attention.blocked_segment_attention` by default: flash
+attention over tiles of `attention_block` rows that visits only tiles whose rows can share a
+segment, so memory is O(block²·heads) instead of an `[heads, N, N]` score matrix (≈5.8 GB per
+layer at ~9.5k patches), and a call holding the images of many prompts costs what encoding them
+one by one would. `attention="dense"` keeps the plain masked softmax (tiny inputs, reference).
+With `remat`, each vision block is recomputed in the backward pass (as the decoder's layers
+with the text config's `remat`), so the tower keeps one `[N, hidden]` activation per block.
 
 Patch rows arrive as transformers' processor lays them out: `pixel_values[N, C*T*P*P]`, images
 and frames concatenated, patches of each frame in spatial-merge-block order (the four patches of
@@ -28,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from vimrag_jax.models.params import dense_init, param
+from vimrag_jax.models.vision_attention import blocked_segment_attention, dense_segment_attention
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -36,6 +45,7 @@ _ACTIVATIONS = {
 }
 _LAYER_NORM_EPS = 1e-6  # hard-coded in transformers' Qwen3-VL vision blocks and mergers
 _PAD_SEGMENT = -1
+_ATTENTION = ("blocked", "dense")
 
 
 def _single_size(name: str, value: Any) -> int:
@@ -64,6 +74,10 @@ class Qwen3VLVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # "blocked": tiled attention, O(block²) memory (default); "dense": [heads, N, N] scores.
+    attention: str = "blocked"
+    attention_block: int = 512  # rows per tile of the blocked attention
+    remat: bool = False  # recompute each vision block's activations in the backward pass
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -85,6 +99,10 @@ class Qwen3VLVisionConfig:
             raise NotImplementedError(
                 f"vision hidden_act={self.hidden_act!r} unsupported; known: {sorted(_ACTIVATIONS)}."
             )
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"vision attention={self.attention!r} is not one of {_ATTENTION}.")
+        if self.attention_block < 1:
+            raise ValueError(f"vision attention_block must be >= 1, got {self.attention_block}.")
 
     @property
     def head_dim(self) -> int:
@@ -105,8 +123,11 @@ class Qwen3VLVisionConfig:
         return self.spatial_merge_size**2
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, dtype: str = "float32") -> Qwen3VLVisionConfig:
-        """Reads the `vision_config` dict of a `qwen3_vl` config.json."""
+    def from_hf(
+        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+    ) -> Qwen3VLVisionConfig:
+        """Reads the `vision_config` dict of a `qwen3_vl` config.json; `remat` recomputes each
+        vision block in the backward pass. Attention settings keep their defaults."""
         rope = hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", "axial")
         if rope_type != "axial":
@@ -128,6 +149,7 @@ class Qwen3VLVisionConfig:
             hidden_act=hf.get("hidden_act", "gelu_pytorch_tanh"),
             rope_theta=float(rope.get("rope_theta", 10_000.0)),
             dtype=dtype,
+            remat=remat,
         )
 
 
@@ -293,10 +315,12 @@ def _rotate(x_nhk: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array) -> jax.Array
 
 
 class VisionAttention(nnx.Module):
-    """Bidirectional multi-head attention over all patches, masked to each patch's segment."""
+    """Bidirectional multi-head attention of each patch over the patches of its segment."""
 
     def __init__(self, config: Qwen3VLVisionConfig, *, rngs: nnx.Rngs):
         d, h, k = config.hidden_size, config.num_heads, config.head_dim
+        self.attention = config.attention
+        self.block = config.attention_block
         # The fused checkpoint tensor is [3*d, d]; the 3 (q, k, v) axis is never sharded.
         self.qkv_d3hk = param(
             rngs,
@@ -313,21 +337,19 @@ class VisionAttention(nnx.Module):
         self.proj_bias = param(rngs, nnx.initializers.zeros_init(), (d,), ("vision_embed",))
 
     def __call__(
-        self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, allowed_nm: jax.Array
+        self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment_n: jax.Array
     ) -> jax.Array:
+        """`[N, hidden]` in x's dtype; `segment_n: int32[N]` (equal ids attend to each other)."""
         dtype = x_nd.dtype
         qkv_n3hk = jnp.einsum("nd,dthk->nthk", x_nd, self.qkv_d3hk[...].astype(dtype))
         qkv_n3hk = qkv_n3hk + self.qkv_bias_3hk[...].astype(dtype)
         q_nhk = _rotate(qkv_n3hk[:, 0], cos_nk, sin_nk)
         k_nhk = _rotate(qkv_n3hk[:, 1], cos_nk, sin_nk)
         v_nhk = qkv_n3hk[:, 2]
-        scale = q_nhk.shape[-1] ** -0.5
-        scores_hnm = (
-            jnp.einsum("nhk,mhk->hnm", q_nhk, k_nhk, preferred_element_type=jnp.float32) * scale
-        )
-        scores_hnm = jnp.where(allowed_nm[None], scores_hnm, jnp.finfo(jnp.float32).min)
-        probs_hnm = jax.nn.softmax(scores_hnm, axis=-1).astype(dtype)
-        out_nhk = jnp.einsum("hnm,mhk->nhk", probs_hnm, v_nhk)
+        if self.attention == "dense":
+            out_nhk = dense_segment_attention(q_nhk, k_nhk, v_nhk, segment_n)
+        else:
+            out_nhk = blocked_segment_attention(q_nhk, k_nhk, v_nhk, segment_n, block=self.block)
         out_nd = jnp.einsum("nhk,hkd->nd", out_nhk, self.proj_hkd[...].astype(dtype))
         return out_nd + self.proj_bias[...].astype(dtype)
 
@@ -358,10 +380,20 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(config, rngs=rngs)
 
     def __call__(
-        self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, allowed_nm: jax.Array
+        self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment_n: jax.Array
     ) -> jax.Array:
-        x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nk, sin_nk, allowed_nm)
+        x_nd = x_nd + self.attn(self.norm1(x_nd), cos_nk, sin_nk, segment_n)
         return x_nd + self.mlp(self.norm2(x_nd))
+
+
+def _block_forward(
+    block: VisionBlock, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment: jax.Array
+) -> jax.Array:
+    return block(x_nd, cos_nk, sin_nk, segment)
+
+
+# Recomputes a block's activations in the backward pass instead of keeping them (config.remat).
+_remat_block_forward = nnx.remat(_block_forward)
 
 
 class PatchMerger(nnx.Module):
@@ -447,11 +479,11 @@ class VisionTower(nnx.Module):
         x_nd = x_nd + pos_nd.astype(dtype)
 
         cos_nk, sin_nk = vision_rotary(jnp.asarray(tables.rotary_hw), c.head_dim, c.rope_theta)
-        segment = jnp.asarray(tables.segment)
-        allowed_nm = segment[:, None] == segment[None, :]
+        segment_n = jnp.asarray(tables.segment)
+        forward = _remat_block_forward if c.remat else _block_forward
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x_nd = block(x_nd, cos_nk, sin_nk, allowed_nm)
+            x_nd = forward(block, x_nd, cos_nk, sin_nk, segment_n)
             if i in c.deepstack_visual_indexes:
                 merger = self.deepstack_mergers[c.deepstack_visual_indexes.index(i)]
                 deepstack.append(merger(x_nd))
