@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vimrag_jax import benchmarks
-from vimrag_jax.benchmarks import features, videos
+from vimrag_jax.benchmarks import features, raw
 from vimrag_jax.benchmarks.build import build
 from vimrag_jax.benchmarks.raw import MissingRawFiles, RawFormatError, Record
 
@@ -38,6 +38,16 @@ COUNTS = {
     "syntheticqa": {"test": 4},
     "xvbench": {"test": 2},
 }
+DERIVED_COUNTS = {  # (name, format): test examples
+    ("hotpotqa", "universalrag"): 3,
+    ("squad", "universalrag"): 3,
+    ("webqa", "universalrag"): 3,
+    ("lvbench", "universalrag"): 3,
+    ("wikihowqa", "universalrag"): 2,
+    ("syntheticqa", "universalrag"): 3,
+    ("slidevqa", "vrag"): 2,
+    ("mmlongbench_doc", "vrag"): 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +55,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tfds")
     for name in benchmarks.NAMES:
         build(name, manual_dir=FIXTURES / name, data_dir=out, log=lambda _: None)
+    for name, config in DERIVED_COUNTS:
+        manual_dir = FIXTURES / config
+        build(name, manual_dir=manual_dir, data_dir=out, config=config, log=lambda _: None)
     return out
 
 
@@ -52,10 +65,10 @@ def text(value: str | bytes) -> str:
     return features.as_text(value)
 
 
-def read(data_dir: Path, name: str, split: str) -> dict[str, dict]:
+def read(data_dir: Path, name: str, split: str, config: str = "raw") -> dict[str, dict]:
     """The split as {id: example} with strings decoded and evidence as a list of tuples."""
     out = {}
-    for example in benchmarks.load(name, data_dir=data_dir, split=split):
+    for example in benchmarks.load(name, data_dir=data_dir, split=split, config=config):
         evidence = example["evidence"]
         out[text(example["id"])] = {
             "question": text(example["question"]),
@@ -223,6 +236,58 @@ def test_xvbench_reference_clips(data_dir: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(("name", "config"), list(DERIVED_COUNTS))
+def test_derived_formats_are_builder_configs(data_dir: Path, name: str, config: str) -> None:
+    dataset = benchmarks.builder(name, data_dir=data_dir, config=config)
+    assert dataset.data_path == data_dir / name / config / "1.0.0"
+    assert {s: i.num_examples for s, i in dataset.info.splits.items()} == {
+        "test": DERIVED_COUNTS[name, config]
+    }
+
+
+def test_universalrag_query_files(data_dir: Path) -> None:
+    hotpot = read(data_dir, "hotpotqa", "test", "universalrag")["hotpotqa_4367"]
+    assert hotpot["answers"] == ["Gesellschaft mit beschränkter Haftung"]
+    assert [e[:2] for e in hotpot["evidence"]] == [("passage", "435910"), ("passage", "477707")]
+    squad = read(data_dir, "squad", "test", "universalrag")["squad5"]
+    assert squad["evidence"] == [("passage", "11704162", "", -1.0, -1.0)]  # listed twice
+    webqa = read(data_dir, "webqa", "test", "universalrag")
+    first = webqa["webqa_d5bbc7c80dba11ecb1e81171463288e9"]
+    assert first["evidence"] == [("image", "30079629", "", -1.0, -1.0)]
+    assert first["answer_format"] == "YesNo"
+    # The same LVBench question reads the same from UniversalRAG's file and the raw release.
+    lvbench = read(data_dir, "lvbench", "test", "universalrag")["lvbench_840"]
+    raw_lvbench = read(data_dir, "lvbench", "test")["840"]
+    for field in ("question", "answers", "answer_format", "choices", "evidence"):
+        assert lvbench[field] == raw_lvbench[field], field
+    wikihow = read(data_dir, "wikihowqa", "test", "universalrag")["videorag_wikihow_133"]
+    assert wikihow["question"] == "What is the correct way to cite a poem in APA style?"
+    assert [e[1] for e in wikihow["evidence"][:2]] == ["wBEwT537I38", "Z-YeTbosx2k"]
+    assert len(wikihow["evidence"]) == 27  # a Python-literal list in this file
+    synth = read(data_dir, "syntheticqa", "test", "universalrag")
+    assert synth["videorag_synth_fH7ZK9YAckQ_1"]["evidence"][0][:2] == ("video", "fH7ZK9YAckQ")
+
+
+def test_vrag_unified_files(data_dir: Path) -> None:
+    slides = read(data_dir, "slidevqa", "test", "vrag")
+    raw_slides = read(data_dir, "slidevqa", "test")
+    assert slides["3"]["evidence"] == raw_slides["1"]["evidence"]  # qa_id 1 of the test split
+    assert slides["3"]["answer_format"] == "Single-Span"
+    assert slides["3"]["metadata"] == {"reasoning_type": "Multi-Hop"}
+    docs = read(data_dir, "mmlongbench_doc", "test", "vrag")
+    raw_docs = read(data_dir, "mmlongbench_doc", "test")
+    # uid 0 is samples.json's record 0, the raw fixture's first record.
+    for field in ("question", "answers", "answer_format", "evidence", "metadata"):
+        assert docs["0"][field] == raw_docs["0"][field], field
+    assert [e[2] for e in docs["1"]["evidence"]] == ["19", "20"]
+    assert docs["1"]["metadata"]["evidence_sources"] == ["Table"]
+
+
+def test_unknown_format(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="xvbench has no format 'universalrag'; it reads raw"):
+        benchmarks.builder("xvbench", data_dir=data_dir, config="universalrag")
+
+
 def test_load_reads_into_grain(data_dir: Path) -> None:
     source = benchmarks.load("squad", data_dir=data_dir, split="validation")
     dataset = grain.MapDataset.source(source).map(
@@ -313,10 +378,24 @@ def test_malformed_raw_file_names_file_and_record_and_writes_nothing(
     message = str(caught.value)
     assert file_name in message and record in message and problem in message
     # The other split(s) were fine, yet nothing was kept: no version directory, no array_record.
-    assert not (out / name / "1.0.0").exists()
-    assert not list(out.rglob("*.array_record*"))
+    assert not list(out.rglob("1.0.0")) and not list(out.rglob("*.array_record*"))
+    assert (out / name).is_dir()  # TFDS did start writing here
     with pytest.raises(FileNotFoundError, match="not built"):
         benchmarks.load(name, data_dir=out, split="test")
+
+
+def test_malformed_derived_file(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    shutil.copytree(FIXTURES / "universalrag", raw)
+    path = raw / "dataset" / "query" / "lvbench.json"
+    path.write_text(path.read_text().replace("1876", "1874", 1))
+    with pytest.raises(RawFormatError) as caught:
+        build("lvbench", manual_dir=raw, data_dir=tmp_path / "out", config="universalrag")
+    assert str(caught.value) == (
+        f"{path}: record 0 (index lvbench_840): time_reference [1875, 1874] is not "
+        "[start, end] seconds"
+    )
+    assert not list((tmp_path / "out").rglob("1.0.0"))
 
 
 def test_lvbench_answer_outside_the_options_is_rejected(tmp_path: Path) -> None:
@@ -365,6 +444,14 @@ def test_build_command(tmp_path: Path) -> None:
     assert "slidevqa train: not found (annotations/qa/train.jsonl)" in done.stdout
     assert "slidevqa test: 3 examples" in done.stdout
     assert len(benchmarks.load("slidevqa", data_dir=out, split="test")) == 3
+    vrag = _command(
+        "--benchmark=slidevqa",
+        "--format=vrag",
+        f"--manual_dir={FIXTURES / 'vrag'}",
+        f"--data_dir={out}",
+    )
+    assert vrag.returncode == 0, vrag.stderr
+    assert len(benchmarks.load("slidevqa", data_dir=out, split="test", config="vrag")) == 2
     unknown = _command("--benchmark=nope", f"--manual_dir={tmp_path}", f"--data_dir={out}")
     assert unknown.returncode != 0
     assert "hotpotqa|squad|webqa|slidevqa|mmlongbench_doc|lvbench" in unknown.stderr
@@ -383,7 +470,7 @@ def test_lvbench_time_references_parse_to_seconds(a: tuple, b: tuple) -> None:
         return f"{h:02d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
     record = Record("f.jsonl", "line 1", {})
-    parsed = videos.time_span(record, f"{fmt(*start)}-{fmt(*end)}")
+    parsed = raw.time_span(record, f"{fmt(*start)}-{fmt(*end)}")
     assert parsed == tuple(float(h * 3600 + m * 60 + s) for h, m, s in (start, end))
 
 
@@ -395,4 +482,4 @@ option_text = st.text(st.characters(exclude_characters=_LINE_BREAKS), min_size=1
 def test_lvbench_options_parse_in_letter_order(texts: list[str]) -> None:
     question = "Stem?\n" + "\n".join(f"({chr(65 + i)}) {t}" for i, t in enumerate(texts))
     record = Record("f.jsonl", "line 1", {})
-    assert videos.options(record, question) == texts
+    assert raw.options(record, question) == texts

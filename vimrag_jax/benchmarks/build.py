@@ -1,15 +1,17 @@
 """Builds one benchmark's TFDS dataset from its raw release; nothing is downloaded.
 
     python -m vimrag_jax.benchmarks.build --benchmark=NAME --manual_dir=RAW --data_dir=OUT
-        [--overwrite]
+        [--format=raw|universalrag|vrag] [--overwrite]
 
 ``NAME`` is one of ``hotpotqa squad webqa slidevqa mmlongbench_doc lvbench wikihowqa
 syntheticqa xvbench``; ``RAW`` holds the release in its published layout (the files each
 benchmark expects are listed in ``docs/benchmarks_data.md`` and by the error when none is
-found); the dataset is written to ``OUT/NAME/1.0.0/`` as array_record and read back with
-`vimrag_jax.benchmarks.load`. A built dataset is reused unless ``--overwrite`` (which removes
-it first). A malformed raw file stops the build with an error naming the file and record, and
-leaves no dataset behind.
+found); the dataset is written to ``OUT/NAME/FORMAT/1.0.0/`` as array_record and read back
+with `vimrag_jax.benchmarks.load`. ``--format`` (default ``raw``, the benchmark's own release)
+picks a derived subset instead where the benchmark has one: ``universalrag`` (hotpotqa, squad,
+webqa, lvbench, wikihowqa, syntheticqa) or ``vrag`` (slidevqa, mmlongbench_doc). A built
+dataset is reused unless ``--overwrite`` (which removes it first). A malformed raw file stops
+the build with an error naming the file and record, and leaves no dataset behind.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from absl import app, flags
 
 from vimrag_jax import benchmarks
-from vimrag_jax.benchmarks.raw import MissingRawFiles, RawFormatError, find_split_files
+from vimrag_jax.benchmarks.raw import RAW, MissingRawFiles, RawFormatError, find_split_files
 
 _FLAGS: dict[str, flags.FlagHolder] = {}
 
@@ -33,6 +35,7 @@ def build(
     *,
     manual_dir: str | Path,
     data_dir: str | Path,
+    config: str = "raw",
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
@@ -43,9 +46,9 @@ def build(
     """
     import tensorflow_datasets as tfds
 
-    dataset = benchmarks.builder(name, data_dir=data_dir)
-    found = find_split_files(name, manual_dir, dataset.SPLIT_FILES)
-    for split, candidates in dataset.SPLIT_FILES.items():
+    dataset = benchmarks.builder(name, data_dir=data_dir, config=config)
+    found = find_split_files(name, manual_dir, dataset.split_files)
+    for split, candidates in dataset.split_files.items():
         where = found[split] if split in found else f"not found ({' or '.join(candidates)})"
         log(f"{name} {split}: {where}")
     if dataset.is_prepared() and not overwrite:
@@ -72,6 +75,9 @@ def _define_flags() -> None:
         benchmark=flags.DEFINE_enum("benchmark", None, benchmarks.NAMES, "Benchmark to build."),
         manual_dir=flags.DEFINE_string("manual_dir", None, "The raw release (published layout)."),
         data_dir=flags.DEFINE_string("data_dir", None, "Where TFDS datasets are written."),
+        format=flags.DEFINE_enum(
+            "format", RAW, [RAW, "universalrag", "vrag"], "Raw release or a derived subset."
+        ),
         overwrite=flags.DEFINE_bool("overwrite", False, "Rebuild an already built dataset."),
     )
     flags.mark_flags_as_required(["benchmark", "manual_dir", "data_dir"])
@@ -87,9 +93,10 @@ def main(argv: list[str]) -> None:
             value["benchmark"],
             manual_dir=value["manual_dir"],
             data_dir=value["data_dir"],
+            config=value["format"],
             overwrite=value["overwrite"],
         )
-    except (MissingRawFiles, RawFormatError) as err:
+    except (MissingRawFiles, RawFormatError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print(f"built {value['benchmark']} in {time.perf_counter() - start:.1f} s")

@@ -6,34 +6,19 @@ references (``source`` = the deck name or the PDF's ``doc_id``, ``ref`` = the pa
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vimrag_jax.benchmarks import features
-from vimrag_jax.benchmarks.raw import RawBenchmark, Record, json_list, read_jsonl
-
-
-def pages(record: Record, key: str, values: Any) -> list[int]:
-    """A list of 1-based page numbers, checked."""
-    if not isinstance(values, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in values
-    ):
-        raise record.error(f"field {key!r} should be a list of 1-based pages, got {values!r}")
-    return values
-
-
-def python_list(record: Record, key: str) -> list[Any]:
-    """A field holding a Python list literal as a string (MMLongBench-Doc's ``"[19, 20]"``)."""
-    text = record.need(key, str)
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
-        raise record.error(f"field {key!r} is not a Python list literal: {text!r}") from err
-    if not isinstance(value, list):
-        raise record.error(f"field {key!r} is not a Python list literal: {text!r}")
-    return value
+from vimrag_jax.benchmarks import derived, features
+from vimrag_jax.benchmarks.raw import (
+    RawBenchmark,
+    Record,
+    json_list,
+    pages,
+    python_list,
+    read_jsonl,
+)
 
 
 class SlideVQA(RawBenchmark, skip_registration=True):
@@ -54,6 +39,7 @@ class SlideVQA(RawBenchmark, skip_registration=True):
         "validation": ("annotations/qa/dev.jsonl",),
         "test": ("annotations/qa/test.jsonl",),
     }
+    DERIVED = {"vrag": derived.vrag("SlideVQA_test", slides=True)}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for line, data in read_jsonl(path):
@@ -98,6 +84,7 @@ class MMLongBenchDoc(RawBenchmark, skip_registration=True):
     name = "mmlongbench_doc"
     HOMEPAGE = "https://github.com/mayubo2333/MMLongBench-Doc"
     SPLIT_FILES = {"test": ("data/samples.json", "samples.json")}
+    DERIVED = {"vrag": derived.vrag("MMLongDoc")}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for index, data in enumerate(json_list(path)):

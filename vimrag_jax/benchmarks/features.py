@@ -98,14 +98,14 @@ def example(
     choices: Iterable[str] = (),
     metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An example in `FEATURES`' shape; answers are deduplicated keeping their first order."""
+    """An example in `FEATURES`' shape; answers and evidence are deduplicated in order."""
     return {
         "id": id,
         "question": question,
         "answers": list(dict.fromkeys(answers)),
         "answer_format": answer_format,
         "choices": list(choices),
-        "evidence": [dict(e) for e in evidence],
+        "evidence": [dict(e) for e in dict.fromkeys(tuple(e.items()) for e in evidence)],
         "metadata": json.dumps(dict(metadata or {}), ensure_ascii=False, sort_keys=True),
     }
 

@@ -11,16 +11,28 @@ failed build leaves no dataset that `vimrag_jax.benchmarks.load` would accept.
 
 from __future__ import annotations
 
+import ast
 import json
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import tensorflow_datasets as tfds
 
 from vimrag_jax.benchmarks import features
 
 VERSION = tfds.core.Version("1.0.0")
+_OPTION = re.compile(r"^\(([A-Z])\)\s?(.*)$")
+RAW = "raw"  # the builder config that reads the benchmark's own release
+
+
+class Format(NamedTuple):
+    """A derived file format a builder also reads, as a TFDS builder config of that name."""
+
+    description: str
+    split_files: dict[str, tuple[str, ...]]
+    read: Callable[[Path, str], Iterator[tuple[str, dict[str, Any]]]]
 
 
 class RawFormatError(ValueError):
@@ -122,6 +134,76 @@ def json_list(path: Path, key: str | None = None) -> list[Any]:
     return data
 
 
+# Values some releases encode in strings: pages, Python lists, clock times, options.
+
+
+def pages(record: Record, key: str, values: Any) -> list[int]:
+    """A list of 1-based page numbers, checked."""
+    if not isinstance(values, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in values
+    ):
+        raise record.error(f"field {key!r} should be a list of 1-based pages, got {values!r}")
+    return values
+
+
+def python_list(record: Record, key: str) -> list[Any]:
+    """A field holding a Python list literal as a string (MMLongBench-Doc's ``"[19, 20]"``)."""
+    text = record.need(key, str)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as err:
+        raise record.error(f"field {key!r} is not a Python list literal: {text!r}") from err
+    if not isinstance(value, list):
+        raise record.error(f"field {key!r} is not a Python list literal: {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """``"MM:SS"`` or ``"HH:MM:SS"`` as seconds; ValueError otherwise."""
+    parts = text.strip().split(":")
+    if not 2 <= len(parts) <= 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(text)
+    value = 0.0
+    for part in parts:
+        value = value * 60 + int(part)
+    return value
+
+
+def time_span(record: Record, reference: str) -> tuple[float, float]:
+    """LVBench's ``"MM:SS-MM:SS"`` as (start, end) seconds."""
+    try:
+        start, end = (seconds(side) for side in reference.split("-"))
+    except ValueError as err:
+        raise record.error(f"time_reference {reference!r} is not MM:SS-MM:SS") from err
+    if end < start:
+        raise record.error(f"time_reference {reference!r} ends before it starts")
+    return start, end
+
+
+def options(record: Record, question: str) -> list[str]:
+    """The option texts of a question written ``stem\\n(A) ...\\n(B) ...``, in letter order."""
+    found = [m.groups() for m in map(_OPTION.match, question.splitlines()) if m]
+    letters = [letter for letter, _ in found]
+    if len(found) < 2 or letters != [chr(ord("A") + i) for i in range(len(found))]:
+        raise record.error(f"question has no options (A), (B), ... in order: {question!r}")
+    return [text.strip() for _, text in found]
+
+
+def option_letter(record: Record, answer: str, choices: list[str]) -> str:
+    """``answer`` checked to be the letter of one of ``choices``."""
+    answer = answer.strip()
+    if not (len(answer) == 1 and 0 <= ord(answer) - ord("A") < len(choices)):
+        raise record.error(f"answer {answer!r} is not one of the options' letters")
+    return answer
+
+
+def clock(value: float) -> str:
+    """Seconds as ``"MM:SS"`` (``"HH:MM:SS"`` from an hour on), LVBench's time notation."""
+    minutes, secs = divmod(int(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
 def find_split_files(
     name: str, manual_dir: str | Path, split_files: Mapping[str, tuple[str, ...]]
 ) -> dict[str, Path]:
@@ -142,16 +224,30 @@ class RawBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A benchmark read from its raw release in ``manual_dir``, written as array_record.
 
     Subclasses set ``name``, ``SPLIT_FILES`` (split -> candidate paths relative to
-    ``manual_dir``, first present wins), ``HOMEPAGE`` and implement `examples`. Builders are
-    not put in TFDS's global registry (TFDS has its own ``squad``); `vimrag_jax.benchmarks`
-    looks them up by name instead. Examples keep the raw file's order (no shuffling), so an
-    index into a split is stable across rebuilds.
+    ``manual_dir``, first present wins), ``HOMEPAGE`` and implement `examples`. Those that
+    also read a derived subset of the benchmark (UniversalRAG's query files, VRAG's unified
+    files) list it in ``DERIVED``; each becomes a builder config beside the default ``raw``
+    one, written to ``data_dir/<name>/<config>/<version>``. Builders are not put in TFDS's
+    global registry (TFDS has its own ``squad``); `vimrag_jax.benchmarks` looks them up by
+    name instead. Examples keep the file's order (no shuffling), so an index into a split is
+    stable across rebuilds.
     """
 
     VERSION = VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Built from the raw release."}
     SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    DERIVED: ClassVar[dict[str, Format]] = {}
     HOMEPAGE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.BUILDER_CONFIGS = [
+            tfds.core.BuilderConfig(name=RAW, description="The benchmark's own release."),
+            *(
+                tfds.core.BuilderConfig(name=n, description=f.description)
+                for n, f in cls.DERIVED.items()
+            ),
+        ]
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("file_format", "array_record")
@@ -165,14 +261,16 @@ class RawBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         ``importlib_resources``, which TFDS imports lazily but does not depend on."""
         return None
 
-    @classmethod
-    def expected_files(cls) -> str:
-        """The raw files expected in ``manual_dir``, one line per split."""
-        return "\n".join(f"  {s}: {' or '.join(p)}" for s, p in cls.SPLIT_FILES.items())
+    @property
+    def split_files(self) -> dict[str, tuple[str, ...]]:
+        """Split -> candidate paths in ``manual_dir`` for this builder config."""
+        config = self.builder_config.name
+        return self.SPLIT_FILES if config == RAW else self.DERIVED[config].split_files
 
     @property
     def MANUAL_DOWNLOAD_INSTRUCTIONS(self) -> str:  # noqa: N802 (TFDS's attribute name)
-        return f"Place the raw release ({self.HOMEPAGE}) in manual_dir:\n{self.expected_files()}"
+        files = "\n".join(f"  {s}: {' or '.join(p)}" for s, p in self.split_files.items())
+        return f"Place the release ({self.HOMEPAGE}) in manual_dir:\n{files}"
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -184,12 +282,14 @@ class RawBenchmark(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        found = find_split_files(self.name, dl_manager.manual_dir, self.SPLIT_FILES)
+        found = find_split_files(self.name, dl_manager.manual_dir, self.split_files)
         return {split: self._generate_examples(path, split) for split, path in found.items()}
 
     def _generate_examples(self, path: Path, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        config = self.builder_config.name
+        read = self.examples if config == RAW else self.DERIVED[config].read
         seen: dict[str, str] = {}
-        for index, (where, example) in enumerate(self.examples(Path(path), split)):
+        for index, (where, example) in enumerate(read(Path(path), split)):
             if example["id"] in seen:
                 raise RawFormatError(
                     path, where, f"id {example['id']!r} repeats record {seen[example['id']]}"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vimrag_jax.benchmarks import features
+from vimrag_jax.benchmarks import derived, features
 from vimrag_jax.benchmarks.raw import RawBenchmark, Record, json_list, read_json
 
 
@@ -31,6 +31,7 @@ class HotpotQA(RawBenchmark, skip_registration=True):
         "train": ("hotpot_train_v1.1.json",),
         "validation": ("hotpot_dev_distractor_v1.json",),
     }
+    DERIVED = {"universalrag": derived.universalrag("hotpotqa")}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for index, data in enumerate(json_list(path)):
@@ -68,6 +69,7 @@ class SQuAD(RawBenchmark, skip_registration=True):
     name = "squad"
     HOMEPAGE = "https://rajpurkar.github.io/SQuAD-explorer/"
     SPLIT_FILES = {"train": ("train-v1.1.json",), "validation": ("dev-v1.1.json",)}
+    DERIVED = {"universalrag": derived.universalrag("squad")}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         data = read_json(path)

@@ -8,46 +8,20 @@ references (``source`` = ``video_name``, ``ref`` = the reference clip's file nam
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vimrag_jax.benchmarks import features
-from vimrag_jax.benchmarks.raw import RawBenchmark, Record, json_list, read_jsonl
-
-_OPTION = re.compile(r"^\(([A-Z])\)\s?(.*)$")
-
-
-def seconds(clock: str) -> float:
-    """``"MM:SS"`` or ``"HH:MM:SS"`` as seconds; ValueError otherwise."""
-    parts = clock.strip().split(":")
-    if not 2 <= len(parts) <= 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(clock)
-    value = 0.0
-    for part in parts:
-        value = value * 60 + int(part)
-    return value
-
-
-def time_span(record: Record, reference: str) -> tuple[float, float]:
-    """LVBench's ``"MM:SS-MM:SS"`` as (start, end) seconds."""
-    try:
-        start, end = (seconds(side) for side in reference.split("-"))
-    except ValueError as err:
-        raise record.error(f"time_reference {reference!r} is not MM:SS-MM:SS") from err
-    if end < start:
-        raise record.error(f"time_reference {reference!r} ends before it starts")
-    return start, end
-
-
-def options(record: Record, question: str) -> list[str]:
-    """The option texts of a question written ``stem\\n(A) ...\\n(B) ...``, in letter order."""
-    found = [m.groups() for m in map(_OPTION.match, question.splitlines()) if m]
-    letters = [letter for letter, _ in found]
-    if len(found) < 2 or letters != [chr(ord("A") + i) for i in range(len(found))]:
-        raise record.error(f"question has no options (A), (B), ... in order: {question!r}")
-    return [text.strip() for _, text in found]
+from vimrag_jax.benchmarks import derived, features
+from vimrag_jax.benchmarks.raw import (
+    RawBenchmark,
+    Record,
+    json_list,
+    option_letter,
+    options,
+    read_jsonl,
+    time_span,
+)
 
 
 class LVBench(RawBenchmark, skip_registration=True):
@@ -61,6 +35,7 @@ class LVBench(RawBenchmark, skip_registration=True):
     name = "lvbench"
     HOMEPAGE = "https://lvbench.github.io/"
     SPLIT_FILES = {"test": ("data/video_info.meta.jsonl", "video_info.meta.jsonl")}
+    DERIVED = {"universalrag": derived.universalrag("lvbench", multiple_choice=True)}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for line, data in read_jsonl(path):
@@ -73,9 +48,7 @@ class LVBench(RawBenchmark, skip_registration=True):
                 qa.where = f"{qa.where} (uid {uid})"
                 question = qa.need("question", str)
                 choices = options(qa, question)
-                answer = qa.need("answer", str).strip()
-                if not (len(answer) == 1 and 0 <= ord(answer) - ord("A") < len(choices)):
-                    raise qa.error(f"answer {answer!r} is not one of the options' letters")
+                answer = option_letter(qa, qa.need("answer", str), choices)
                 reference = qa.get("time_reference", str, "").strip()
                 if reference:
                     start, end = time_span(qa, reference)
@@ -109,6 +82,7 @@ class WikiHowQA(RawBenchmark, skip_registration=True):
     name = "wikihowqa"
     HOMEPAGE = "https://github.com/starsuzi/VideoRAG"
     SPLIT_FILES = {"test": ("datasets/qa/wikihow.json", "qa/wikihow.json")}
+    DERIVED = {"universalrag": derived.universalrag("videorag_wikihow")}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for index, data in enumerate(json_list(path)):
@@ -145,6 +119,7 @@ class SyntheticQA(WikiHowQA, skip_registration=True):
 
     name = "syntheticqa"
     SPLIT_FILES = {"test": ("datasets/qa/synthetic.json", "qa/synthetic.json")}
+    DERIVED = {"universalrag": derived.universalrag("videorag_synth")}
 
 
 class XVBench(RawBenchmark, skip_registration=True):

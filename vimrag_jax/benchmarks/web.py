@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vimrag_jax.benchmarks import features
+from vimrag_jax.benchmarks import derived, features
 from vimrag_jax.benchmarks.raw import RawBenchmark, RawFormatError, Record, read_json
 
 _RAW_SPLIT = {"train": "train", "validation": "val"}
@@ -44,6 +44,7 @@ class WebQA(RawBenchmark, skip_registration=True):
         "validation": ("WebQA_train_val.json",),
         "test": ("WebQA_test.json",),
     }
+    DERIVED = {"universalrag": derived.universalrag("webqa")}
 
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         data = read_json(path)
