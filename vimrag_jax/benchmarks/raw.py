@@ -111,12 +111,14 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line number, object) for each non-blank line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as lines:
+    with path.open("rb") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise RawFormatError(path, f"line {number}", "not UTF-8 text") from err
             except json.JSONDecodeError as err:
                 raise RawFormatError(path, f"line {number}", f"invalid JSON ({err.msg})") from err
 

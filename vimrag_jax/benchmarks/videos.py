@@ -139,10 +139,8 @@ class XVBench(RawBenchmark, skip_registration=True):
     def examples(self, path: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for index, (line, data) in enumerate(read_jsonl(path)):
             record = Record(path, f"line {line}", data)
-            qid = next(
-                (str(record.get(k, (int, str))) for k in ("id", "qid", "uid") if k in data),
-                str(index),
-            )
+            ids = (record.get(key, (int, str)) for key in ("id", "qid", "uid"))
+            qid = str(next((i for i in ids if i is not None), index))
             answer = record.first(("answer", "gt_answer", "ground_truth"), (str, list))
             answers = [answer] if isinstance(answer, str) else answer
             if not all(isinstance(a, str) for a in answers):
