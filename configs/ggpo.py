@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01  # on kernels and embeddings, not on norms and biases
     c.optim.grad_clip = 1.0  # global norm; 0 disables
     c.optim.accumulate_steps = 1
+    # Sequential forward/backward passes inside each optimizer update (gradient accumulated,
+    # loss normalised by the whole update's valid segments): activation memory of 1/k of the
+    # rows. The planner (python -m vimrag_jax.plan) says which k fits.
+    c.optim.micro_batches = 1
 
     # Optional supervised warm start on scripted-expert trajectories (the `sft` algorithm runs
     # it alone). sft.steps = 0 skips it.
@@ -110,12 +114,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_policy_lag = 2
     c.rollout.max_shards_per_version = 0  # a worker waits for a newer policy after this many
     c.rollout.embedded_workers = 1  # local worker processes the trainer starts (0 on pods)
-    c.rollout.backend = "embedded"  # embedded (JAX KV-cache sampler) | openai (vLLM / SGLang)
-    c.rollout.server_url = ""  # openai backend: e.g. http://host:8000/v1
-    c.rollout.server_model = ""  # openai backend: the served model name
+    # embedded (JAX KV-cache sampler) | sglang | vllm (servers; the worker builds no model)
+    # | openai (text-only /v1/completions fallback). README: "Serving with SGLang or vLLM".
+    c.rollout.backend = "embedded"
+    # Server roots, one or several (comma-separated): http://host:30000 (sglang),
+    # http://host:8000 (vllm), http://host:8000/v1 (openai). Requests go to the least loaded.
+    c.rollout.server_url = ""
+    c.rollout.server_model = ""  # vllm / openai: the served model name
+    c.rollout.max_inflight = 8  # server backends: requests in flight at once per worker
+    c.rollout.serving_path = ""  # vllm: the path it serves (a link); empty: WORKDIR/policy/serving
     c.rollout.connect_timeout_s = 10.0
     c.rollout.request_timeout_s = 300.0
     c.rollout.max_retries = 3
+    c.rollout.retry_backoff_s = 1.0  # first wait before a retry (doubles, at most 30 s)
     # The agent (vimrag_jax.agent.config.RolloutConfig reads these).
     c.rollout.agent = "vimrag"  # vimrag | react | summary | mem1 (the paper's baselines)
     c.rollout.questions_per_batch = 4  # questions per worker batch (x group_size episodes)
@@ -178,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.publish = ml_collections.ConfigDict()
     c.publish.every_steps = 1  # optimizer updates between published versions
     c.publish.keep = 3  # versions kept on disk (workers may still be reading older ones)
+    # Each version also in Hugging Face layout (bf16) for SGLang / vLLM: auto (with those
+    # backends) | on | off.
+    c.publish.hf_layout = "auto"
 
     # vimrag_jax.metrics: TensorBoard + WORKDIR/metrics.jsonl every step; console line below.
     c.metrics = ml_collections.ConfigDict()

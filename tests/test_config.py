@@ -331,3 +331,20 @@ def test_minibatches_need_whole_shards_and_aligned_intervals():
     cfg.loss.num_minibatches = 0
     problems = config_checks.find_problems(cfg, 1)
     assert any("num_minibatches must be an int >= 1" in problem for problem in problems)
+
+
+def test_micro_batches_need_whole_shards_per_pass():
+    cfg = ggpo.get_config()  # tiny: data.batch_segments=48, sft.batch_segments=16
+    cfg.optim.micro_batches = 4
+    assert config_checks.find_problems(cfg, 8) == [
+        "config.data.batch_segments=48 must split into 4 passes (loss.num_minibatches × "
+        "optim.micro_batches) of whole batch shards (8)",
+        "config.sft.batch_segments=16 must split into 4 passes (optim.micro_batches) of whole "
+        "batch shards (8)",
+    ]
+    cfg.optim.micro_batches = 2
+    assert config_checks.find_problems(cfg, 8) == []
+    cfg.optim.micro_batches = 0
+    assert config_checks.find_problems(cfg, 8) == [
+        "config.optim.micro_batches must be a positive integer, got 0"
+    ]

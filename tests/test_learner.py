@@ -183,13 +183,13 @@ def test_minibatches_update_in_turn_against_the_policy_that_started_the_batch():
     single = {**kwargs, "loss_config": dataclasses.replace(config, num_minibatches=1)}
     one = jax.jit(functools.partial(step_lib.update, **single))
     ref_state, states = state, []
-    for rows in (slice(0, 4), slice(4, 8)):
+    for rows in (slice(0, None, 2), slice(1, None, 2)):  # minibatch m: rows m, m + M, ...
         minibatch = {key: value[rows] for key, value in batch.items()}
         ref_state, ref_metrics = one(ref_state, {**minibatch, "old_logprobs": old[rows]})
         states.append(jax.device_get(ref_metrics))
     assert int(new_state.step) == int(state.step) + 2
     # Equal up to float reassociation, which Adam magnifies on parameters with a near-zero
-    # second moment (one of 8,192 entries moves ~1e-4 at lr 3e-2).
+    # second moment (about one entry in a thousand moves 1e-5 to 5e-4 at lr 3e-2).
     diffs = np.concatenate(
         [
             np.abs(np.asarray(a) - np.asarray(b)).ravel()
@@ -200,7 +200,7 @@ def test_minibatches_update_in_turn_against_the_policy_that_started_the_batch():
             )
         ]
     )
-    assert diffs.max() < 1e-3 and diffs.mean() < 1e-6 and np.mean(diffs > 1e-5) < 1e-3
+    assert diffs.max() < 1e-3 and diffs.mean() < 1e-6 and np.mean(diffs > 1e-5) < 2e-3
     clip = [float(metrics[f"clip_fraction/mb{m}"]) for m in range(2)]
     np.testing.assert_allclose(clip, [s["clip_fraction"] for s in states], atol=1e-6)
     assert clip[0] == 0.0 and clip[1] > 0.0  # ratio 1 on the first minibatch only
@@ -220,3 +220,71 @@ def test_both_steps_run_the_minibatches(mesh, kind):
     metrics = learner.train_step(learner_cases.batch(5, rows=16))
     assert learner.step == 2  # one rollout batch, two optimizer updates
     assert metrics["clip_fraction/mb0"] == 0.0 and np.isfinite(metrics["loss"])
+
+
+def test_micro_batches_accumulate_exactly_the_one_pass_gradient():
+    # optim.micro_batches: K sequential passes, each normalised by the whole batch's S (SPEC
+    # §4), so the summed loss, the gradient and the update equal one pass over all rows; the
+    # metrics are merged from sums and extrema, not averaged per micro-batch. With K = 4 the
+    # batch's padding rows (the last two) leave micro-batches of 2, 2, 1 and 1 valid segments,
+    # which a mean of per-micro-batch means would weight unequally.
+    import functools
+
+    import optax
+
+    from vimrag_jax.parallel import step as step_lib
+
+    config = LossConfig.for_algorithm("ggpo", old_logprobs="recompute")
+    optimizer = optax.sgd(1.0)  # the parameter change is the gradient itself (Adam's is ~sign)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    graphdef, state, _ = step_lib.create_train_state(learner_cases.model_fn, optimizer, mesh)
+    batch = loss_inputs(learner_cases.batch(4, rows=8))
+    kwargs = dict(graphdef=graphdef, optimizer=optimizer, loss_config=config)
+    results = {}
+    for micro in (1, 2, 4):
+        fn = jax.jit(functools.partial(step_lib.update, **kwargs, micro_batches=micro))
+        copy = jax.tree.map(lambda x: x.copy(), state)
+        results[micro] = jax.device_get(fn(copy, batch))
+    (ref_state, ref_metrics) = results[1]
+    for micro in (2, 4):
+        new_state, metrics = results[micro]
+        for key in ("loss", "grad_norm", "clip_fraction", "ratio_max", "tis_weight"):
+            np.testing.assert_allclose(
+                metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=f"{micro}:{key}"
+            )
+        for x, y in zip(
+            jax.tree.leaves(new_state.params), jax.tree.leaves(ref_state.params), strict=True
+        ):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_compose_with_minibatches_on_both_steps(mesh):
+    config = LossConfig.for_algorithm("ggpo", old_logprobs="recompute", num_minibatches=2)
+    batch = learner_cases.batch(6, rows=32)
+    out = {}
+    for kind in ("pjit", "pmap"):
+        for micro in (1, 2):
+            learner = Learner(
+                _model_fn, _optimizer(), config, mesh, step_kind=kind, micro_batches=micro
+            )
+            learner.initialize()
+            out[kind, micro] = learner.train_step(batch), jax.device_get(learner.params())
+    ref_metrics, ref_params = out["pjit", 1]
+    for key, (metrics, params) in out.items():
+        for name in ("loss", "grad_norm", "clip_fraction/mb1"):
+            np.testing.assert_allclose(
+                metrics[name], ref_metrics[name], rtol=2e-5, atol=1e-7, err_msg=f"{key}:{name}"
+            )
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+
+def test_micro_batches_must_split_the_rows():
+    from vimrag_jax.parallel.step import split_rows
+
+    parts = split_rows({"x": np.arange(6)}, 3)["x"]
+    np.testing.assert_array_equal(parts, [[0, 3], [1, 4], [2, 5]])
+    with pytest.raises(ValueError, match="6 rows do not split into 4 micro-batches"):
+        split_rows({"x": np.arange(6)}, 4, what="micro-batches")
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+        Learner(_model_fn, _optimizer(), LossConfig(), make_mesh(8, 1, 1), micro_batches=0)

@@ -21,7 +21,8 @@ DTYPES = ("float32", "bfloat16")
 RL_ALGORITHMS = ("ggpo", "gspo", "gspo_token", "grpo")
 ALGORITHMS = (*RL_ALGORITHMS, "sft")
 SCHEDULES = ("warmup_cosine", "warmup_constant")
-ROLLOUT_BACKENDS = ("embedded", "openai")
+ROLLOUT_BACKENDS = ("embedded", "sglang", "vllm", "openai")
+HF_LAYOUTS = ("auto", "on", "off")
 REQUIRED_BLOCKS = (
     "algorithm", "loss", "mesh", "model", "graph", "memory", "rollout", "data", "optim", "sft",
     "checkpoint", "publish", "metrics", "eval", "export", "distributed",
@@ -134,6 +135,30 @@ def _check_minibatches(problems: list[str], cfg: ml_collections.ConfigDict, shar
             )
 
 
+def _check_micro_batches(problems: list[str], cfg: ml_collections.ConfigDict, shards: int):
+    """``optim.micro_batches`` K: every optimizer update's rows (a minibatch of RL's batch, the
+    warm start's batch) split into K passes, each an equal share of every batch shard."""
+    micro = cfg.optim.get("micro_batches", 1)
+    if not _is_int(micro) or micro < 1:
+        problems.append(f"config.optim.micro_batches must be a positive integer, got {micro!r}")
+        return
+    if micro == 1:
+        return
+    minibatches = cfg.loss.get("num_minibatches", 1)
+    rl_rows = cfg.data.batch_segments
+    sft_rows = cfg.sft.get("batch_segments", 0) or rl_rows
+    rl_parts = minibatches * micro if _is_int(minibatches) else micro
+    for key, rows, parts, why in (
+        ("data", rl_rows, rl_parts, "loss.num_minibatches × optim.micro_batches"),
+        ("sft", sft_rows, micro, "optim.micro_batches"),
+    ):
+        if _is_int(rows) and rows % (parts * shards):
+            problems.append(
+                f"config.{key}.batch_segments={rows} must split into {parts} passes ({why}) "
+                f"of whole batch shards ({shards})"
+            )
+
+
 def _check_optim(problems: list[str], optim: ml_collections.ConfigDict) -> None:
     _check_positive(problems, optim, "config.optim", "total_steps", "accumulate_steps")
     if not (_is_number(optim.learning_rate) and optim.learning_rate > 0):
@@ -206,26 +231,46 @@ def _check_dataset(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_rollout_backend(problems: list[str], rollout: ml_collections.ConfigDict) -> None:
-    if rollout.backend not in ROLLOUT_BACKENDS:
+def _check_rollout_backend(problems: list[str], cfg: ml_collections.ConfigDict) -> None:
+    rollout = cfg.rollout
+    backend = rollout.backend
+    if backend not in ROLLOUT_BACKENDS:
         problems.append(
-            f"config.rollout.backend must be one of {ROLLOUT_BACKENDS}, got {rollout.backend!r}"
+            f"config.rollout.backend must be one of {ROLLOUT_BACKENDS}, got {backend!r}"
         )
-    elif rollout.backend == "openai":
-        if not rollout.server_url.startswith(("http://", "https://")):
+    elif backend != "embedded":
+        from vimrag_jax.sampling.http import server_urls
+
+        try:
+            server_urls(rollout.server_url)
+        except ValueError as error:
+            example = {"sglang": ":30000", "vllm": ":8000", "openai": ":8000/v1"}[backend]
             problems.append(
-                "config.rollout.backend='openai' needs config.rollout.server_url, an http(s) URL "
-                f"of an OpenAI-compatible server (e.g. http://host:8000/v1), got "
+                f"config.rollout.backend={backend!r} needs config.rollout.server_url, one or more "
+                f"comma-separated http(s) URLs (e.g. http://host{example}): {error}; got "
                 f"{rollout.server_url!r}"
             )
-        if not rollout.server_model:
+        if backend == "openai" and not rollout.server_model:
             problems.append(
                 "config.rollout.backend='openai' needs config.rollout.server_model, the name "
                 "the server serves the policy under"
             )
+    if "max_inflight" in rollout:
+        _check_positive(problems, rollout, "config.rollout", "max_inflight")
+    hf_layout = cfg.publish.get("hf_layout", "auto")
+    if hf_layout not in HF_LAYOUTS:
+        problems.append(f"config.publish.hf_layout must be one of {HF_LAYOUTS}, got {hf_layout!r}")
+    elif backend in ("sglang", "vllm") and hf_layout == "off":
+        problems.append(
+            f"config.publish.hf_layout='off' with config.rollout.backend={backend!r}: the servers "
+            "load only Hugging Face checkpoints, so new policy versions could never reach them"
+        )
     for key in ("connect_timeout_s", "request_timeout_s"):
         if not (_is_number(rollout[key]) and rollout[key] > 0):
             problems.append(f"config.rollout.{key} must be > 0 seconds, got {rollout[key]!r}")
+    backoff = rollout.get("retry_backoff_s", 0.0)
+    if not (_is_number(backoff) and backoff >= 0):
+        problems.append(f"config.rollout.retry_backoff_s must be >= 0 seconds, got {backoff!r}")
     _check_at_least(problems, rollout, "config.rollout", 0, "max_retries", "embedded_workers")
 
 
@@ -311,6 +356,7 @@ def find_problems(
                     f"batch shards (mesh data × fsdp = {data * fsdp})"
                 )
         _check_minibatches(problems, cfg, data * fsdp)
+        _check_micro_batches(problems, cfg, data * fsdp)
         if process_count > 1:
             problems.extend(_multi_process_problems(cfg, data * fsdp, process_count))
 
@@ -362,7 +408,7 @@ def find_problems(
     if rollout.max_policy_lag < 0:
         problems.append(f"config.rollout.max_policy_lag must be >= 0, got {rollout.max_policy_lag}")
 
-    _check_rollout_backend(problems, rollout)
+    _check_rollout_backend(problems, cfg)
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
     _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "length_bucket")

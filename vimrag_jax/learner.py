@@ -118,6 +118,8 @@ class Learner:
       step_kind: ``"pjit"`` or ``"pmap"``.
       length_bucket: trim each batch's token axis to a multiple of this many tokens past its
         last trained token (`trim_tokens`; one compile per length met); 0 never trims.
+      micro_batches: sequential forward/backward passes per optimizer step, the gradient
+        accumulated over them (`parallel.step.update`); bounds activation memory.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class Learner:
         *,
         step_kind: str = "pjit",
         length_bucket: int = 0,
+        micro_batches: int = 1,
     ):
         if step_kind not in ("pjit", "pmap"):
             raise ValueError(f"step must be 'pjit' or 'pmap', got {step_kind!r}")
@@ -138,7 +141,10 @@ class Learner:
             raise ValueError(
                 "the pmap step runs on one process; use step='pjit' on several processes"
             )
+        if type(micro_batches) is not int or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
         self.length_bucket = int(length_bucket)
+        self.micro_batches = micro_batches
         self.model_fn = model_fn
         self.optimizer = optimizer
         self.loss_config = loss_config
@@ -264,7 +270,10 @@ class Learner:
 
     def _compile(self, inputs: Mapping[str, np.ndarray]) -> None:
         kwargs = dict(
-            graphdef=self.graphdef, optimizer=self.optimizer, loss_config=self.loss_config
+            graphdef=self.graphdef,
+            optimizer=self.optimizer,
+            loss_config=self.loss_config,
+            micro_batches=self.micro_batches,
         )
         if self.step_kind == "pjit":
             # Shardings follow the global batch: every process holds 1/process_count of it.

@@ -273,6 +273,7 @@ class Trainer:
             self.mesh,
             step_kind=self.cfg.step,
             length_bucket=int(self.cfg.data.length_bucket),
+            micro_batches=int(self.cfg.optim.micro_batches),
         )
         restored = learner.restore(self.checkpointer)
         data_state: dict = {}
@@ -413,6 +414,7 @@ class Trainer:
             self.mesh,
             step_kind=cfg.step,
             length_bucket=int(cfg.data.length_bucket),
+            micro_batches=int(cfg.optim.micro_batches),
         )
         data_state: dict = {}
         version, late_segments = 0, 0

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
 from vimrag_jax.rl.ggpo import num_valid_segments, policy_objective
 from vimrag_jax.rl.losses import LossConfig
-from vimrag_jax.rl.stats import reduce_stats, to_scalars
+from vimrag_jax.rl.stats import merge_stats, reduce_stats, to_scalars
 from vimrag_jax.sampling.logprobs import VISUAL_KEYS, sequence_logprobs, visual_sequence_logprobs
 from vimrag_jax.schema import SegmentBatch
 
@@ -157,6 +157,7 @@ def update(
     optimizer: optax.GradientTransformation,
     loss_config: LossConfig,
     axis_name: str | None = None,
+    micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The optimizer steps of one rollout batch; pure, so it can be jitted or pmapped (the pjit
     and the pmap step both wrap it).
@@ -171,23 +172,34 @@ def update(
     truncated importance weight to the sampler's log-probs applies as for one step
     (`loss.old_logprobs = "recompute"`). Metrics are over the M steps (min / max for ``*_min`` /
     ``*_max``, the mean otherwise), plus ``clip_fraction/mb<m>``.
-    With M = 1 it is one step on the whole batch.
+    With M = 1 it is one step on the whole batch. Minibatch m holds rows m, m + M, m + 2M, ...
+    (`split_rows`), so each one keeps an equal share of every device's rows.
+
+    With `micro_batches` K > 1 each optimizer step's gradient is accumulated over K sequential
+    forward/backward passes (`lax.scan`) of 1/K of its rows, so activations are those of one
+    micro-batch; every micro-batch's loss is normalised by the valid segments of the whole
+    (mini)batch (SPEC §4's S), so the sum is exactly the one-pass gradient, not a mean of means.
     """
     minibatches = loss_config.num_minibatches
     kwargs = dict(
-        graphdef=graphdef, optimizer=optimizer, loss_config=loss_config, axis_name=axis_name
+        graphdef=graphdef,
+        optimizer=optimizer,
+        loss_config=loss_config,
+        axis_name=axis_name,
+        micro_batches=micro_batches,
     )
     if minibatches == 1:
         return _update_once(state, batch, **kwargs)
-    rows = batch["tokens"].shape[0]
-    if rows % minibatches:
-        raise ValueError(f"{rows} rows do not split into {minibatches} minibatches")
-    policy = nnx.merge(graphdef, state.params)
-    old = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
+    if micro_batches == 1:
+        policy = nnx.merge(graphdef, state.params)
+        old = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
+    else:  # the starting policy's log-probs, as many rows at a time as one training pass
+        old = _micro_logprobs(graphdef, state.params, batch, minibatches * micro_batches)
     batch = {**batch, "old_logprobs": jax.lax.stop_gradient(old)}
-    split = jax.tree.map(lambda x: x.reshape(minibatches, rows // minibatches, *x.shape[1:]), batch)
     state, metrics = jax.lax.scan(
-        lambda s, minibatch: _update_once(s, minibatch, **kwargs), state, split
+        lambda s, minibatch: _update_once(s, minibatch, **kwargs),
+        state,
+        split_rows(batch, minibatches, what="minibatches"),
     )
     out = {}
     for key, values in metrics.items():
@@ -198,6 +210,69 @@ def update(
     return state, out
 
 
+def split_rows(tree: Any, parts: int, *, what: str = "parts") -> Any:
+    """Every leaf `[B, ...]` as `[parts, B / parts, ...]`; part p holds rows p, p + parts, ...
+
+    Strided rather than contiguous: when the row axis is sharded over devices in contiguous
+    blocks, each part is then an equal slice of every device's block, so scanning over the
+    parts moves no data between devices.
+    """
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    if rows % parts:
+        raise ValueError(f"{rows} rows do not split into {parts} {what}")
+    return jax.tree.map(
+        lambda x: x.reshape(rows // parts, parts, *x.shape[1:]).swapaxes(0, 1), tree
+    )
+
+
+def _micro_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, parts: int):
+    """`policy_logprobs` of the whole batch computed `parts` micro-batches at a time."""
+
+    def one(_, rows):
+        policy = nnx.merge(graphdef, params)
+        return None, policy_logprobs(policy, rows["tokens"], visual_inputs(rows))
+
+    inputs = {key: batch[key] for key in ("tokens", *VISUAL_KEYS) if key in batch}
+    _, logp = jax.lax.scan(one, None, split_rows(inputs, parts, what="micro-batches"))
+    # Undo the strided split: [parts, B / parts, L] -> [B, L].
+    return logp.swapaxes(0, 1).reshape(-1, *logp.shape[2:])
+
+
+def _loss_and_grads(
+    params: nnx.State,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    loss_config: LossConfig,
+    num_segments: jax.Array,
+    micro_batches: int,
+) -> tuple[tuple[jax.Array, dict], nnx.State]:
+    """`((loss, stats), grads)` of the objective, over `micro_batches` sequential passes.
+
+    Each pass normalises by the caller's `num_segments` (the whole batch's S), so losses and
+    gradients add up to the one-pass values; statistics are merged (sums, max, min)."""
+
+    def loss_fn(params: nnx.State, rows: Batch):
+        policy = nnx.merge(graphdef, params)
+        logp_bl = policy_logprobs(policy, rows["tokens"], visual_inputs(rows))
+        return policy_objective(logp_bl, rows, loss_config, num_segments=num_segments)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        return grad_fn(params, batch)
+
+    def accumulate(carry, rows):
+        loss, grads = carry
+        (rows_loss, stats), rows_grads = grad_fn(params, rows)
+        return (loss + rows_loss, jax.tree.map(jnp.add, grads, rows_grads)), stats
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), stats = jax.lax.scan(
+        accumulate, zeros, split_rows(batch, micro_batches, what="micro-batches")
+    )
+    return (loss, merge_stats(stats)), grads
+
+
 def _update_once(state: TrainState, batch: Batch, **kwargs) -> tuple[TrainState, dict]:
     """One optimizer step on a batch (or minibatch) of segments (`update`'s keyword args)."""
     graphdef, optimizer = kwargs["graphdef"], kwargs["optimizer"]
@@ -205,13 +280,14 @@ def _update_once(state: TrainState, batch: Batch, **kwargs) -> tuple[TrainState,
     num_segments = num_valid_segments(batch)
     if axis_name is not None:
         num_segments = jax.lax.psum(num_segments, axis_name)
-
-    def loss_fn(params: nnx.State):
-        policy = nnx.merge(graphdef, params)
-        logp_bl = policy_logprobs(policy, batch["tokens"], visual_inputs(batch))
-        return policy_objective(logp_bl, batch, loss_config, num_segments=num_segments)
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, stats), grads = _loss_and_grads(
+        state.params,
+        batch,
+        graphdef=graphdef,
+        loss_config=loss_config,
+        num_segments=num_segments,
+        micro_batches=kwargs["micro_batches"],
+    )
     if axis_name is not None:
         loss, grads = jax.lax.psum((loss, grads), axis_name)
         stats = reduce_stats(stats, axis_name)
@@ -233,6 +309,7 @@ def make_pjit_step(
     mesh: Mesh,
     state_shardings: TrainState,
     batch_shardings: Any,
+    micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)` over the mesh (`update`: one or
     `loss.num_minibatches` optimizer steps); the input state is donated.
@@ -240,7 +317,13 @@ def make_pjit_step(
     `batch_shardings` comes from `sharding.batch_shardings` on the (abstract) batch; metrics come
     back replicated.
     """
-    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, loss_config=loss_config)
+    fn = functools.partial(
+        update,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        loss_config=loss_config,
+        micro_batches=micro_batches,
+    )
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch_shardings),
@@ -255,6 +338,7 @@ def make_pmap_step(
     optimizer: optax.GradientTransformation,
     loss_config: LossConfig,
     devices: Sequence[jax.Device] | None = None,
+    micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Data-parallel `step(state, batch)` over `devices` (default: all local devices).
 
@@ -267,6 +351,7 @@ def make_pmap_step(
         optimizer=optimizer,
         loss_config=loss_config,
         axis_name=PMAP_AXIS,
+        micro_batches=micro_batches,
     )
     devices = None if devices is None else tuple(devices)
     return jax.pmap(fn, axis_name=PMAP_AXIS, devices=devices, donate_argnums=(0,))

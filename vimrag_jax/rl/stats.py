@@ -71,6 +71,20 @@ def reduce_stats(stats: dict[str, Stat], axis_name: str | None) -> dict[str, Sta
     return jax.tree.map(reduce, stats, is_leaf=_is_stat)
 
 
+def merge_stats(stats: dict[str, Stat]) -> dict[str, Stat]:
+    """Combines statistics stacked on a leading axis (e.g. the micro-batches of a `lax.scan`)
+    into one: sums of totals and counts, the max of maxima, the min of minima."""
+
+    def merge(s: Stat) -> Stat:
+        if isinstance(s, Mean):
+            return Mean(jnp.sum(s.total, axis=0), jnp.sum(s.count, axis=0))
+        if isinstance(s, Max):
+            return Max(jnp.max(s.value, axis=0))
+        return Min(jnp.min(s.value, axis=0))
+
+    return jax.tree.map(merge, stats, is_leaf=_is_stat)
+
+
 def to_scalars(stats: dict[str, Stat]) -> dict[str, jax.Array]:
     """Turns statistics into scalars; a mean over nothing is 0, not NaN."""
 
