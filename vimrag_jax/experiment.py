@@ -45,6 +45,8 @@ from vimrag_jax.retrieval.corpus import CorpusStore
 CORPUS_DIR = "corpus"
 TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".experiment.lock"
+#: ``rollout.backend`` values whose rollouts a server generates (the worker builds no model).
+SERVER_BACKENDS = ("sglang", "vllm")
 #: A Qwen3-VL config's special-token fields and the prompt tokens they name.
 VISION_TOKEN_KEYS = {
     "image_token_id": prompts.IMAGE_PAD,
@@ -353,23 +355,73 @@ class Experiment:
         """End-of-turn ids: the tokenizer's eos (``<|im_end|>``)."""
         return [int(self.tokenizer.eos_token_id)]
 
+    def abstract_model(self):
+        """The policy's structure without weights (``nnx.eval_shape``): the preset or the
+        ``model.path`` config with the vocabulary and vision ids `initial_model` gives it, for
+        writing published weights in Hugging Face layout without building the model."""
+        from flax import nnx
+
+        model_cfg = self.cfg.model
+        if model_cfg.name != "hf":
+            return nnx.eval_shape(self.initial_model)
+        from vimrag_jax.models.hf import read_config
+        from vimrag_jax.models.presets import init_model
+
+        hf = read_config(Path(model_cfg.path))
+        return nnx.eval_shape(lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=model_cfg.dtype))
+
+    def hf_source_dir(self) -> str | None:
+        """The initial Hugging Face checkpoint (``model.path`` for ``model.name == "hf"``)."""
+        return str(self.cfg.model.path) if self.cfg.model.name == "hf" else None
+
+    def serving_path(self) -> Path:
+        """The path a vLLM server is launched on (``rollout.serving_path``; default
+        ``WORKDIR/policy/serving``), a link the worker points at each new version."""
+        from vimrag_jax import publish
+
+        configured = str(self.cfg.rollout.get("serving_path", "") or "")
+        return Path(configured) if configured else self.workdir / publish.POLICY_DIR / "serving"
+
     def make_backend(self, model=None):
         """The generation backend of ``rollout.backend``: the embedded KV-cache sampler over
-        ``model``, or an OpenAI-compatible server (imported only when selected)."""
+        ``model``, SGLang or vLLM servers (``rollout.server_url``, ``rollout.max_inflight``
+        requests at once; no model), or the text-only OpenAI-compatible client. Server modules
+        are imported only when selected."""
         rollout = self.cfg.rollout
         backend = rollout.backend
         rc = self.rollout_config()
+        transport = dict(
+            timeout_s=float(rollout.request_timeout_s),
+            max_retries=int(rollout.max_retries),
+            backoff_s=float(rollout.get("retry_backoff_s", 1.0)),
+        )
         if backend == "openai":
             from vimrag_jax.sampling.openai_api import OpenAICompletionsSampler
 
             return OpenAICompletionsSampler(
+                rollout.server_url, rollout.server_model or "default", **transport
+            )
+        inflight = int(rollout.get("max_inflight", 8))
+        if backend == "sglang":
+            from vimrag_jax.sampling.sglang import SGLangSampler
+
+            return SGLangSampler(rollout.server_url, max_inflight=inflight, **transport)
+        if backend == "vllm":
+            from vimrag_jax.sampling.vllm import VLLMSampler
+
+            return VLLMSampler(
                 rollout.server_url,
-                rollout.server_model or "default",
-                timeout_s=float(rollout.request_timeout_s),
-                max_retries=int(rollout.max_retries),
+                tokenizer=self.tokenizer,
+                model=rollout.server_model or "default",
+                serving_link=self.serving_path(),
+                max_inflight=inflight,
+                **transport,
             )
         if backend != "embedded":
-            raise ValueError(f"rollout.backend must be 'embedded' or 'openai', got {backend!r}")
+            raise ValueError(
+                f"rollout.backend must be one of embedded, {', '.join(SERVER_BACKENDS)}, openai; "
+                f"got {backend!r}"
+            )
         from vimrag_jax.sampling.sampler import Sampler
 
         if model is None:
@@ -389,6 +441,7 @@ class Experiment:
 
 __all__ = [
     "CORPUS_DIR",
+    "SERVER_BACKENDS",
     "TOKENIZER_DIR",
     "Experiment",
     "synthetic_config",

@@ -7,6 +7,7 @@ on a shared filesystem) poll for the newest version and reload. Layout::
       LATEST                      "12\\n": the newest complete version
       v00000012/params.safetensors   one tensor per parameter, named by its pytree path
       v00000012/policy.json          {"version": 12, "dtypes": {...}, "created": ...}
+      v00000012/hf/                  the same weights in Hugging Face layout (serving backends)
       history.jsonl               one line per publication: {"version", "step", "time"}
       timeline.json               versions lost to a restart (`vimrag_jax.timeline`)
 
@@ -19,6 +20,15 @@ the newest ``keep`` (a worker may still be reading one it picked a moment ago).
 Safetensors: a flat name → tensor file, no code inside (no pickle), memory-mappable and readable
 from any language. bfloat16, which numpy cannot hold natively, is stored as its raw 16 bits and
 named in ``policy.json``.
+
+Serving: SGLang and vLLM load Hugging Face checkpoints (``config.json``, safetensors with the
+Hugging Face tensor names, bf16, tokenizer and processor files), so with a server backend
+(``publish.hf_layout``, on by default for ``rollout.backend`` sglang / vllm) each version also
+gets ``vNNNNNNNN/hf/``, written by `write_hf_layout` with ``models.hf.save_pretrained`` (the
+end-of-run export's writer). A publisher may write it inside the atomic publish (``hf_writer``
+of `publish_policy`); otherwise the first rollout worker that needs it writes it from
+``params.safetensors``, also atomically (a hidden directory renamed into place; a second writer's
+copy is dropped).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +57,17 @@ LATEST = "LATEST"
 PARAMS_FILE = "params.safetensors"
 INFO_FILE = "policy.json"
 HISTORY_FILE = "history.jsonl"
+HF_DIR = "hf"
+#: Files copied from the source checkpoint into the Hugging Face layout when present (the
+#: processor's and the chat template's; the tokenizer is saved from the tokenizer itself).
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 _VERSION_DIR = re.compile(r"^v(\d{8,})$")
 _RAW_DTYPES = {"bfloat16": (ml_dtypes.bfloat16, np.uint16)}
 
@@ -112,12 +134,15 @@ def publish_policy(
     *,
     keep: int = 3,
     step: int | None = None,
+    hf_writer: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Publishes ``params`` as ``version``; returns its directory on process 0, else None.
 
     Call it on every process: sharded parameters are gathered collectively, then only
     process 0 writes. ``version`` must exceed every version already published. ``step`` (the
-    learner's step) goes into ``history.jsonl`` with the version.
+    learner's step) goes into ``history.jsonl`` with the version. ``hf_writer(directory)``, if
+    given, writes the Hugging Face layout into ``directory`` (the version's ``hf/``) before the
+    version becomes visible, e.g. ``lambda d: models.hf.save_pretrained(model, d)``.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
@@ -148,6 +173,8 @@ def publish_policy(
     save_file(tensors, str(tmp / PARAMS_FILE))
     info = {"version": int(version), "dtypes": dtypes, "created": time.time()}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+    if hf_writer is not None:
+        hf_writer(tmp / HF_DIR)
     kill_point("publish", version)
     final = version_dir(workdir, version)
     os.rename(tmp, final)
@@ -190,6 +217,62 @@ def load_policy(path: str | os.PathLike, abstract_params: Any) -> Any:
         sharding = getattr(leaf, "sharding", None)
         values.append(array if sharding is None else jax.device_put(array, sharding))
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def hf_layout_dir(path: str | os.PathLike) -> Path:
+    """Where a published version's Hugging Face layout is (or would be)."""
+    return Path(path) / HF_DIR
+
+
+def write_hf_layout(
+    path: str | os.PathLike,
+    abstract_model: Callable[[], Any],
+    *,
+    tokenizer: Any | None = None,
+    source_dir: str | os.PathLike | None = None,
+    dtype: str = "bfloat16",
+) -> Path:
+    """The Hugging Face layout of the published version at ``path``: written on first call,
+    reused after; returns its directory (``path/hf``).
+
+    ``abstract_model()`` gives the policy's structure without weights (``nnx.eval_shape``); the
+    published parameters fill it and ``models.hf.save_pretrained`` writes ``config.json`` and
+    ``dtype`` safetensors with Hugging Face names. ``tokenizer.save_pretrained`` adds the
+    tokenizer files, and `PROCESSOR_FILES` found in ``source_dir`` (the initial checkpoint) are
+    copied. Written into a hidden directory and renamed into place, so a reader (a server
+    loading it) never sees a partial layout. Raises FileNotFoundError when the version is gone
+    (pruned), NotImplementedError for a model without a Hugging Face exporter.
+    """
+    from flax import nnx
+
+    from vimrag_jax.models.hf import save_pretrained
+
+    path = Path(path)
+    final = hf_layout_dir(path)
+    if (final / "config.json").is_file():
+        return final
+    if not (path / INFO_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a published policy version (pruned?)")
+    model = abstract_model()
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, load_policy(path, nnx.to_pure_dict(state)))
+    nnx.update(model, state)
+    tmp = path / f".{HF_DIR}.tmp-{uuid.uuid4().hex}"
+    try:
+        save_pretrained(model, tmp, dtype=dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if source_dir:
+            for name in PROCESSOR_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copyfile(Path(source_dir) / name, tmp / name)
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "config.json").is_file():  # not someone else's finished copy: a failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def publication_history(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -5,7 +5,11 @@
 Loop, one batch at a time:
 
 1. pick up the newest published policy (``publish.latest_policy``; none: the config's initial
-   policy as version 0) and hand it to the sampler (``set_weights``);
+   policy as version 0) and hand it to the sampler: the embedded sampler gets the weights
+   (``set_weights``); SGLang / vLLM servers (``rollout.backend``) are asked to load the version's
+   Hugging Face layout (written here first when the learner did not, ``publish.write_hf_layout``)
+   and the rollouts keep the old version's tag until every server confirmed the new one (a failed
+   reload is logged and counted, and tried again before the next batch);
 2. take ``rollout.questions_per_batch`` questions from the RL split (``--questions=sft``: the warm
    start's split, ``env.sft_questions``), cycling through it in
    an order fixed by the seed and ``--worker_id`` (a restart resumes at the position after the
@@ -26,6 +30,12 @@ every worker needs its own id: ``--worker_id_env=SLURM_PROCID`` appends a launch
 ``--parent_pid`` (set by a trainer for its embedded workers): the worker dies with that process,
 so a killed trainer leaves no orphan writing under the worker id its restart reuses.
 ``--policy=scripted_expert|scripted_noisy`` swaps the model for a scripted policy (SFT data).
+
+With a server backend the worker builds no JAX model: it needs the tokenizer, the corpus and its
+retriever, and hands the servers each prompt's pictures and frames (``sampling.http.
+ServerVisuals``). A server that answers with weights of another version than the batch's tag
+(``sampling.http.VersionChanged``, e.g. another worker reloaded a shared server) makes the worker
+drop that batch unwritten and reload.
 """
 
 from __future__ import annotations
@@ -145,7 +155,9 @@ def build_agent(experiment, policy: str):
 
     rc = experiment.rollout_config()
     model = None
-    if policy == "model":
+    if policy == "model" and experiment.cfg.rollout.backend != "embedded":
+        backend = experiment.make_backend()  # a server generates: no JAX model here
+    elif policy == "model":
         model = experiment.initial_model()
         backend = experiment.make_backend(model)
     elif policy == "scripted_expert":
@@ -172,12 +184,86 @@ def experiment_agent(experiment: Any, backend: Any, config: RolloutConfig) -> Vi
 
 
 def visual_patches(backend: Any, store: Any) -> PromptVisuals | None:
-    """The pixels builder for a backend whose model sees images and videos (else None)."""
+    """The pixels builder for a backend whose model sees images and videos (else None): the
+    backend's own (``visuals``: a server takes pictures, not patches) or processor patches."""
     if not getattr(backend, "takes_prefill_inputs", False):
         return None
+    if hasattr(backend, "visuals"):
+        return backend.visuals(store)
     from vimrag_jax.data.vision import VisualPatches
 
     return VisualPatches.from_store(store)
+
+
+def hf_layout_enabled(cfg: Any) -> bool:
+    """``publish.hf_layout``: "on", "off", or "auto" (on for the sglang and vllm backends)."""
+    from vimrag_jax.experiment import SERVER_BACKENDS
+
+    value = cfg.publish.get("hf_layout", "auto")
+    return cfg.rollout.backend in SERVER_BACKENDS if value == "auto" else value == "on"
+
+
+class ServerWeights:
+    """Keeps a server backend on the newest published version (module docstring, step 1).
+
+    ``poll()`` returns the version rollouts are tagged with now. A published version newer
+    than the one loaded is brought to the servers once; a failure is counted in ``failures``
+    and logged, the tag stays, and the next poll tries again.
+    """
+
+    def __init__(self, experiment: Any, backend: Any, worker_id: str):
+        self.experiment, self.backend, self.worker_id = experiment, backend, worker_id
+        self.version = 0  # the initial policy's label when nothing is published
+        self.loaded = -1  # the newest published version the servers confirmed
+        self.failures = 0
+        self.reloads = 0
+        self._sync = getattr(backend, "sync_weights", None)
+        if self._sync is None and getattr(backend, "reload_url", None):
+            self._sync = backend.reload_weights  # the text-only client's reload hook
+        if self._sync is None:
+            logging.warning(
+                "worker %s: the %s backend cannot reload weights; rollouts stay tagged with the "
+                "initial policy's version 0",
+                worker_id, type(backend).__name__,
+            )  # fmt: skip
+        self._hf = hf_layout_enabled(experiment.cfg)
+
+    def poll(self) -> int:
+        from vimrag_jax import publish
+        from vimrag_jax.sampling.http import GenerationError
+
+        found = publish.latest_policy(self.experiment.workdir)
+        if self._sync is None or found is None or found[0] <= self.loaded:
+            return self.version
+        version, path = found
+        began = time.perf_counter()
+        try:
+            if self._hf:
+                path = publish.write_hf_layout(
+                    path,
+                    self.experiment.abstract_model,
+                    tokenizer=self.experiment.tokenizer,
+                    source_dir=self.experiment.hf_source_dir(),
+                )
+            ok = bool(self._sync(str(path), version))
+            error = getattr(self.backend, "last_reload_error", "the server refused")
+        except (GenerationError, OSError) as failure:  # a pruned version, an unreachable server
+            ok, error = False, str(failure)
+        self.reloads += 1
+        if not ok:
+            self.failures += 1
+            logging.warning(
+                "worker %s: reload of policy v%d failed (%d failed so far); rollouts stay "
+                "tagged v%d: %s",
+                self.worker_id, version, self.failures, self.version, error,
+            )  # fmt: skip
+            return self.version
+        self.version = self.loaded = version
+        logging.info(
+            "worker %s: servers serve policy v%d (reloaded in %.1f s)",
+            self.worker_id, version, time.perf_counter() - began,
+        )  # fmt: skip
+        return version
 
 
 def run_worker(
@@ -200,6 +286,7 @@ def run_worker(
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.rollout.records import ShardWriter, shard_name
     from vimrag_jax.rollout.trajectory import mean_reward, record_dims, run_records
+    from vimrag_jax.sampling.http import VersionChanged
 
     stop = stop or StopFlag()
     experiment = Experiment.from_config(cfg, workdir)
@@ -210,11 +297,14 @@ def run_worker(
         raise ValueError(f"questions must be 'rl' or 'sft', got {questions!r}")
     pool = experiment.sft_questions if questions == "sft" else experiment.train_questions
     agent, model = build_agent(experiment, policy)
+    server = None
+    if policy == "model" and model is None:
+        server = ServerWeights(experiment, agent.backend, worker_id)
     version = 0  # the initial policy's label when nothing is published
     loaded = -1  # the newest published version loaded (a published v0 must be loaded too)
     seed = int(cfg.get("seed", 0))
     sequence = next_sequence(directory, worker_id)
-    written = 0
+    written = discarded = 0
     logging.info(
         "worker %s: policy=%s agent=%s questions=%s (%d) shards from #%d in %s",
         worker_id,
@@ -227,34 +317,40 @@ def run_worker(
     )
     # On a machine shared with the learner, rollouts of a policy the learner has moved well past
     # are dropped as stale: at most this many shards per published version (0: no limit).
-    per_version = int(cfg.rollout.get("max_shards_per_version", 0)) if model is not None else 0
+    per_version = int(cfg.rollout.get("max_shards_per_version", 0)) if policy == "model" else 0
     at_version = 0  # shards written with the current version
     waiting_since = None
     while not stop.stop and (max_trajectories <= 0 or written < max_trajectories):
         if parent_pid and not parent_alive(parent_pid):
             logging.info("worker %s: the trainer that started it is gone; stopping", worker_id)
             break
-        if model is not None:
+        newer = None
+        if server is not None:
+            tag = server.poll()
+            newer = tag if tag != version else None
+            version = tag
+        elif model is not None:
             newer = experiment.load_latest(model, newer_than=loaded)
             if newer is not None:
                 agent.backend.set_weights(model)
                 version = loaded = newer
-                at_version, waiting_since = 0, None
                 logging.info("worker %s: policy version %d", worker_id, version)
-            elif per_version and at_version >= per_version:
-                if waiting_since is None:
-                    waiting_since = time.monotonic()
-                    logging.info(
-                        "worker %s: %d shards of policy v%d written "
-                        "(rollout.max_shards_per_version); waiting for a newer one",
-                        worker_id, at_version, version,
-                    )  # fmt: skip
-                # Bounded: a learner still short of a full batch (most groups skipped as
-                # uniform, say) publishes nothing until more rollouts come.
-                if time.monotonic() - waiting_since < THROTTLE_MAX_WAIT_S:
-                    time.sleep(THROTTLE_POLL_S)
-                    continue
-                waiting_since = None  # one more shard, then wait again
+        if newer is not None:
+            at_version, waiting_since = 0, None
+        elif per_version and at_version >= per_version:
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                logging.info(
+                    "worker %s: %d shards of policy v%d written "
+                    "(rollout.max_shards_per_version); waiting for a newer one",
+                    worker_id, at_version, version,
+                )  # fmt: skip
+            # Bounded: a learner still short of a full batch (most groups skipped as
+            # uniform, say) publishes nothing until more rollouts come.
+            if time.monotonic() - waiting_since < THROTTLE_MAX_WAIT_S:
+                time.sleep(THROTTLE_POLL_S)
+                continue
+            waiting_since = None  # one more shard, then wait again
         count = rc.questions_per_batch
         if max_trajectories > 0:
             count = min(count, -(-(max_trajectories - written) // rc.group_size))
@@ -262,16 +358,27 @@ def run_worker(
         batch = questions_for_batch(pool, worker_id, seed, start, count)
         group_ids = [f"{worker_id}-{sequence:08d}-{i}" for i in range(count)]
         began = time.perf_counter()
-        records, out = run_records(
-            agent,
-            batch,
-            group_size=rc.group_size,
-            policy_version=version,
-            seed=_batch_seed(seed, worker_id, sequence),
-            group_ids=group_ids,
-            env_name=experiment.env_name,
-            worker_id=worker_id,
-        )
+        try:
+            records, out = run_records(
+                agent,
+                batch,
+                group_size=rc.group_size,
+                policy_version=version,
+                seed=_batch_seed(seed, worker_id, sequence),
+                group_ids=group_ids,
+                env_name=experiment.env_name,
+                worker_id=worker_id,
+            )
+        except VersionChanged as changed:
+            if server is None:
+                raise
+            discarded += 1
+            logging.warning(
+                "worker %s: batch %d dropped unwritten (%d so far): %s; reloading the servers",
+                worker_id, sequence, discarded, changed,
+            )  # fmt: skip
+            server.loaded = -1  # bring every server to the newest version again
+            continue
         name = shard_name(worker_id, sequence)
         with ShardWriter(directory, name=name, dims=record_dims(rc)) as writer:
             for record in records:
@@ -296,6 +403,13 @@ def run_worker(
         )
         sequence += 1
         at_version += 1
+    if server is not None:
+        logging.info(
+            "worker %s: %d weight reloads, %d failed, %d batches dropped for a version change",
+            worker_id, server.reloads, server.failures, discarded,
+        )  # fmt: skip
+        if hasattr(agent.backend, "close"):
+            agent.backend.close()
     logging.info("worker %s: stopped after %d trajectories", worker_id, written)
     return written
 

@@ -32,95 +32,26 @@ before training at temperature != 1. The learner-vs-sampler log-prob gap metric 
 a wrong setting quickly. Suggested vLLM launch: ``vllm serve MODEL --logprobs-mode raw_logprobs
 --return-tokens-as-token-ids``.
 
-Transport: stdlib ``urllib`` only. `post_json` retries connection errors, timeouts, HTTP 429 and
-5xx with exponential backoff and raises `GenerationError` naming the URL and the last cause; other
-HTTP errors and malformed responses fail at once. The judge (`vimrag_jax.envs.judge`) shares it.
+Transport: `sampling.http.post_json` (stdlib ``urllib``; re-exported here for the judge,
+`vimrag_jax.envs.judge`) retries connection errors, timeouts, HTTP 429 and 5xx with exponential
+backoff and raises `GenerationError` naming the URL and the last cause; other HTTP errors and
+malformed responses fail at once.
+
+This is the text-only fallback (``rollout.backend = "openai"``): ``/v1/completions`` takes no
+images. A vision policy is served through `sampling.sglang` or `sampling.vllm`.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import math
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from vimrag_jax.sampling.http import GenerationError, post_json
 from vimrag_jax.sampling.sampler import Completion
 
 _TOKEN_ID_PREFIX = "token_id:"
-_MAX_BACKOFF_S = 30.0
-_ERROR_BODY_CHARS = 300
-
-
-class GenerationError(RuntimeError):
-    """A request to a generation server failed for good, or its response was unusable."""
-
-
-def _retryable_status(status: int) -> bool:
-    return status == 429 or 500 <= status <= 599
-
-
-def _excerpt(data: bytes) -> str:
-    text = data[:_ERROR_BODY_CHARS].decode("utf-8", "replace")
-    return text + ("…" if len(data) > _ERROR_BODY_CHARS else "")
-
-
-def post_json(
-    url: str,
-    payload: Mapping[str, Any],
-    *,
-    timeout_s: float = 60.0,
-    max_retries: int = 3,
-    backoff_s: float = 0.5,
-    api_key: str | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Any:
-    """POSTs ``payload`` as JSON to ``url`` and returns the decoded JSON response.
-
-    Connection errors, timeouts (``timeout_s`` per socket operation), HTTP 429 and 5xx are
-    retried up to ``max_retries`` times, waiting ``backoff_s · 2^attempt`` seconds (at most 30 s)
-    between tries. Raises `GenerationError` naming ``url`` and the cause after the last try, at
-    once on any other HTTP error status, and when the body of a success is not JSON.
-    """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-    if backoff_s < 0:
-        raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
-    body = json.dumps(payload).encode("utf-8")
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    cause = "no attempt made"
-    for attempt in range(max_retries + 1):
-        if attempt:
-            sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                data = response.read()
-        except urllib.error.HTTPError as error:
-            detail = _excerpt(error.read() or b"")
-            cause = f"HTTP {error.code}: {detail}"
-            if not _retryable_status(error.code):
-                raise GenerationError(f"POST {url} failed with {cause}") from error
-            continue
-        except (OSError, http.client.HTTPException) as error:  # refused, reset, timeout, cut
-            reason = getattr(error, "reason", error)
-            cause = f"{type(reason).__name__}: {reason}"
-            continue
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise GenerationError(
-                f"POST {url} returned a body that is not JSON ({error}): {_excerpt(data)}"
-            ) from error
-    raise GenerationError(f"POST {url} failed after {max_retries + 1} attempts; last: {cause}")
 
 
 def _token_id(value: Any, url: str) -> int:

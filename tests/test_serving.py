@@ -1,0 +1,510 @@
+"""Rollout workers against fake SGLang and vLLM servers: our token ids and pictures in, the
+server's ids and log-probs out, weight reloads per published version, and failures that never
+leave a partial shard.
+
+The fakes (stdlib ``http.server`` on 127.0.0.1, port 0, in a thread) implement exactly the
+request and response fields the backends use, as the servers document them:
+
+- SGLang ``POST /generate`` (https://docs.sglang.io/basic_usage/sampling_params.html,
+  ``GenerateReqInput`` in ``python/sglang/srt/managers/io_struct.py``): ``input_ids``,
+  ``image_data``, ``video_data``, ``sampling_params``, ``return_logprob``; the answer's
+  ``output_ids`` and ``meta_info`` (``output_token_logprobs`` as ``[logprob, id, text]``,
+  ``finish_reason``, ``prompt_tokens``, ``completion_tokens``, ``weight_version``). Like
+  SGLang's Qwen-VL processor (``multimodal/processors/qwen_vl.py``, ``base_processor.py``) the
+  fake collapses each expanded placeholder run and expands it again from the image it got.
+  ``POST /update_weights_from_disk`` (``UpdateWeightFromDiskReqInput``: ``model_path``,
+  ``weight_version``; answer ``success``, ``message``) and ``GET /model_info``.
+- vLLM ``POST /v1/chat/completions`` (``ChatCompletionRequest`` in
+  ``vllm/entrypoints/openai/protocol.py``; ``return_token_ids`` gives ``prompt_token_ids`` and
+  ``choices[].token_ids``; log-probs in ``choices[].logprobs.content[].logprob``): the fake
+  renders the parts as the request's passthrough template says, tokenizes and expands each
+  placeholder from its picture (a video as temporal pairs at 1 frame per second), as vLLM's
+  processor would. ``video/jpeg`` data URLs are split at commas (``vllm/multimodal/video.py``).
+  ``POST /collective_rpc`` (``method``) and ``POST /reset_prefix_cache`` (dev mode).
+
+The worker runs on the tiny Qwen3-VL config (pictures and videos in the corpus); the fakes' policy
+is a few lines of text rules (search, memorize every result, search again, answer), so episodes
+show pictures and video frames both as retrieval results and from memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ggpo
+from vimrag_jax import publish
+from vimrag_jax.agent.prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from vimrag_jax.agent.protocol import ROOT_ID, format_tool_call
+from vimrag_jax.data.vision import resize_image
+from vimrag_jax.experiment import Experiment
+from vimrag_jax.rollout import worker
+from vimrag_jax.rollout.records import list_shards, read_shard
+from vimrag_jax.sampling.http import GenerationError, decode_data_url
+from vimrag_jax.sampling.vllm import PASSTHROUGH_TEMPLATE
+
+PIXELS_PER_TOKEN = 32 * 32
+
+
+def _config(backend: str, url: str):
+    cfg = ggpo.get_config()
+    cfg.model.name, cfg.model.dtype = "tiny-vl", "float32"
+    cfg.env.update(
+        num_entities=8, num_questions=12, eval_questions=2, sft_questions=0, min_hops=1,
+        max_hops=1, near_duplicates=4, distractors_per_entity=1, image_height=32, image_width=64,
+        video_frames=4, answer_modalities=("image", "video"), tokenizer_vocab_size=2048,
+    )  # fmt: skip
+    cfg.data.max_segment_tokens = 1536
+    cfg.graph.update(max_nodes=8, max_items=3, max_keyframes=4)
+    cfg.rollout.update(
+        backend=backend, server_url=url, server_model="policy", group_size=2,
+        questions_per_batch=2, max_model_calls=6, max_new_tokens=256, prompt_style="compact",
+        request_timeout_s=2.0, max_retries=2, retry_backoff_s=0.01, max_inflight=3,
+    )  # fmt: skip
+    return cfg
+
+
+# --- the fakes' policy ----------------------------------------------------------------------
+
+
+def policy_text(prompt: str) -> str:
+    """Search, memorize every result, search again from there, memorize, answer."""
+    tail = prompt.rsplit("<|im_start|>user", 1)[-1]
+    if "<tool_response>" in tail and "summarize_and_memorize" in tail:
+        entries = [
+            {"information_id": f"{kind} {n}", "is_useful": True, "priority_score": 5}
+            | ({"key_timestamp": [0.0, 1.0]} if kind == "Video" else {})
+            for kind, n in re.findall(r"^(Text|Picture|Video) (\d+):", tail, re.M)
+        ]
+        call = format_tool_call(
+            "summarize_and_memorize", {"summarize": "seen", "memorize": entries}
+        )
+    else:
+        nodes = re.findall(r"^\[(n\d)\] parents", prompt, re.M)
+        question = re.search(r"Question: (.*)", prompt).group(1)
+        if len(nodes) < 2:
+            parent = nodes[-1] if nodes else ROOT_ID
+            arguments = {"id": f"n{len(nodes) + 1}", "parent_ids": [parent], "query": question}
+            call = format_tool_call("add_search_node", arguments)
+        else:
+            call = format_tool_call("add_answer_node", {"parent_ids": nodes, "answer": "no idea"})
+    return call + "<|im_end|>"
+
+
+def _logprobs(prompt: list[int], count: int) -> list[float]:
+    """The fakes' log-probs: deterministic per prompt and position, never 0."""
+    base = (sum(prompt) % 97) / 1000
+    return [-(0.05 + base + 0.001 * k) for k in range(count)]
+
+
+# --- the fakes --------------------------------------------------------------------------------
+
+
+class FakeServer:
+    """A loopback HTTP server; ``faults`` is a queue of replies that replace the next
+    generation answers: ``(status, body)``, or ``("sleep", seconds)`` before answering."""
+
+    generate_path = ""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = {
+            t: tokenizer.convert_tokens_to_ids(t)
+            for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+        }
+        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.faults: list = []
+        self.seen: dict[tuple[int, ...], list] = {}  # prompt ids -> [(media, out ids, logprobs)]
+        self.requests = 0
+        self.pads = lambda height, width: height * width // PIXELS_PER_TOKEN
+        self.on_generate = None
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status, body):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(*fake.get(self.path))
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                if self.path == fake.generate_path:
+                    fake.requests += 1
+                    if fake.faults:
+                        fault = fake.faults.pop(0)
+                        if fault[0] != "sleep":
+                            return self._reply(*fault)
+                        time.sleep(fault[1])
+                    if fake.on_generate is not None:
+                        fake.on_generate()
+                self._reply(*fake.post(self.path, body))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def expand(self, ids: list[int], media: list[tuple[str, list[np.ndarray]]]) -> list[int]:
+        """``ids`` with each placeholder run (collapsed or expanded) expanded from ``media``."""
+        start, end = self.ids[VISION_START], self.ids[VISION_END]
+        pads = {self.ids[IMAGE_PAD]: "image", self.ids[VIDEO_PAD]: "video"}
+        out, items, i, pairs_left = [], iter(media), 0, 0
+        while i < len(ids):
+            if ids[i] == start and i + 1 < len(ids) and ids[i + 1] in pads:
+                pad, k = ids[i + 1], i + 1
+                while ids[k] == pad:
+                    k += 1
+                assert ids[k] == end
+                if pads[pad] == "image" or not pairs_left:
+                    kind, frames = next(items)
+                    assert kind == pads[pad]
+                    pairs_left = len(frames) // 2 if kind == "video" else 0
+                height, width = frames[0].shape[:2]
+                out += [start] + [pad] * self.pads(height, width) + [end]
+                pairs_left -= kind == "video"
+                i = k + 1
+            else:
+                out.append(ids[i])
+                i += 1
+        assert next(items, None) is None
+        return out
+
+    def sample(self, prompt: list[int], media, max_new_tokens: int):
+        text = self.tokenizer.decode(prompt, skip_special_tokens=False)
+        out = self.tokenizer(policy_text(text), add_special_tokens=False)["input_ids"]
+        out = out[:max_new_tokens]
+        logprobs = _logprobs(prompt, len(out))
+        self.seen.setdefault(tuple(prompt), []).append((media, out, logprobs))
+        return out, logprobs
+
+
+class FakeSGLang(FakeServer):
+    generate_path = "/generate"
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.weight_version = "0"
+        self.reloads: list[dict] = []
+        self.fail_reload = False
+
+    def get(self, path):
+        if path in ("/model_info", "/get_weight_version"):
+            return 200, {"model_path": "policy", "weight_version": self.weight_version}
+        return 404, {"error": path}
+
+    def post(self, path, body):
+        if path == "/update_weights_from_disk":
+            self.reloads.append(body)
+            if self.fail_reload or not (Path(body["model_path"]) / "config.json").is_file():
+                return 200, {"success": False, "message": "cannot load", "num_paused_requests": 0}
+            self.weight_version = body["weight_version"]
+            return 200, {"success": True, "message": "ok", "num_paused_requests": 0}
+        assert path == "/generate" and body["return_logprob"] is True
+        params = body["sampling_params"]
+        assert params["skip_special_tokens"] is False and self.end_id in params["stop_token_ids"]
+        media = [("image", [decode_data_url(u)]) for u in body.get("image_data", [])]
+        videos = [("video", [decode_data_url(u) for u in v]) for v in body.get("video_data", [])]
+        # image_data / video_data are separate lists: put them back in placeholder order
+        ordered, images, videos = [], iter(media), iter(videos)
+        prompt = body["input_ids"]
+        start, image_pad = self.ids[VISION_START], self.ids[IMAGE_PAD]
+        pairs_left = 0
+        for i, token in enumerate(prompt[:-1]):
+            if token == start and prompt[i + 1] == image_pad:
+                ordered.append(next(images))
+            elif token == start and prompt[i + 1] == self.ids[VIDEO_PAD]:
+                if not pairs_left:
+                    ordered.append(next(videos))
+                    pairs_left = len(ordered[-1][1]) // 2
+                pairs_left -= 1
+        served = self.expand(prompt, ordered)
+        out, logprobs = self.sample(prompt, ordered, params["max_new_tokens"])
+        finish = (
+            {"type": "stop", "matched": self.end_id}
+            if out[-1] == self.end_id
+            else {"type": "length", "length": len(out)}
+        )
+        meta = {
+            "id": "r", "finish_reason": finish, "prompt_tokens": len(served),
+            "completion_tokens": len(out), "weight_version": self.weight_version,
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, out, strict=True)],
+        }  # fmt: skip
+        return 200, {"text": "", "output_ids": out, "meta_info": meta}
+
+
+class FakeVLLM(FakeServer):
+    generate_path = "/v1/chat/completions"
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.rpcs: list[dict] = []
+        self.resets = 0
+        self.link: Path | None = None
+        self.loaded: list[str] = []
+
+    def get(self, path):
+        return 404, {"error": path}
+
+    def post(self, path, body):
+        if path == "/collective_rpc":
+            self.rpcs.append(body)
+            self.loaded.append(str(self.link.resolve()))
+            assert (self.link / "config.json").is_file()
+            return 200, {"results": [None]}
+        if path == "/reset_prefix_cache":
+            self.resets += 1
+            return 200, b""
+        assert body["chat_template"] == PASSTHROUGH_TEMPLATE and body["return_token_ids"] is True
+        assert body["logprobs"] is True and body["add_generation_prompt"] is False
+        (message,) = body["messages"]
+        text, media = "", []
+        for part in message["content"]:
+            if part["type"] == "text":
+                text += part["text"]
+            elif part["type"] == "image_url":
+                text += VISION_START + IMAGE_PAD + VISION_END
+                media.append(("image", [decode_data_url(part["image_url"]["url"])]))
+            else:
+                head, _, frames = part["video_url"]["url"].partition(",")
+                assert head == "data:video/jpeg;base64"
+                decoded = [decode_data_url("data:image/png;base64," + f) for f in frames.split(",")]
+                media.append(("video", decoded))
+                text += "".join(
+                    f"<{k + 0.5:.1f} seconds>" + VISION_START + VIDEO_PAD + VISION_END
+                    for k in range(0, len(decoded), 2)
+                )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = self.expand(ids, media)
+        out, logprobs = self.sample(prompt, media, body["max_tokens"])
+        finish = "stop" if out[-1] == self.end_id else "length"
+        content = [
+            {"token": "x", "logprob": lp, "bytes": None, "top_logprobs": []} for lp in logprobs
+        ]
+        choice = {
+            "index": 0, "message": {"role": "assistant", "content": "x"},
+            "logprobs": {"content": content}, "finish_reason": finish,
+            "stop_reason": self.end_id if finish == "stop" else None, "token_ids": out,
+        }  # fmt: skip
+        return 200, {"id": "c", "object": "chat.completion", "model": body["model"],
+                     "prompt_token_ids": prompt, "choices": [choice]}  # fmt: skip
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class World:
+    template: Path  # a workdir with the corpus and tokenizer built
+    experiment: Experiment
+    params: dict  # a policy's parameters (random)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    template = tmp_path_factory.mktemp("template")
+    experiment = Experiment.from_config(_config("sglang", "http://127.0.0.1:1"), template)
+    model = experiment.abstract_model()
+    rng = np.random.default_rng(0)
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    for _, var in flat:
+        var.set_value(0.05 * rng.standard_normal(var.get_value().shape).astype(np.float32))
+    return World(template, experiment, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _workdir(world: World, tmp_path: Path) -> Path:
+    workdir = tmp_path / "run"
+    for name in ("corpus", "tokenizer"):
+        shutil.copytree(world.template / name, workdir / name)
+    return workdir
+
+
+@pytest.fixture(params=["sglang", "vllm"])
+def served(request, world):
+    fake = (FakeSGLang if request.param == "sglang" else FakeVLLM)(world.experiment.tokenizer)
+    yield request.param, fake
+    fake.close()
+
+
+def _records(directory: Path) -> list[list[dict]]:
+    return [list(read_shard(path)) for path in list_shards(directory)]
+
+
+def _check_against_server(records: list[dict], fake: FakeServer, store) -> tuple[int, int]:
+    """Every segment's prompt is one the server saw, its pictures and frames in order at the
+    recorded sizes, its sampled ids and log-probs the server's. Returns (pictures, frames)."""
+    pictures = frames = 0
+    for record in records:
+        for s in np.flatnonzero(record["segment_valid"]):
+            mask = record["loss_mask"][s]
+            first, last = np.flatnonzero(mask)[[0, -1]]
+            prompt = tuple(int(t) for t in record["tokens"][s, :first])
+            assert prompt in fake.seen, "a prompt the server never ran was recorded"
+            media, out, logprobs = fake.seen[prompt][0]
+            assert record["tokens"][s, first : last + 1].tolist() == out
+            np.testing.assert_array_equal(
+                record["behavior_logprobs"][s, first : last + 1], np.float32(logprobs)
+            )
+            sent = [image for _, images in media for image in images]
+            refs = record["segment_visuals"][s][record["segment_visual_valid"][s]]
+            assert len(sent) == len(refs)
+            for image, (item, frame, height, width) in zip(sent, refs, strict=True):
+                expected = resize_image(store.load_visual(int(item), int(frame)), height, width)
+                np.testing.assert_array_equal(image, expected)
+            pictures += sum(kind == "image" for kind, _ in media)
+            frames += sum(len(images) for kind, images in media if kind == "video")
+    return pictures, frames
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_worker_records_the_servers_tokens_and_reloads_each_new_version_once(
+    served, world, tmp_path
+):
+    kind, fake = served
+    workdir = _workdir(world, tmp_path)
+    cfg = _config(kind, fake.url)
+    published = []
+
+    def publish_v1_once():  # during the first batch: the second one must carry v1
+        if not published:
+            published.append(publish.publish_policy(world.params, workdir, version=1))
+
+    fake.on_generate = publish_v1_once
+    fake.link = workdir / "policy" / "serving"  # what `vllm serve` was launched on
+    written = worker.run_worker(
+        cfg, str(workdir), worker_id="w0", policy="model", max_trajectories=8
+    )
+    assert written == 8
+    shards = _records(workdir / "rollouts")
+    assert [[r["policy_version"] for r in shard] for shard in shards] == [[0] * 4, [1] * 4]
+    pictures, frames = _check_against_server(
+        [r for s in shards for r in s], fake, world.experiment.store
+    )
+    assert pictures > 0 and frames > 0  # both kinds reached the server
+    hf = publish.version_dir(workdir, 1) / "hf"
+    data = (hf / "model.safetensors").read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    assert (hf / "config.json").is_file() and (hf / "tokenizer.json").is_file()
+    if kind == "sglang":
+        assert fake.reloads == [{"model_path": str(hf), "weight_version": "1"}]
+        assert fake.weight_version == "1"
+    else:
+        assert [r["method"] for r in fake.rpcs] == ["reload_weights"] and fake.resets == 1
+        assert fake.loaded == [str(hf.resolve())]
+
+
+def test_a_failed_reload_keeps_the_old_tag_and_is_counted(world, tmp_path, caplog):
+    fake = FakeSGLang(world.experiment.tokenizer)
+    fake.fail_reload = True
+    workdir = _workdir(world, tmp_path)
+    publish.publish_policy(world.params, workdir, version=1)
+    with caplog.at_level("WARNING"):
+        written = worker.run_worker(
+            _config("sglang", fake.url), str(workdir), worker_id="w0", policy="model",
+            max_trajectories=4,
+        )  # fmt: skip
+    fake.close()
+    assert written == 4 and len(fake.reloads) == 1
+    assert [r["policy_version"] for r in _records(workdir / "rollouts")[0]] == [0] * 4
+    assert "reload of policy v1 failed (1 failed so far); rollouts stay tagged v0" in caplog.text
+
+
+def test_http_500_is_retried(world, tmp_path):
+    fake = FakeSGLang(world.experiment.tokenizer)
+    fake.faults += [(500, {"error": "busy"}), (503, b"")]
+    workdir = _workdir(world, tmp_path)
+    written = worker.run_worker(
+        _config("sglang", fake.url), str(workdir), worker_id="w0", policy="model",
+        max_trajectories=4,
+    )  # fmt: skip
+    fake.close()
+    assert written == 4 and fake.faults == []
+    _check_against_server(_records(workdir / "rollouts")[0], fake, world.experiment.store)
+
+
+@pytest.mark.parametrize(
+    "faults, message",
+    [
+        ([(500, {"error": "down"})] * 40, "failed after 3 attempts; last: HTTP 500"),
+        ([("sleep", 1.0)] * 40, "timed out"),
+        ([(200, b"<html>oops")], "not JSON"),
+        ([(200, {"meta_info": {"output_token_logprobs": [[-0.1, 5, None]]}})], "prompt of None"),
+        ([(200, {"meta_info": {"output_token_logprobs": [[0.5, 5, None]]}})], "log-prob"),
+    ],
+    ids=["500", "timeout", "garbage", "truncated", "bad-logprob"],
+)
+def test_failed_requests_raise_and_leave_no_shard(world, tmp_path, faults, message):
+    fake = FakeSGLang(world.experiment.tokenizer)
+    fake.faults += faults
+    cfg = _config("sglang", fake.url)
+    cfg.rollout.request_timeout_s = 0.5
+    workdir = _workdir(world, tmp_path)
+    with pytest.raises(GenerationError, match=message) as failure:
+        worker.run_worker(cfg, str(workdir), worker_id="w0", policy="model", max_trajectories=4)
+    fake.close()
+    assert fake.url in str(failure.value)
+    rollouts = workdir / "rollouts"
+    assert not list_shards(rollouts) and not list(rollouts.iterdir())
+
+
+def test_placeholders_expanded_differently_are_refused(served, world, tmp_path):
+    kind, fake = served
+    fake.pads = lambda height, width: 2 * height * width // PIXELS_PER_TOKEN  # expanded twice
+    workdir = _workdir(world, tmp_path)
+    with pytest.raises(GenerationError, match="expanded") as failure:
+        worker.run_worker(
+            _config(kind, fake.url), str(workdir), worker_id="w0", policy="model",
+            max_trajectories=4,
+        )  # fmt: skip
+    assert fake.url in str(failure.value)
+    assert not list_shards(workdir / "rollouts")
+
+
+def test_a_server_reloaded_by_someone_else_drops_the_batch(world, tmp_path, caplog):
+    fake = FakeSGLang(world.experiment.tokenizer)
+    workdir = _workdir(world, tmp_path)
+    publish.publish_policy(world.params, workdir, version=1)
+    calls = []
+
+    def reload_elsewhere():  # another worker moves the shared server on, once
+        calls.append(1)
+        if len(calls) == 3:
+            fake.weight_version = "7"
+
+    fake.on_generate = reload_elsewhere
+    with caplog.at_level("WARNING"):
+        written = worker.run_worker(
+            _config("sglang", fake.url), str(workdir), worker_id="w0", policy="model",
+            max_trajectories=4,
+        )  # fmt: skip
+    fake.close()
+    assert written == 4 and "dropped unwritten (1 so far)" in caplog.text
+    assert len(fake.reloads) == 2  # the first sync, and the one after the drop
+    (shard,) = _records(workdir / "rollouts")
+    assert [r["policy_version"] for r in shard] == [1] * 4
