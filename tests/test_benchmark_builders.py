@@ -1,6 +1,6 @@
 """The nine benchmark builders on raw-layout fixtures (``tests/fixtures/benchmarks/``).
 
-Every builder runs once per session into one data_dir; the tests then read the datasets back
+Every builder runs once (a module fixture) into one data_dir; the tests then read the datasets back
 through `vimrag_jax.benchmarks.load` (a ``tfds.data_source``): split names and counts, answers
 with their aliases, answer formats, evidence references; malformed files must fail naming the
 file and record and leave nothing `load` accepts; the build command and grain reading work.
@@ -213,15 +213,25 @@ def test_videorag_gold_videos_in_rank_order(data_dir: Path) -> None:
     assert wikihow["290"]["evidence"] == [("video", "3GsRPpOomE0", "", -1.0, -1.0)]
     ranked = wikihow["292"]
     assert len(ranked["evidence"]) == 10 and ranked["evidence"][0][1] == "XOuNZRCoHkg"
-    assert ranked["metadata"]["ranks"] == sorted(ranked["metadata"]["ranks"])
+    assert ranked["metadata"]["ranks"] == [1, 9, 10, 12, 13, 21, 27, 31, 33, 49]
     assert ranked["question"].startswith("How To ")
-    raw = json.loads((FIXTURES / "wikihowqa" / "datasets" / "qa" / "wikihow.json").read_text())
-    assert ranked["answers"] == [raw[1]["answer_text"]]
-    assert ranked["question"] == raw[1]["wikihow_query_text"]
-    assert ranked["metadata"]["howto100m_query_text"] == raw[1]["howto100m_query_text"]
+    records = json.loads((FIXTURES / "wikihowqa" / "datasets" / "qa" / "wikihow.json").read_text())
+    assert ranked["answers"] == [records[1]["answer_text"]]
+    assert ranked["question"] == records[1]["wikihow_query_text"]
+    assert ranked["metadata"]["howto100m_query_text"] == records[1]["howto100m_query_text"]
     synthetic = read(data_dir, "syntheticqa", "test")
     assert list(synthetic) == ["fH7ZK9YAckQ_0", "fH7ZK9YAckQ_1", "fH7ZK9YAckQ_2", "7HvrG7AZhR8_0"]
     assert synthetic["7HvrG7AZhR8_0"]["evidence"] == [("video", "7HvrG7AZhR8", "", -1.0, -1.0)]
+
+
+def test_videorag_videos_are_sorted_by_rank(tmp_path: Path) -> None:
+    copy = _copy("wikihowqa", tmp_path)
+    path = copy / "datasets" / "qa" / "wikihow.json"
+    _break_json_list(path, 1, lambda r: r["videos"].reverse())
+    build("wikihowqa", manual_dir=copy, data_dir=tmp_path / "out", log=lambda _: None)
+    ranked = read(tmp_path / "out", "wikihowqa", "test")["292"]
+    assert ranked["metadata"]["ranks"] == [1, 9, 10, 12, 13, 21, 27, 31, 33, 49]
+    assert ranked["evidence"][0][1] == "XOuNZRCoHkg"
 
 
 def test_xvbench_reference_clips(data_dir: Path) -> None:
@@ -311,9 +321,9 @@ def test_load_errors(data_dir: Path, tmp_path: Path) -> None:
 
 
 def _copy(name: str, tmp_path: Path) -> Path:
-    raw = tmp_path / "raw"
-    shutil.copytree(FIXTURES / name, raw)
-    return raw
+    copy = tmp_path / "raw"
+    shutil.copytree(FIXTURES / name, copy)
+    return copy
 
 
 def _break_json_list(path: Path, index: int, edit) -> None:
@@ -370,11 +380,11 @@ def test_malformed_raw_file_names_file_and_record_and_writes_nothing(
     name: str, tmp_path: Path
 ) -> None:
     edit, file_name, record, problem = MALFORMED[name]
-    raw = _copy(name, tmp_path)
-    edit(raw)
+    copy = _copy(name, tmp_path)
+    edit(copy)
     out = tmp_path / "out"
     with pytest.raises(RawFormatError) as caught:
-        build(name, manual_dir=raw, data_dir=out, log=lambda _: None)
+        build(name, manual_dir=copy, data_dir=out, log=lambda _: None)
     message = str(caught.value)
     assert file_name in message and record in message and problem in message
     # The other split(s) were fine, yet nothing was kept: no version directory, no array_record.
@@ -385,12 +395,11 @@ def test_malformed_raw_file_names_file_and_record_and_writes_nothing(
 
 
 def test_malformed_derived_file(tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    shutil.copytree(FIXTURES / "universalrag", raw)
-    path = raw / "dataset" / "query" / "lvbench.json"
+    copy = _copy("universalrag", tmp_path)
+    path = copy / "dataset" / "query" / "lvbench.json"
     path.write_text(path.read_text().replace("1876", "1874", 1))
     with pytest.raises(RawFormatError) as caught:
-        build("lvbench", manual_dir=raw, data_dir=tmp_path / "out", config="universalrag")
+        build("lvbench", manual_dir=copy, data_dir=tmp_path / "out", config="universalrag")
     assert str(caught.value) == (
         f"{path}: record 0 (index lvbench_840): time_reference [1875, 1874] is not "
         "[start, end] seconds"
@@ -399,20 +408,20 @@ def test_malformed_derived_file(tmp_path: Path) -> None:
 
 
 def test_lvbench_answer_outside_the_options_is_rejected(tmp_path: Path) -> None:
-    raw = _copy("lvbench", tmp_path)
-    path = raw / "data" / "video_info.meta.jsonl"
+    copy = _copy("lvbench", tmp_path)
+    path = copy / "data" / "video_info.meta.jsonl"
     path.write_text(path.read_text().replace('"answer": "D"', '"answer": "E"'))
     with pytest.raises(RawFormatError, match=r"line 1 \(key Cm73ma6Ibcs\), qa\[0\] \(uid 55\)"):
-        build("lvbench", manual_dir=raw, data_dir=tmp_path / "out", log=lambda _: None)
+        build("lvbench", manual_dir=copy, data_dir=tmp_path / "out", log=lambda _: None)
 
 
 def test_repeated_id_is_rejected(tmp_path: Path) -> None:
-    raw = _copy("xvbench", tmp_path)
-    path = raw / "xvbench.jsonl"
+    copy = _copy("xvbench", tmp_path)
+    path = copy / "xvbench.jsonl"
     rows = [dict(json.loads(line), id="q1") for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RawFormatError, match="xvbench.jsonl: record line 2: id 'q1' repeats"):
-        build("xvbench", manual_dir=raw, data_dir=tmp_path / "out", log=lambda _: None)
+        build("xvbench", manual_dir=copy, data_dir=tmp_path / "out", log=lambda _: None)
 
 
 def test_missing_raw_files_names_the_files_expected(tmp_path: Path) -> None:
@@ -424,6 +433,18 @@ def test_missing_raw_files_names_the_files_expected(tmp_path: Path) -> None:
     assert "hotpot_train_v1.1.json" in str(caught.value)
     with pytest.raises(MissingRawFiles, match="data/video_info.meta.jsonl"):
         build("lvbench", manual_dir=tmp_path / "absent", data_dir=tmp_path / "out")
+
+
+def test_a_built_dataset_is_reused_unless_overwritten(tmp_path: Path) -> None:
+    copy = _copy("xvbench", tmp_path)
+    out, lines = tmp_path / "out", []
+    assert build("xvbench", manual_dir=copy, data_dir=out, log=lines.append) == {"test": 2}
+    path = copy / "xvbench.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    assert build("xvbench", manual_dir=copy, data_dir=out, log=lines.append) == {"test": 2}
+    assert any("already built" in line for line in lines)
+    assert build("xvbench", manual_dir=copy, data_dir=out, overwrite=True) == {"test": 1}
+    assert len(benchmarks.load("xvbench", data_dir=out, split="test")) == 1
 
 
 def _command(*args: str) -> subprocess.CompletedProcess:
