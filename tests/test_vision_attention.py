@@ -104,9 +104,12 @@ def test_blocked_equals_dense_on_edge_layouts(name):
 @settings(max_examples=40)
 @given(segment=layouts())
 def test_block_ranges_are_the_tiles_that_share_a_segment(segment):
-    padded = np.concatenate([segment, np.full(-N % BLOCK, 999, np.int32)])
-    tiles = padded.reshape(-1, BLOCK)
-    shares = (tiles[:, None, :, None] == tiles[None, :, None, :]).any(axis=(2, 3))
+    padded = np.concatenate([segment, np.full(-N % BLOCK, -1, np.int32)])
+    # Rows meet when their segments are equal, padding rows (-1) only themselves.
+    itself = np.eye(len(padded), dtype=bool)
+    allowed = (padded[:, None] == padded[None, :]) & ((padded >= 0)[:, None] | itself)
+    tiles = len(padded) // BLOCK
+    shares = allowed.reshape(tiles, BLOCK, tiles, BLOCK).any(axis=(1, 3))
     lo, hi = block_ranges(jnp.asarray(padded), BLOCK)
     for b, row in enumerate(shares):
         assert (int(lo[b]), int(hi[b])) == (row.argmax(), len(row) - 1 - row[::-1].argmax())
@@ -126,6 +129,10 @@ def test_many_rows_of_images_cost_what_each_row_costs():
     lengths = np.bincount(batch)
     assert many <= np.sum((-(-lengths // block) + 1) ** 2) <= 2 * rows * one
     assert many < (batch.shape[0] // block + 1) ** 2 / 10  # all tile pairs
+    # Padding rows attend only to themselves: a bucket padded far past the patches visits the
+    # diagonal tiles only.
+    padded = vision_tables(np.array([[1, 8, 8]]), config, pad_to=4096).segment
+    assert int(visited_block_pairs(padded, block)) == 4096 // block
 
 
 def test_vmapped_rows_each_match_dense():

@@ -163,7 +163,8 @@ class VisionTables(NamedTuple):
     interp_index: int32[N, 4] rows of the learned position table to blend (bilinear taps).
     interp_weight: float32[N, 4] their weights.
     rotary_hw: int32[N, 2] (row, column) of the patch inside its frame, for the 2D rotary.
-    segment: int32[N] attention segment (one per frame); -1 marks padding rows.
+    segment: int32[N] attention segment (one per frame); -1 marks padding rows, which attend
+      only to themselves.
     """
 
     interp_index: np.ndarray
@@ -223,8 +224,8 @@ def vision_tables(
 ) -> VisionTables:
     """Host-side per-patch tables for the images or videos of `grid_thw` (int[n, 3]).
 
-    With `pad_to`, the tables get padding rows up to that many patches (segment -1, attending
-    only to each other), so callers can keep the tower's input shape fixed; the padded
+    With `pad_to`, the tables get padding rows up to that many patches (segment -1, each
+    attending only to itself), so callers can keep the tower's input shape fixed; the padded
     `pixel_values` rows are then ignored. Raises ValueError for a bad grid or a `pad_to` below
     the patch count.
     """
@@ -339,7 +340,8 @@ class VisionAttention(nnx.Module):
     def __call__(
         self, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment_n: jax.Array
     ) -> jax.Array:
-        """`[N, hidden]` in x's dtype; `segment_n: int32[N]` (equal ids attend to each other)."""
+        """`[N, hidden]` in x's dtype; `segment_n: int32[N]`: rows with equal ids attend to each
+        other, a padding row (-1) only to itself."""
         dtype = x_nd.dtype
         qkv_n3hk = jnp.einsum("nd,dthk->nthk", x_nd, self.qkv_d3hk[...].astype(dtype))
         qkv_n3hk = qkv_n3hk + self.qkv_bias_3hk[...].astype(dtype)

@@ -1,7 +1,9 @@
 """Segment-masked attention for the Qwen3-VL vision tower, blocked so memory stays O(block²).
 
 The vision tower attends within one image or video frame at a time (transformers'
-`cu_seqlens`): row n may attend to row m iff `segment[n] == segment[m]`. Written densely that
+`cu_seqlens`): row n may attend to row m iff `segment[n] == segment[m]`; a padding row (a
+negative id: -1 from `vision_tables(pad_to=...)`) attends only to itself, so padding, however
+much, is O(rows) work and never mixes with anything. Written densely that
 is a `[heads, N, N]` float32 score matrix over every patch row of the call, about 5.8 GB per
 layer at the paper's visual budget (~9.5k patches, 16 heads), and the backward pass keeps one
 per layer.
@@ -9,10 +11,10 @@ per layer.
 Design (`blocked_segment_attention`): flash attention over fixed-size blocks of rows, visiting
 only the block pairs that can share a segment.
 
-- The N rows are padded to a multiple of `block` (padding rows get their own segment,
-  `_BLOCK_PAD`, so they never mix with real rows or with the tower's own -1 padding rows).
+- The N rows are padded to a multiple of `block` with more padding rows (segment -1).
 - For every row, the first and last row of its segment are found on device with one stable sort
-  of the segment ids (O(N log N), no N x N comparison); for every block b, `lo[b]`..`hi[b]` is the
+  of the segment ids (O(N log N), no N x N comparison; a padding row is its own first and
+  last row); for every block b, `lo[b]`..`hi[b]` is the
   smallest block range holding every row that shares a segment with a row of b. Segments are
   contiguous runs in practice (`vision_tables` lays frames out one after another), which makes
   the range tight; a segment split into several runs is still handled correctly, it only widens
@@ -45,7 +47,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_BLOCK_PAD = jnp.iinfo(jnp.int32).min  # segment of the rows padding N to a multiple of `block`
+_PAD = -1  # segment of the rows padding N to a multiple of `block` (any negative id is padding)
 _F32 = jnp.float32
 
 
@@ -53,7 +55,8 @@ def dense_segment_attention(
     q_nhk: jax.Array, k_nhk: jax.Array, v_nhk: jax.Array, segment_n: jax.Array
 ) -> jax.Array:
     """Softmax attention of every row over the rows of its segment, with an `[H, N, N]` score
-    matrix (the reference; `blocked_segment_attention` computes the same without it).
+    matrix (the reference; `blocked_segment_attention` computes the same without it). A row
+    with a negative segment id is padding and attends only to itself.
 
     Scores and softmax in float32, the probabilities cast to the compute dtype for the value
     matmul (as transformers' eager vision attention). Returns `[N, H, K]` in v's dtype.
@@ -61,10 +64,17 @@ def dense_segment_attention(
     dtype = v_nhk.dtype
     scale = q_nhk.shape[-1] ** -0.5
     scores_hnm = jnp.einsum("nhk,mhk->hnm", q_nhk, k_nhk, preferred_element_type=_F32) * scale
-    allowed_nm = segment_n[:, None] == segment_n[None, :]
+    rows = jnp.arange(segment_n.shape[0])
+    allowed_nm = _allowed(segment_n, segment_n, rows, rows)
     scores_hnm = jnp.where(allowed_nm[None], scores_hnm, jnp.finfo(_F32).min)
     probs_hnm = jax.nn.softmax(scores_hnm, axis=-1).astype(dtype)
     return jnp.einsum("hnm,mhk->nhk", probs_hnm, v_nhk)
+
+
+def _allowed(seg_q: jax.Array, seg_k: jax.Array, row_q: jax.Array, row_k: jax.Array) -> jax.Array:
+    """`bool[Q, K]`: same segment, and for padding (negative) segments the same row."""
+    same = seg_q[:, None] == seg_k[None, :]
+    return same & ((seg_q[:, None] >= 0) | (row_q[:, None] == row_k[None, :]))
 
 
 def block_ranges(segment_n: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +82,8 @@ def block_ranges(segment_n: jax.Array, block: int) -> tuple[jax.Array, jax.Array
     `lo[b]..hi[b]` (inclusive). N must be a multiple of `block`.
 
     One stable sort groups equal segment ids in row order, so the first and last entry of a
-    group are the first and last row of that segment; no N x N comparison is made.
+    group are the first and last row of that segment; no N x N comparison is made. A padding
+    row (negative id) only ever meets itself.
     """
     n = segment_n.shape[0]
     if n % block:
@@ -87,6 +98,9 @@ def block_ranges(segment_n: jax.Array, block: int) -> tuple[jax.Array, jax.Array
     group_end = jax.lax.cummin(jnp.where(ends, index, n - 1), reverse=True)
     first_n = jnp.zeros((n,), jnp.int32).at[order].set(order[group_start])
     last_n = jnp.zeros((n,), jnp.int32).at[order].set(order[group_end])
+    padding = segment_n < 0
+    first_n = jnp.where(padding, index, first_n)
+    last_n = jnp.where(padding, index, last_n)
     lo = jnp.min(first_n.reshape(-1, block), axis=1) // block
     hi = jnp.max(last_n.reshape(-1, block), axis=1) // block
     return lo, hi
@@ -104,7 +118,7 @@ def _pad_segment(segment_n: jax.Array, block: int) -> tuple[jax.Array, int]:
     n = segment_n.shape[0]
     block = min(block, n)
     pad = -n % block
-    return jnp.pad(segment_n.astype(jnp.int32), (0, pad), constant_values=_BLOCK_PAD), block
+    return jnp.pad(segment_n.astype(jnp.int32), (0, pad), constant_values=_PAD), block
 
 
 def blocked_segment_attention(
@@ -117,8 +131,9 @@ def blocked_segment_attention(
 ) -> jax.Array:
     """`dense_segment_attention` computed tile by tile (see the module docstring).
 
-    `q, k, v: [N, H, K]` in the compute dtype, `segment_n: int[N]` (any integer ids; rows with
-    equal ids attend to each other). Returns `[N, H, K]` in v's dtype. Differentiable in q, k
+    `q, k, v: [N, H, K]` in the compute dtype, `segment_n: int[N]` (rows with equal
+    non-negative ids attend to each other; a negative id is a padding row, attending only to
+    itself). Returns `[N, H, K]` in v's dtype. Differentiable in q, k
     and v (custom VJP); jit-, vmap- and remat-compatible. Raises ValueError for a block < 1.
     """
     if block < 1:
@@ -139,11 +154,15 @@ def blocked_segment_attention(
 # The kernel on blocked arrays: x[nb, B, H, K], segment[nb, B].
 
 
-def _tile_scores(q_bhk, k_bhk, seg_q, seg_k):
-    """Scaled float32 scores `[H, Bq, Bk]` of one tile, -inf where segments differ."""
-    scale = q_bhk.shape[-1] ** -0.5
-    s_hqm = jnp.einsum("qhk,mhk->hqm", q_bhk, k_bhk, preferred_element_type=_F32) * scale
-    return jnp.where((seg_q[:, None] == seg_k[None, :])[None], s_hqm, -jnp.inf)
+def _tile_scores(q, k, seg, i, j):
+    """Scaled float32 scores `[H, Bq, Bk]` of tile (query block i, key block j), -inf where
+    attention is not allowed."""
+    b = q.shape[1]
+    scale = q.shape[-1] ** -0.5
+    s_hqm = jnp.einsum("qhk,mhk->hqm", q[i], k[j], preferred_element_type=_F32) * scale
+    rows = jnp.arange(b, dtype=jnp.int32)
+    allowed = _allowed(seg[i], seg[j], i * b + rows, j * b + rows)
+    return jnp.where(allowed[None], s_hqm, -jnp.inf)
 
 
 def _forward(q, k, v, seg):
@@ -152,11 +171,11 @@ def _forward(q, k, v, seg):
     lo, hi = block_ranges(seg.reshape(-1), b)
 
     def query_block(xs):
-        q_i, seg_i, lo_i, hi_i = xs
+        i, lo_i, hi_i = xs
 
         def step(j, carry):
             m_hq, l_hq, acc_hqk = carry
-            s_hqm = _tile_scores(q_i, k[j], seg_i, seg[j])
+            s_hqm = _tile_scores(q, k, seg, i, j)
             m_new = jnp.maximum(m_hq, jnp.max(s_hqm, axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # a row with no key here yet
             p_hqm = jnp.exp(s_hqm - m_safe[..., None])
@@ -177,7 +196,8 @@ def _forward(q, k, v, seg):
         out_qhk = (acc_hqk / l_hq[..., None]).transpose(1, 0, 2).astype(v.dtype)
         return out_qhk, m_hq + jnp.log(l_hq)
 
-    return jax.lax.map(query_block, (q, seg, lo, hi))
+    blocks = jnp.arange(q.shape[0], dtype=jnp.int32)
+    return jax.lax.map(query_block, (blocks, lo, hi))
 
 
 @jax.custom_vjp
@@ -201,7 +221,7 @@ def _flash_bwd(residuals, dout):
 
     def tile(i, j):
         """Probabilities `p` and score gradient `ds` (float32 [H, Bq, Bk]) of tile (i, j)."""
-        s_hqm = _tile_scores(q[i], k[j], seg[i], seg[j])
+        s_hqm = _tile_scores(q, k, seg, i, j)
         p_hqm = jnp.exp(s_hqm - lse[i][..., None])
         dp_hqm = jnp.einsum("qhk,mhk->hqm", dout[i], v[j], preferred_element_type=_F32)
         return p_hqm, p_hqm * (dp_hqm - delta[i][..., None])
