@@ -36,7 +36,10 @@ eval and the corpus builder read all nine the same way:
     ========  =====================================  ===============================  ==========
 
     ``start``/``end`` are seconds into the video for time spans and ``-1`` where the reference
-    is not a time span (see `NO_TIME`). Read back, the sequence is a dict of lists
+    is not a time span (see `NO_TIME`). Derived subsets (`vimrag_jax.benchmarks.derived`) use
+    the same sources except UniversalRAG's HotpotQA and SQuAD passages, whose ``source`` is
+    UniversalRAG's corpus id (LongRAG ``corpus_id``, DPR ``psg_id``). Duplicate references
+    are dropped. Read back, the sequence is a dict of lists
     (``example["evidence"]["source"][i]``).
 ``metadata`` (str)
     A JSON object of the record's other fields that evaluation may break results down by
