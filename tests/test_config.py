@@ -348,3 +348,25 @@ def test_micro_batches_need_whole_shards_per_pass():
     assert config_checks.find_problems(cfg, 8) == [
         "config.optim.micro_batches must be a positive integer, got 0"
     ]
+
+
+def test_server_backends_need_urls_and_the_hf_layout():
+    cfg = ggpo.get_config()
+    cfg.rollout.backend = "sglang"
+    cfg.rollout.server_url = "http://a:30000, http://b:30000"  # several, comma-separated
+    assert _problems(cfg) == []
+    cfg.rollout.server_url = "a:30000"
+    cfg.rollout.max_inflight = 0
+    cfg.rollout.retry_backoff_s = -1.0
+    cfg.publish.hf_layout = "off"
+    problems = _problems(cfg)
+    for key in (
+        "config.rollout.server_url",
+        "config.rollout.max_inflight",
+        "config.rollout.retry_backoff_s",
+        "config.publish.hf_layout='off'",
+    ):
+        assert sum(key in p for p in problems) == 1, (key, problems)
+    assert len(problems) == 4
+    cfg.rollout.backend = "tgi"
+    assert any("config.rollout.backend must be one of" in p for p in _problems(cfg))

@@ -50,7 +50,8 @@ from vimrag_jax.data.vision import resize_image
 from vimrag_jax.experiment import Experiment
 from vimrag_jax.rollout import worker
 from vimrag_jax.rollout.records import list_shards, read_shard
-from vimrag_jax.sampling.http import GenerationError, decode_data_url
+from vimrag_jax.sampling.http import GenerationError, ServerPool, decode_data_url
+from vimrag_jax.sampling.sglang import SGLangSampler
 from vimrag_jax.sampling.vllm import PASSTHROUGH_TEMPLATE
 
 PIXELS_PER_TOKEN = 32 * 32
@@ -508,3 +509,62 @@ def test_a_server_reloaded_by_someone_else_drops_the_batch(world, tmp_path, capl
     assert len(fake.reloads) == 2  # the first sync, and the one after the drop
     (shard,) = _records(workdir / "rollouts")
     assert [r["policy_version"] for r in shard] == [1] * 4
+
+
+def test_requests_go_to_the_least_loaded_server_of_the_tagged_version():
+    pool = ServerPool(["http://a", "http://b", "http://c"])
+    first = [pool.acquire(0) for _ in range(3)]
+    assert sorted(first) == ["http://a", "http://b", "http://c"]  # one each while all are busy
+    pool.release("http://b")
+    assert pool.acquire(0) == "http://b"  # the only one with a free slot
+    for url in first:
+        pool.release(url)
+    pool.release("http://b")
+    pool.versions["http://a"] = 1  # reloaded ahead of the others: not used for version 0
+    assert {pool.acquire(0) for _ in range(4)} == {"http://b", "http://c"}
+    with pytest.raises(GenerationError, match="no server serves policy version 2"):
+        pool.acquire(2)
+
+
+def test_a_partly_failed_reload_never_mislabels(world, tmp_path):
+    # Two servers; one loads v1, the other refuses: the tag stays v0 and only the server still
+    # serving v0 gets requests until both serve the same version.
+    ok, refusing = (FakeSGLang(world.experiment.tokenizer) for _ in range(2))
+    refusing.fail_reload = True
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    backend = SGLangSampler([ok.url, refusing.url], max_inflight=2, backoff_s=0.01)
+    assert backend.sync_weights(str(hf), 1) is False
+    assert backend.policy_version == 0 and backend.pool.versions == {ok.url: 1, refusing.url: 0}
+    assert "did not load" in backend.last_reload_error
+    text = "<|im_start|>user\nQuestion: who?<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [world.experiment.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    before = ok.requests
+    completions = backend.generate(prompts * 4, max_new_tokens=64, stop_token_ids=[ok.end_id])
+    assert len(completions) == 4 and ok.requests == before and refusing.requests == 4
+    refusing.fail_reload = False
+    assert backend.sync_weights(str(hf), 1) is True and backend.policy_version == 1
+    backend.generate(prompts * 4, max_new_tokens=64, stop_token_ids=[ok.end_id])
+    assert ok.requests > before
+    backend.close()
+    ok.close()
+    refusing.close()
+
+
+def test_hf_layout_written_inside_the_atomic_publish(world, tmp_path):
+    from vimrag_jax.models.hf import save_pretrained
+
+    def writer(directory):
+        model = world.experiment.abstract_model()
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, world.params)
+        nnx.update(model, state)
+        save_pretrained(model, directory)
+
+    path = publish.publish_policy(world.params, tmp_path, version=3, hf_writer=writer)
+    assert (path / "hf" / "config.json").is_file() and (path / "hf" / "model.safetensors").is_file()
+    again = publish.write_hf_layout(path, lambda: pytest.fail("must reuse the written layout"))
+    assert again == path / "hf"
+    with pytest.raises(FileNotFoundError, match="not a published policy version"):
+        publish.write_hf_layout(tmp_path / "nothing", world.experiment.abstract_model)

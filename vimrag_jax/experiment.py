@@ -407,8 +407,11 @@ class Experiment:
 
             return SGLangSampler(rollout.server_url, max_inflight=inflight, **transport)
         if backend == "vllm":
-            from vimrag_jax.sampling.vllm import VLLMSampler
+            from vimrag_jax.sampling.vllm import VLLMSampler, point_link
 
+            link = self.serving_path()
+            if not link.is_symlink() and not link.exists() and self.hf_source_dir():
+                point_link(link, self.hf_source_dir())  # the initial policy, until v0 arrives
             return VLLMSampler(
                 rollout.server_url,
                 tokenizer=self.tokenizer,
