@@ -568,3 +568,22 @@ def test_hf_layout_written_inside_the_atomic_publish(world, tmp_path):
     assert again == path / "hf"
     with pytest.raises(FileNotFoundError, match="not a published policy version"):
         publish.write_hf_layout(tmp_path / "nothing", world.experiment.abstract_model)
+
+
+def test_published_parameters_are_memory_mapped(tmp_path):
+    import jax
+    import ml_dtypes
+
+    params = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.ones(4, ml_dtypes.bfloat16),
+    }
+    path = publish.publish_policy(params, tmp_path, version=0)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+    loaded = publish.load_policy(path, abstract)
+    for key, value in params.items():
+        assert loaded[key].dtype == value.dtype and not loaded[key].flags.writeable
+        np.testing.assert_array_equal(loaded[key], value)
+    (tmp_path / "cut.safetensors").write_bytes((path / publish.PARAMS_FILE).read_bytes()[:20])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        publish.map_tensors(tmp_path / "cut.safetensors")

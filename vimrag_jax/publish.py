@@ -46,7 +46,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vimrag_jax.distributed import to_host
 from vimrag_jax.faults import kill_point
@@ -190,16 +190,47 @@ def publish_policy(
     return final
 
 
+#: safetensors dtype codes of the arrays `publish_policy` writes (bfloat16 goes as raw U16).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+    "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def map_tensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as read-only views of one memory map: a worker reads
+    only the pages it uses, and never holds a second copy of a large policy (the views stay
+    valid after the file is pruned). ValueError for a header it cannot read."""
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    size = int.from_bytes(bytes(data[:8]), "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise ValueError(f"{file}: not a safetensors file (header length {size})")
+    header = json.loads(bytes(data[8 : 8 + size]))
+    body = 8 + size
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        raw = data[body + start : body + end]
+        out[name] = raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return out
+
+
 def load_policy(path: str | os.PathLike, abstract_params: Any) -> Any:
     """The parameters of a published version, in the structure of ``abstract_params``.
 
     ``abstract_params`` is the parameter tree (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
-    ``nnx.eval_shape``). A leaf with a ``sharding`` is placed with it; others become host
-    arrays. Raises ValueError naming the parameters that are missing or have another shape.
+    ``nnx.eval_shape``). A leaf with a ``sharding`` is placed with it; others become read-only
+    host arrays mapped from the file (`map_tensors`). Raises ValueError naming the parameters
+    that are missing or have another shape.
     """
     path = Path(path)
     info = json.loads((path / INFO_FILE).read_text())
-    tensors = load_file(str(path / PARAMS_FILE))
+    tensors = map_tensors(path / PARAMS_FILE)
     names, leaves, treedef = flatten_params(abstract_params)
     missing = [n for n in names if n not in tensors]
     if missing:
