@@ -279,9 +279,13 @@ def prepare_prefill_inputs(
     none. The rows' patches are concatenated in row order (the order the placeholders appear
     in) and run through `prepare_inputs`; then the patch rows of each modality are padded with
     zeros to `patch_bucket(n)` (default `default_patch_bucket`; padding rows are inert), so the
-    tower compiles once per bucket. Returns `position_ids` (`int32[3, B, P]`),
-    `pixel_values`, `image_tables`, `pixel_values_videos`, `video_tables` (None when absent).
-    Raises ValueError for unknown keys and the inconsistencies `prepare_inputs` refuses.
+    tower compiles once per bucket. One tower call then encodes every row's visuals: attention
+    never crosses a frame, and the tower's blocked attention (`vision_attention`) only computes
+    tiles of rows that share a frame, padding rows only their own, so the call costs what
+    encoding each row separately would, not the square of the batch's total patches. Returns
+    `position_ids` (`int32[3, B, P]`), `pixel_values`, `image_tables`, `pixel_values_videos`,
+    `video_tables` (None when absent). Raises ValueError for unknown keys and the
+    inconsistencies `prepare_inputs` refuses.
     """
     ids = _host("input_ids", input_ids)
     mask = _host("attention_mask", attention_mask)
