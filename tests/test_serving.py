@@ -383,10 +383,23 @@ def _check_against_server(records: list[dict], fake: FakeServer, store) -> tuple
 # --- tests --------------------------------------------------------------------------------------
 
 
-def test_worker_records_the_servers_tokens_and_reloads_each_new_version_once(
-    served, world, tmp_path
+def _no_model(monkeypatch) -> None:
+    """Makes building the policy model fail; its abstract shape (for the HF layout) still works."""
+    build = Experiment.initial_model
+    abstract = lambda self: nnx.eval_shape(lambda: build(self))  # noqa: E731
+    monkeypatch.setattr(Experiment, "abstract_model", abstract)
+
+    def refuse(self):
+        raise AssertionError("a server worker built the JAX model")
+
+    monkeypatch.setattr(Experiment, "initial_model", refuse)
+
+
+def test_worker_records_the_servers_tokens_and_reloads_once_per_version(
+    served, world, tmp_path, monkeypatch
 ):
     kind, fake = served
+    _no_model(monkeypatch)
     workdir = _workdir(world, tmp_path)
     cfg = _config(kind, fake.url)
     published = []
@@ -587,3 +600,46 @@ def test_published_parameters_are_memory_mapped(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((path / publish.PARAMS_FILE).read_bytes()[:20])
     with pytest.raises(ValueError, match="not a safetensors file"):
         publish.map_tensors(tmp_path / "cut.safetensors")
+
+
+class FakeCompletions(FakeServer):
+    """An OpenAI-compatible ``/v1/completions`` server (token ids in and out, no images)."""
+
+    generate_path = "/v1/completions"
+
+    def get(self, path):
+        return 404, {"error": path}
+
+    def post(self, path, body):
+        choices = []
+        for index, prompt in enumerate(body["prompt"]):
+            out, logprobs = self.sample(prompt, [], body["max_tokens"])
+            finish = "stop" if out[-1] == self.end_id else "length"
+            choices.append(
+                {
+                    "index": index,
+                    "token_ids": out,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                    "logprobs": {"token_logprobs": logprobs},
+                }  # fmt: skip
+            )
+        return 200, {"choices": choices}
+
+
+def test_a_text_only_server_worker_builds_no_model_and_keeps_its_tag(
+    world, tmp_path, caplog, monkeypatch
+):
+    _no_model(monkeypatch)
+    fake = FakeCompletions(world.experiment.tokenizer)
+    workdir = _workdir(world, tmp_path)
+    publish.publish_policy(world.params, workdir, version=1)
+    cfg = _config("openai", fake.url + "/v1")
+    with caplog.at_level("WARNING"):
+        written = worker.run_worker(cfg, str(workdir), worker_id="w0", policy="model",
+                                    max_trajectories=4)  # fmt: skip
+    fake.close()
+    assert written == 4 and "cannot reload weights" in caplog.text
+    (shard,) = _records(workdir / "rollouts")
+    assert [r["policy_version"] for r in shard] == [0] * 4  # never the version it cannot load
+    assert not (publish.version_dir(workdir, 1) / "hf").exists()
