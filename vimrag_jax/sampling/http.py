@@ -18,8 +18,9 @@ gave it with the resize the learner uses (``data.vision.resize_image``, PIL bicu
 ``data:`` URL: lossless, so the server decodes exactly the pixels the learner rebuilds.
 
 `ServerSampler` is the base of the SGLang and vLLM backends: the embedded sampler's ``generate``
-call shape, one request per prompt (so each prompt has its own seed and the pool can balance),
-``rollout.max_inflight`` requests at once, and the weight-version bookkeeping of `sync_weights`.
+call shape, one request per prompt (so the pool can balance them and, where the server takes a
+seed, each prompt has its own), ``rollout.max_inflight`` requests at once, and the
+weight-version bookkeeping of `sync_weights`.
 """
 
 from __future__ import annotations
@@ -360,6 +361,7 @@ class ServerSampler:
         self.policy_version = 0
         self.reload_failures = 0
         self.reloads = 0
+        self.last_reload_error = ""
         self.max_inflight = int(max_inflight)
         self.transport = dict(
             timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, api_key=api_key
@@ -386,8 +388,9 @@ class ServerSampler:
         prefill_inputs: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[Completion]:
         """One `Completion` per prompt (token ids), in prompt order; prompt ``i`` gets seed
-        ``seed + i``. ``greedy`` sends temperature 0. Every response is checked whole before
-        any completion is returned: one bad answer fails the call (`GenerationError`)."""
+        ``seed + i`` (where the backend sends one). ``greedy`` sends temperature 0. Every
+        response is checked whole before any completion is returned: one bad answer fails the
+        call (`GenerationError`)."""
         check_sampling(max_new_tokens, temperature, top_p, greedy)
         batch = [[int(t) for t in p] for p in prompts]
         if any(not p for p in batch):

@@ -98,8 +98,12 @@ def content_parts(
     module docstring). ``special`` maps ``vision_start``, ``vision_end``, ``image_pad`` and
     ``video_pad`` to their ids. Raises GenerationError when the placeholders and ``media`` do not
     match (our own prompt would be inconsistent)."""
-    start, end = special["vision_start"], special["vision_end"]
-    pads = {special["image_pad"]: "image", special["video_pad"]: "video"}
+    start, end = special.get("vision_start", -1), special.get("vision_end", -1)
+    pads = {
+        special[k]: kind
+        for k, kind in (("image_pad", "image"), ("video_pad", "video"))
+        if k in special
+    }
     parts: list[dict[str, Any]] = []
     text: list[int] = []
     items = iter(media)
@@ -299,7 +303,12 @@ class VLLMSampler(ServerSampler):
                 "reload weights"
             )
         if self._linked != path:
-            point_link(self.serving_link, path)
+            try:
+                point_link(self.serving_link, path)
+            except OSError as error:
+                raise GenerationError(
+                    f"cannot point {self.serving_link} at {path}: {error}"
+                ) from error
             self._linked = path
         where = f"vLLM server {url}"
         body = {"method": "reload_weights", "args": [], "kwargs": {}}
