@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 from tiny_models import tiny_qwen3
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -242,6 +243,12 @@ def test_sharded_over_eight_devices_equals_one_device(checkpoint, ours):
     mesh = make_mesh(2, 2, 2)  # batch over data x fsdp = 4, parameters over fsdp and tensor
     sharded = Qwen3VLEmbedder(checkpoint[0], mesh=mesh, **SETTINGS)
     np.testing.assert_allclose(sharded.embed_items(_items()), ours[1], rtol=0, atol=2e-5)
+    (ids,) = sharded.place((np.zeros((4, 32), np.int32),))
+    assert ids.sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert len(ids.sharding.device_set) == 8
+    # Five inputs: a full batch and one padded batch, on the same compiled shapes.
+    five = sharded.embed_texts([QUERY, "fox", "dog", "a fox", "the dog"])
+    np.testing.assert_allclose(five[0], ours[0][0], rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="multiple of the 4 batch shards"):
         Qwen3VLEmbedder(checkpoint[0], mesh=mesh, **{**SETTINGS, "batch_size": 6})
 
@@ -249,9 +256,9 @@ def test_sharded_over_eight_devices_equals_one_device(checkpoint, ours):
 def test_buckets_bound_the_compiled_shapes(embedder, ours):
     texts = ["fox " * n for n in range(1, 40, 3)]
     embedder.embed_texts(texts)
-    text_lengths = {length for length, patches in embedder.compiled if patches == 0}
+    text_lengths = {length for length, patches in embedder.shapes if patches == 0}
     assert text_lengths <= set(embedder.length_buckets) and len(text_lengths) <= 3
-    assert all(patches in (0, 64, 128) for _, patches in embedder.compiled)
+    assert all(patches in (0, 64, 128) for _, patches in embedder.shapes)
 
 
 def test_long_text_is_cut_and_oversized_visuals_refused(checkpoint):
@@ -291,4 +298,4 @@ def test_store_built_with_the_embedder_finds_the_picture(tmp_path, checkpoint, e
 def test_progress_is_logged(embedder, caplog):
     with caplog.at_level(logging.INFO, logger="vimrag_jax.retrieval.vl_embedder"):
         embedder.embed_items(_items()[:1])
-    assert "embedded 1/1 items" in caplog.text
+    assert "embedded 1/1 items" in caplog.text and "items embedded so far" in caplog.text

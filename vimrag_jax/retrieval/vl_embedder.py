@@ -265,7 +265,9 @@ class Qwen3VLEmbedder:
         self.dim = int(self.config.text.hidden_size)
         self._graphdef, self._state = nnx.split(model)
         self.length_buckets = _buckets(32, self.max_length)
-        self.compiled: set[tuple[int, int]] = set()  # (length, patches) shapes run so far
+        #: (length, patch rows) shapes run so far (0 patch rows: the text-only function).
+        self.shapes: set[tuple[int, int]] = set()
+        self.items_embedded = 0  # corpus items over the embedder's life, for the progress log
 
     def _check_tokens(self) -> None:
         c = self.config
@@ -407,15 +409,18 @@ class Qwen3VLEmbedder:
 
     # -- device side ----------------------------------------------------------------------------
 
-    def _put(self, tree: Any) -> Any:
+    def place(self, tree: Any) -> Any:
+        """Host arrays as the jitted functions take them: with a mesh, each leaf's leading
+        (batch) axis split over the mesh's batch axes; without one, unchanged."""
         if self.mesh is None:
             return tree
         from vimrag_jax.parallel.sharding import batch_shardings
 
         return jax.device_put(tree, batch_shardings(tree, self.mesh))
 
-    def _run_batch(self, rows: Sequence[EmbeddingInput]) -> np.ndarray:
-        """float32[len(rows), dim] for at most ``batch_size`` inputs, padded to the buckets."""
+    def _dispatch(self, rows: Sequence[EmbeddingInput]) -> jax.Array:
+        """Starts the device computation of at most ``batch_size`` inputs padded to the buckets;
+        returns float32[batch_size, dim] (rows past ``len(rows)`` are padding) without waiting."""
         longest = max(len(r.ids) for r in rows)
         length = next(b for b in self.length_buckets if b >= longest)
         ids = np.full((self.batch_size, length), self.pad_id, np.int32)
@@ -425,11 +430,10 @@ class Qwen3VLEmbedder:
             last[i] = len(row.ids) - 1
         patches = max(r.num_patches for r in rows)
         if patches == 0:
-            self.compiled.add((length, 0))
-            out = _text_vectors(self._graphdef, self._state, *self._put((ids, last)))
-            return np.asarray(out)[: len(rows)]
+            self.shapes.add((length, 0))
+            return _text_vectors(self._graphdef, self._state, *self.place((ids, last)))
         size = default_patch_bucket(patches)
-        self.compiled.add((length, size))
+        self.shapes.add((length, size))
         visual = {
             "pixel_values": np.zeros((self.batch_size, size, PATCH_DIM), np.float32),
             "vision_interp_index": np.zeros((self.batch_size, size, 4), np.int32),
@@ -454,8 +458,7 @@ class Qwen3VLEmbedder:
                 visual["vision_interp_weight"][i] = tables.interp_weight
                 visual["vision_rotary_hw"][i] = tables.rotary_hw
                 visual["vision_segment"][i] = tables.segment
-        out = _visual_vectors(self._graphdef, self._state, *self._put((ids, last, visual)))
-        return np.asarray(out)[: len(rows)]
+        return _visual_vectors(self._graphdef, self._state, *self.place((ids, last, visual)))
 
     def embed_inputs(self, inputs: Sequence[EmbeddingInput], *, what: str = "") -> np.ndarray:
         """float32[n, dim]: one L2-normalised row per prepared input, in input order.
@@ -467,21 +470,27 @@ class Qwen3VLEmbedder:
             range(len(inputs)), key=lambda i: (inputs[i].num_patches, len(inputs[i].ids))
         )
         start_time = last_log = time.monotonic()
-        for start in range(0, len(order), self.batch_size):
+        pending: tuple[list[int], jax.Array] | None = None
+        # One batch in flight: the host builds batch k + 1 while the device computes batch k.
+        for start in range(0, len(order) + self.batch_size, self.batch_size):
             chosen = order[start : start + self.batch_size]
-            out[chosen] = self._run_batch([inputs[i] for i in chosen])
-            now = time.monotonic()
-            done = min(start + self.batch_size, len(order))
-            if what and (now - last_log >= self.log_every_s or done == len(order)):
-                last_log = now
-                log.info(
-                    "embedded %d/%d %s (%.1f/s, %d shapes)",
-                    done,
-                    len(order),
-                    what,
-                    done / max(now - start_time, 1e-9),
-                    len(self.compiled),
-                )
+            running = (chosen, self._dispatch([inputs[i] for i in chosen])) if chosen else None
+            if pending is not None:
+                rows, vectors = pending
+                out[rows] = np.asarray(vectors)[: len(rows)]
+                done = min(start, len(order))
+                now = time.monotonic()
+                if what and (now - last_log >= self.log_every_s or done == len(order)):
+                    last_log = now
+                    log.info(
+                        "embedded %d/%d %s (%.1f/s; %d shapes run)",
+                        done,
+                        len(order),
+                        what,
+                        done / max(now - start_time, 1e-9),
+                        len(self.shapes),
+                    )
+            pending = running
         return out
 
     # -- the Embedder interface -----------------------------------------------------------------
@@ -496,7 +505,11 @@ class Qwen3VLEmbedder:
 
     def embed_items(self, items: Sequence[CorpusItem]) -> np.ndarray:
         """float32[n, dim]: corpus items as documents (``encode_item``), progress logged."""
-        return self.embed_inputs([self.encode_item(item) for item in items], what="items")
+        vectors = self.embed_inputs([self.encode_item(item) for item in items], what="items")
+        self.items_embedded += len(items)
+        if items:
+            log.info("%d corpus items embedded so far", self.items_embedded)
+        return vectors
 
 
 __all__ = [
