@@ -25,6 +25,7 @@ from vimrag_jax.retrieval.vl_embedder import (
     Qwen3VLEmbedder,
     embedding_prompt,
     format_instruction,
+    length_buckets,
 )
 
 TEXTS = [
@@ -253,12 +254,21 @@ def test_sharded_over_eight_devices_equals_one_device(checkpoint, ours):
         Qwen3VLEmbedder(checkpoint[0], mesh=mesh, **{**SETTINGS, "batch_size": 6})
 
 
-def test_buckets_bound_the_compiled_shapes(embedder, ours):
-    texts = ["fox " * n for n in range(1, 40, 3)]
-    embedder.embed_texts(texts)
-    text_lengths = {length for length, patches in embedder.shapes if patches == 0}
-    assert text_lengths <= set(embedder.length_buckets) and len(text_lengths) <= 3
-    assert all(patches in (0, 64, 128) for _, patches in embedder.shapes)
+def test_batches_are_padded_to_length_buckets(embedder):
+    assert length_buckets(4096)[:6] == (32, 48, 64, 96, 128, 192)
+    assert length_buckets(4096)[-3:] == (2048, 3072, 4096)
+    assert length_buckets(100) == (32, 48, 64, 96, 100)
+    sizes = (1, 2, 3, 4, 12, 14, 16, 18, 40, 50, 60, 70, 120)  # 13 queries: 4 batches
+    texts = ["fox " * n for n in sizes]
+    lengths = sorted(len(embedder.encode(t, instruction=QUERY_INSTRUCTION).ids) for t in texts)
+    expected = {
+        (min(b for b in embedder.length_buckets if b >= max(lengths[i : i + 4])), 0)
+        for i in range(0, len(texts), 4)
+    }
+    embedder.shapes.clear()
+    vectors = embedder.embed_texts(texts)
+    assert embedder.shapes == expected and len(expected) >= 3
+    np.testing.assert_allclose(vectors[3], embedder.embed_texts(texts[3:4])[0], atol=2e-5)
 
 
 def test_long_text_is_cut_and_oversized_visuals_refused(checkpoint):

@@ -39,8 +39,9 @@ Matryoshka truncation (not offered: the full hidden size is the dimension).
 **Computation.** Host side, each input becomes token ids plus its images' / videos' patches
 (``data.vision.image_patches`` / ``video_patches`` at a ``memory.energy.smart_resize`` size).
 Inputs are sorted by size and cut into batches of ``batch_size`` rows, right-padded to a length
-bucket (powers of two up to ``max_length``) and a patch bucket (``models.qwen3_vl``'s
-``default_patch_bucket``), so each (length, patches) bucket compiles once. A text-only batch runs
+bucket (``length_buckets``: powers of two and their halfway points up to ``max_length``) and a
+patch bucket (``models.qwen3_vl.default_patch_bucket``), so each (length, patches) bucket
+compiles once. A text-only batch runs
 the decoder alone; a batch with visuals builds each row's MRoPE positions and vision tables
 (``data.vision.segment_model_inputs``) and runs ``sampling.logprobs.visual_hidden_states`` (the
 tower per row, features and DeepStack at the placeholders). Right padding and a causal mask keep
@@ -132,9 +133,16 @@ class EmbeddingInput:
         return sum(len(v.patches) for v in self.visuals)
 
 
-def _buckets(low: int, high: int) -> tuple[int, ...]:
-    sizes = {min(1 << e, high) for e in range(max(low - 1, 0).bit_length(), high.bit_length() + 1)}
-    return tuple(sorted(s for s in sizes if s >= min(low, high)))
+def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
+    """Sequence lengths batches are padded to: powers of two and their halfway points (32, 48,
+    64, 96, ...) up to ``max_length`` (always the last), so padding wastes at most a third of a
+    row while few lengths compile."""
+    sizes = {max_length}
+    size = smallest
+    while size < max_length:
+        sizes.update({size, min(size * 3 // 2, max_length)})
+        size *= 2
+    return tuple(sorted(sizes))
 
 
 def _pool(hidden_bld: jax.Array, last_b: jax.Array) -> jax.Array:
@@ -187,7 +195,9 @@ class Qwen3VLEmbedder:
     ``min_pixels``), each video frame to at most ``video_max_pixels``; a video shows at most
     ``max_frames`` of its frames (evenly spread, first and last kept; at most
     ``prompts.MAX_VIDEO_FRAMES``). The official script's defaults are larger (images up to
-    1843200 px, 8192 tokens); ours keep a corpus of ~200k items affordable. ``with_caption``
+    1843200 px, 8192 tokens); ours keep a corpus of ~200k items affordable, and keep an image
+    at the budget (480 tokens + the chat) under the 512 length bucket and a 32-frame video
+    (16 pairs x 112 tokens + timestamps) under 2048. ``with_caption``
     also writes an image's / video's caption after its pixels (a mixed input); by default a
     visual item is embedded from its pixels alone. Inputs longer than ``max_length`` tokens lose
     the end of their text; an input whose visuals alone exceed it is refused.
@@ -205,8 +215,8 @@ class Qwen3VLEmbedder:
         document_instruction: str = DOCUMENT_INSTRUCTION,
         max_length: int = 4096,
         batch_size: int = 8,
-        image_max_pixels: int = 512 * 32 * 32,
-        video_max_pixels: int = 128 * 32 * 32,
+        image_max_pixels: int = 480 * 32 * 32,
+        video_max_pixels: int = 112 * 32 * 32,
         min_pixels: int = MIN_PIXELS,
         max_frames: int = prompts.MAX_VIDEO_FRAMES,
         with_caption: bool = False,
@@ -264,7 +274,7 @@ class Qwen3VLEmbedder:
         self.pad_id = int(self.tokenizer.eos_token_id if pad is None else pad)
         self.dim = int(self.config.text.hidden_size)
         self._graphdef, self._state = nnx.split(model)
-        self.length_buckets = _buckets(32, self.max_length)
+        self.length_buckets = length_buckets(self.max_length)
         #: (length, patch rows) shapes run so far (0 patch rows: the text-only function).
         self.shapes: set[tuple[int, int]] = set()
         self.items_embedded = 0  # corpus items over the embedder's life, for the progress log
@@ -522,4 +532,5 @@ __all__ = [
     "batch_shards",
     "embedding_prompt",
     "format_instruction",
+    "length_buckets",
 ]
