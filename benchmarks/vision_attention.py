@@ -10,11 +10,15 @@ with 16 heads of 64), for
 - a tower slice of `--depth` blocks, forward+backward, with and without per-block remat.
 
 XLA's temp bytes (scratch the compiled program allocates beside its arguments and outputs) are
-printed per case with the dense/blocked ratio.
+printed per case with the dense/blocked ratio. XLA:CPU schedules a rematerialised forward as
+early as the original one, so its temp bytes hardly move with remat; the residuals `jax.vjp`
+keeps between the forward and backward pass (traced only) show what remat changes by
+construction. Output cotangents are inputs of the compiled functions (a broadcast constant
+would be folded through the whole backward pass at compile time).
 
 Speed (run on this CPU): attention forward and forward+backward at `--time-patches` rows (default
 2,048: two frames of 1,024 patches), dense vs blocked, median of `--repeats` timed calls after
-one warm-up call.
+one warm-up call, the cases taking turns.
 
     python benchmarks/vision_attention.py [--patches 9500] [--block 512] [--dtype float32]
         [--depth 4] [--time-patches 2048] [--repeats 5]
@@ -71,17 +75,24 @@ def _temp_mib(fn, *shapes) -> float:
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
-def _grad_of_sum(fn, argnums):
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=argnums)
+def _weighted(out: jax.Array, cotangent: jax.Array) -> jax.Array:
+    # The output's cotangent is an input, not a broadcast constant XLA would try to fold.
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+
+def _attention_grad(fn):
+    """d/d(q, k, v) of `sum(fn(q, k, v, seg) * cotangent)`: forward and backward."""
+    return jax.grad(lambda q, k, v, seg, cot: _weighted(fn(q, k, v, seg), cot), argnums=(0, 1, 2))
 
 
 def attention_memory(args, kind: str) -> tuple[float, float]:
     dtype = jnp.dtype(args.dtype)
     qkv = jax.ShapeDtypeStruct((args.patches, HEADS, HEAD_DIM), dtype)
     seg = jax.ShapeDtypeStruct((args.patches,), jnp.int32)
+    cot = jax.ShapeDtypeStruct(qkv.shape, jnp.float32)
     fn = _attention(kind, args.block)
     return _temp_mib(fn, qkv, qkv, qkv, seg), _temp_mib(
-        _grad_of_sum(fn, (0, 1, 2)), qkv, qkv, qkv, seg
+        _attention_grad(fn), qkv, qkv, qkv, seg, cot
     )
 
 
@@ -92,65 +103,70 @@ def block_memory(args, kind: str) -> float:
     rows = np.arange(n)
     cos, sin = vision_rotary(jnp.stack([rows // 100, rows % 100], -1), HEAD_DIM, 10_000.0)
 
-    def loss(state, x, seg):
-        block = nnx.merge(graphdef, state)
-        return jnp.sum(block(x, cos, sin, seg).astype(jnp.float32))
+    def loss(state, x, seg, cot):
+        return _weighted(nnx.merge(graphdef, state)(x, cos, sin, seg), cot)
 
     x = jax.ShapeDtypeStruct((n, HIDDEN), jnp.dtype(args.dtype))
     seg = jax.ShapeDtypeStruct((n,), jnp.int32)
-    return _temp_mib(jax.grad(loss, argnums=(0, 1)), state, x, seg)
+    cot = jax.ShapeDtypeStruct((n, HIDDEN), jnp.float32)
+    return _temp_mib(jax.grad(loss, argnums=(0, 1)), state, x, seg, cot)
 
 
 def _tower_loss(args, kind: str, remat: bool):
-    """(loss(state, pixels), abstract state, abstract pixels) of a `--depth`-block tower."""
+    """(loss(state, pixels, tables, cot), its abstract inputs) of a `--depth`-block tower
+    without DeepStack."""
     config = _config(args, kind, depth=args.depth, remat=remat)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: VisionTower(config, rngs=nnx.Rngs(0))))
     n = args.patches - args.patches % 4
     grid = np.array([[1, 2, n // 2]])  # one frame: a 2 x n/2 patch strip (any layout will do)
     tables = vision_tables(grid, config)
 
-    def loss(state, pixels):
-        tower = nnx.merge(graphdef, state)
-        merged, deepstack = tower(pixels, tables)
-        return jnp.sum(merged.astype(jnp.float32)) + jnp.sum(deepstack.astype(jnp.float32))
+    def loss(state, pixels, tables, cot):
+        return _weighted(nnx.merge(graphdef, state)(pixels, tables)[0], cot)
 
-    return loss, state, jax.ShapeDtypeStruct((n, config.patch_dim), jnp.float32)
+    pixels = jax.ShapeDtypeStruct((n, config.patch_dim), jnp.float32)
+    cot = jax.ShapeDtypeStruct((n // 4, config.out_hidden_size), jnp.float32)
+    tables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tables)
+    return loss, (state, pixels, tables, cot)
 
 
 def tower_memory(args, kind: str, remat: bool) -> float:
-    loss, state, pixels = _tower_loss(args, kind, remat)
-    return _temp_mib(jax.grad(loss), state, pixels)
+    loss, inputs = _tower_loss(args, kind, remat)
+    return _temp_mib(jax.grad(loss), *inputs)
 
 
 def tower_residuals(args, kind: str, remat: bool) -> float:
     """MiB the backward pass keeps from the forward (`jax.vjp`'s residuals, traced only)."""
-    loss, state, pixels = _tower_loss(args, kind, remat)
-    vjp = jax.eval_shape(lambda s, p: jax.vjp(loss, s, p)[1], state, pixels)
+    loss, (state, *rest) = _tower_loss(args, kind, remat)
+    vjp = jax.eval_shape(lambda s, *r: jax.vjp(lambda s: loss(s, *r), s)[1], state, *rest)
     return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(vjp)) / 2**20
 
 
-def _median_seconds(fn, *inputs, repeats: int) -> float:
-    jax.block_until_ready(fn(*inputs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def attention_times(args, kind: str) -> tuple[float, float]:
+def attention_times(args) -> dict[tuple[str, str], float]:
+    """Median seconds per (kind, pass) at `--time-patches` rows; the four compiled functions
+    take turns within each repeat, so a drifting machine load hurts all of them alike."""
     n = args.time_patches
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     q, k, v = (jnp.asarray(rng.standard_normal((n, HEADS, HEAD_DIM)), dtype) for _ in range(3))
     seg = jnp.asarray(np.repeat(np.arange(2), [n // 2, n - n // 2]), jnp.int32)
-    fn = _attention(kind, args.block)
-    forward = _median_seconds(jax.jit(fn), q, k, v, seg, repeats=args.repeats)
-    backward = _median_seconds(
-        jax.jit(_grad_of_sum(fn, (0, 1, 2))), q, k, v, seg, repeats=args.repeats
-    )
-    return forward, backward
+    cot = jnp.asarray(rng.standard_normal((n, HEADS, HEAD_DIM)), jnp.float32)
+    calls = {}
+    for kind in ("dense", "blocked"):
+        fn = _attention(kind, args.block)
+        calls[kind, "forward"] = functools.partial(jax.jit(fn), q, k, v, seg)
+        calls[kind, "forward+backward"] = functools.partial(
+            jax.jit(_attention_grad(fn)), q, k, v, seg, cot
+        )
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile and warm up
+    for _ in range(args.repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main() -> None:
@@ -193,8 +209,6 @@ def main() -> None:
     for name, dense, blocked in rows:
         print(f"  {name:<40} {dense:>10,.0f} {blocked:>10,.0f} {dense / blocked:>6.1f}x")
 
-    # XLA:CPU schedules recomputation as early as the original forward, so its temp bytes barely
-    # move with remat; what remat changes by construction is what the forward hands the backward.
     print(f"\nSaved residuals of the {args.depth}-block tower fwd+bwd (MiB; jax.vjp, traced only)")
     print(f"  {'case':<40} {'dense':>10} {'blocked':>10} {'ratio':>7}")
     for remat in (False, True):
@@ -203,10 +217,10 @@ def main() -> None:
         print(f"  {name:<40} {dense:>10,.0f} {blocked:>10,.0f} {dense / blocked:>6.1f}x")
 
     print(f"\nCPU time at N={args.time_patches} (two frames), median of {args.repeats} (ms)")
-    dense_t = attention_times(args, "dense")
-    blocked_t = attention_times(args, "blocked")
+    times = attention_times(args)
     print(f"  {'case':<40} {'dense':>10} {'blocked':>10} {'ratio':>7}")
-    for name, d, b in zip(("forward", "forward+backward"), dense_t, blocked_t, strict=True):
+    for name in ("forward", "forward+backward"):
+        d, b = times["dense", name], times["blocked", name]
         print(f"  attention {name:<30} {d * 1e3:>10.1f} {b * 1e3:>10.1f} {d / b:>6.2f}x")
 
 

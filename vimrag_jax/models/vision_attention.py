@@ -1,25 +1,25 @@
 """Segment-masked attention for the Qwen3-VL vision tower, blocked so memory stays O(block²).
 
 The vision tower attends within one image or video frame at a time (transformers'
-`cu_seqlens`): row n may attend to row m iff `segment[n] == segment[m]`; a padding row (a
+`cu_seqlens`): row n may attend to row m iff `segment[n] == segment[m]`. A padding row (a
 negative id: -1 from `vision_tables(pad_to=...)`) attends only to itself, so padding, however
-much, is O(rows) work and never mixes with anything. Written densely that
-is a `[heads, N, N]` float32 score matrix over every patch row of the call, about 5.8 GB per
-layer at the paper's visual budget (~9.5k patches, 16 heads), and the backward pass keeps one
-per layer.
+much of it, is O(rows) work and never mixes with anything (transformers has no padding rows;
+their outputs are never read). Written densely this is a `[heads, N, N]` float32 score matrix
+over every patch row of the call, about 5.8 GB per layer at the paper's visual budget (~9.5k
+patches, 16 heads), and the backward pass keeps one per layer.
 
 Design (`blocked_segment_attention`): flash attention over fixed-size blocks of rows, visiting
 only the block pairs that can share a segment.
 
 - The N rows are padded to a multiple of `block` with more padding rows (segment -1).
 - For every row, the first and last row of its segment are found on device with one stable sort
-  of the segment ids (O(N log N), no N x N comparison; a padding row is its own first and
-  last row); for every block b, `lo[b]`..`hi[b]` is the
-  smallest block range holding every row that shares a segment with a row of b. Segments are
-  contiguous runs in practice (`vision_tables` lays frames out one after another), which makes
-  the range tight; a segment split into several runs is still handled correctly, it only widens
-  the range. The allowed pattern is symmetric, so the same range serves query block b (which key
-  blocks to read) and key block b (which query blocks to read in the backward pass).
+  of the segment ids (O(N log N), no N x N comparison; a padding row is its own first and last
+  row); for every block b, `lo[b]`..`hi[b]` is the smallest block range holding every row that
+  shares a segment with a row of b. Segments are contiguous runs in practice (`vision_tables`
+  lays frames out one after another), which makes the range tight; a segment split into several
+  runs is still handled correctly, it only widens the range. The allowed pattern is symmetric,
+  so the same range serves query block b (which key blocks to read) and key block b (which
+  query blocks to read in the backward pass).
 - The forward pass maps over query blocks (`lax.map`, sequential: one block's working set live
   at a time) and runs an online softmax over its key blocks with `lax.fori_loop(lo, hi + 1)`,
   a loop whose trip count is data but whose shapes are static. Each step holds a
@@ -27,16 +27,22 @@ only the block pairs that can share a segment.
   accumulator are float32 whatever the compute dtype, the two matmuls run in the compute dtype
   with float32 accumulation (bfloat16 inputs give bfloat16 matmuls).
 - The backward pass is a `jax.custom_vjp` (a `while` loop with a data-dependent trip count has
-  no reverse-mode derivative, and differentiating through the scan would keep every tile):
-  the forward keeps only the output and each row's float32 log-sum-exp; the backward
-  recomputes tiles, once per query block for dq and once per key block for dk and dv
-  (FlashAttention-2's two-loop form, with no scatter between blocks).
+  no reverse-mode derivative, and differentiating through a scan would keep every tile): the
+  forward keeps only the output and each row's float32 log-sum-exp; the backward recomputes
+  tiles, once per query block for dq and once per key block for dk and dv (FlashAttention-2's
+  two-loop form, with no scatter between blocks).
 
-Cost: work is proportional to the visited pairs, sum over blocks of `hi - lo + 1`, i.e. about
-sum over segments of (segment length / block + 1)², not (total rows)²: concatenating the images
-of many prompts into one call costs what encoding them one by one would. Memory is O(N·heads·
-head_dim) for inputs and outputs plus O(block²·heads) for one tile. A single block of all rows
-is used when N <= block, so small inputs (tests, a single small image) pay no padding.
+Cost: work is proportional to the visited tiles, the sum over blocks of `hi - lo + 1`, at most
+the sum over segments of (segment length / block + 1)², not (total rows)²: concatenating the
+images of many prompts into one call costs what encoding them one by one would. Memory is
+O(N·heads·head_dim) for inputs and outputs plus O(block²·heads) for one tile. A single block of
+all rows is used when N <= block, so small inputs (tests, one small image) pay no padding.
+
+Rejected alternatives: vmapping a dense attention over frames needs every frame padded to the
+largest (a 9.5k-patch frame beside 64-patch ones); a static window of key blocks per query
+block cannot cover a frame spanning many blocks without covering all; scanning over all
+(query, key) tile pairs with `lax.cond` does O((N/block)²) steps and its reverse mode keeps a
+carry per step, O(N²/block) memory.
 
 `dense_segment_attention` is the plain masked softmax it replaces, kept as the reference for
 tests and as the tower's `attention="dense"` switch for tiny inputs.
