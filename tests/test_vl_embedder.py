@@ -289,6 +289,7 @@ def test_long_text_is_cut_and_oversized_visuals_refused(checkpoint):
 
 
 def test_store_built_with_the_embedder_finds_the_picture(tmp_path, checkpoint, embedder, ours):
+    _, _, tokenizer = checkpoint
     items = _items()
     store = CorpusStore.build(items, str(tmp_path / "store"), embedder)
     np.testing.assert_allclose(store.embeddings, ours[1], rtol=0, atol=2e-5)
@@ -300,7 +301,13 @@ def test_store_built_with_the_embedder_finds_the_picture(tmp_path, checkpoint, e
         str(tmp_path / "store"), Qwen3VLEmbedder.from_spec(embedder.spec(), batch_size=4)
     )
     assert reopened.embedder.spec() == embedder.spec()
-    other = Qwen3VLEmbedder(checkpoint[0], **{**SETTINGS, "with_caption": True})
+    other = Qwen3VLEmbedder(checkpoint[0], **{**SETTINGS, "with_caption": True, "max_frames": 3})
+    picture = tokenizer.decode(other.encode_item(items[1]).ids)
+    assert picture.endswith("<|vision_end|>a picture<|im_end|>\n<|im_start|>assistant\n")
+    clip = other.encode_item(items[2])  # frames 10, 12 and 14 s: pairs at 1.0 and 4.0 s
+    assert clip.visuals[0].grid == (2, 4, 4)
+    assert "<1.0 seconds>" in tokenizer.decode(clip.ids)
+    assert "<4.0 seconds>" in tokenizer.decode(clip.ids)
     with pytest.raises(Exception, match="was embedded with"):
         CorpusStore.open(str(tmp_path / "store"), other)
 

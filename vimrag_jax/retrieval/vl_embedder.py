@@ -197,10 +197,10 @@ class Qwen3VLEmbedder:
     ``prompts.MAX_VIDEO_FRAMES``). The official script's defaults are larger (images up to
     1843200 px, 8192 tokens); ours keep a corpus of ~200k items affordable, and keep an image
     at the budget (480 tokens + the chat) under the 512 length bucket and a 32-frame video
-    (16 pairs x 112 tokens + timestamps) under 2048. ``with_caption``
-    also writes an image's / video's caption after its pixels (a mixed input); by default a
-    visual item is embedded from its pixels alone. Inputs longer than ``max_length`` tokens lose
-    the end of their text; an input whose visuals alone exceed it is refused.
+    (16 pairs x 112 tokens + timestamps) under 2048. ``with_caption`` also writes an image's /
+    video's caption after its pixels (a mixed input); by default a visual item is embedded from
+    its pixels alone. Inputs longer than ``max_length`` tokens lose the end of their text; an
+    input whose visuals alone exceed it is refused.
 
     ``batch_size`` rows run at a time (a multiple of the mesh's batch shards when ``mesh`` is
     given); ``dtype`` is the compute dtype (vectors are float32 either way). Progress is logged
@@ -270,8 +270,18 @@ class Qwen3VLEmbedder:
                 f"patches, the pixel pipeline makes {PATCH_DIM} (16 px, temporal 2)"
             )
         self._check_tokens()
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(self.tokenizer.eos_token_id if pad is None else pad)
+        # Padding is never attended to (right padding, causal mask); any id off the placeholders.
+        pad = next(
+            (
+                i
+                for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+                if i is not None
+            ),
+            0,
+        )
+        if pad in (self.config.image_token_id, self.config.video_token_id):
+            raise ValueError(f"Qwen3VLEmbedder: the padding id {pad} is an image/video placeholder")
+        self.pad_id = int(pad)
         self.dim = int(self.config.text.hidden_size)
         self._graphdef, self._state = nnx.split(model)
         self.length_buckets = length_buckets(self.max_length)
@@ -375,8 +385,8 @@ class Qwen3VLEmbedder:
                 )
             order = np.argsort(times, kind="stable")
             if len(order) > self.max_frames:  # evenly spread, first and last kept
-                last = len(order) - 1
-                order = order[[i * last // (self.max_frames - 1) for i in range(self.max_frames)]]
+                last, n = len(order) - 1, self.max_frames
+                order = order[[i * last // max(n - 1, 1) for i in range(n)]]
             frames, times = frames[order], times[order] - times[order[0]]
             h, w = smart_resize(
                 *frames.shape[1:3], self.video_max_pixels, min_pixels=self.min_pixels
