@@ -24,17 +24,20 @@ queries, ``embed_items`` for corpus items), so ``CorpusStore`` / ``StoreBuilder`
 - the vector is the last layer's hidden state (after the final norm) at the last real token of
   the right-padded sequence (here the ``\\n`` that ends the generation prompt), L2-normalised.
 
-Sources: the QwenLM/Qwen3-VL-Embedding README (commit 7f13038: "extracts the hidden state vector
-corresponding to the [EOS] token from the base model's last layer", instruction default, input
-keys, the query/document example); vLLM's offline example for ``Qwen/Qwen3-VL-Embedding-2B``
-(exact prompt strings, last pooling); copies of the repository's ``qwen3_vl_embedding.py`` in
-public forks (system-turn instruction, punctuation rule, video/image/text order, ``NULL``, right
-padding, last-non-padding-token pooling, ``F.normalize``). Not confirmed: the upstream script
-itself could not be read (only forks of it); the README says "[EOS] token" while the script
-pools the last token of the generation prompt, which is what is done here; the timestamps the
-official processor writes for a video given as a frame list (here: seconds from the item's first
-frame); pixel budgets (the script's defaults are larger than ours, see ``Qwen3VLEmbedder``); and
-Matryoshka truncation (not offered: the full hidden size is the dimension).
+Sources: the QwenLM/Qwen3-VL-Embedding README (github.com/QwenLM/Qwen3-VL-Embedding, commit
+7f13038: "extracts the hidden state vector corresponding to the [EOS] token from the base model's
+last layer", the default instruction, the input keys, the query/document example); vLLM's offline
+multimodal-embedding example for ``Qwen/Qwen3-VL-Embedding-2B`` (vllm-project/vllm, its
+``run_qwen3_vl``: the exact prompt strings, pooling runner); adaptations of the repository's
+``src/models/qwen3_vl_embedding.py`` in other public repositories (system-turn instruction,
+punctuation rule, video/image/text order, ``NULL``, right padding, pooling at the last position
+of the attention mask, ``F.normalize``). Not confirmed: the upstream script itself (only
+adaptations of it could be read); the README says "[EOS] token" while the script pools the last
+token of the generation prompt, which is what is done here; the timestamps the official
+processor writes for a video given as a frame list (here: seconds from the item's first frame);
+the official pixel budgets for a corpus (the script's defaults are larger than ours, see
+``Qwen3VLEmbedder``); whether the 8B checkpoint stores ``lm_head.weight`` (our loader needs it
+for an untied model); Matryoshka truncation is not offered (the dimension is the hidden size).
 
 **Computation.** Host side, each input becomes token ids plus its images' / videos' patches
 (``data.vision.image_patches`` / ``video_patches`` at a ``memory.energy.smart_resize`` size).
