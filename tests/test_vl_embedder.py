@@ -5,6 +5,7 @@ sharding invariance, and use as a corpus store's embedder."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +317,19 @@ def test_progress_is_logged(embedder, caplog):
     with caplog.at_level(logging.INFO, logger="vimrag_jax.retrieval.vl_embedder"):
         embedder.embed_items(_items()[:1])
     assert "embedded 1/1 items" in caplog.text and "items embedded so far" in caplog.text
+
+
+def test_rebuilt_from_its_spec_and_named_on_the_command_line(checkpoint, embedder, ours):
+    from vimrag_jax.retrieval.embedders import embedder_from_spec
+    from vimrag_jax.retrieval.import_corpus import parse_embedder
+
+    rebuilt = embedder_from_spec(embedder.spec())  # what a store's manifest reopens with
+    assert isinstance(rebuilt, Qwen3VLEmbedder) and rebuilt.spec() == embedder.spec()
+    np.testing.assert_allclose(rebuilt.embed_items(_items()[:2]), ours[1][:2], rtol=0, atol=2e-5)
+    named = parse_embedder(f"qwen3_vl:{checkpoint[0]}")  # --embedder=qwen3_vl:DIR, defaults
+    assert isinstance(named, Qwen3VLEmbedder)
+    assert named.spec()["path"] == str(Path(checkpoint[0]).resolve())
+    assert named.image_max_pixels == 480 * 32 * 32  # the class defaults, not the test's
+    np.testing.assert_allclose(named.embed_texts([QUERY]), ours[0], rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="unknown 'qwen3_vl' setting"):
+        parse_embedder(f'{{"kind": "qwen3_vl", "path": "{checkpoint[0]}", "pooling": "mean"}}')

@@ -5,8 +5,10 @@ The default ``HashingEmbedder`` needs no weights: it hashes word 1–3-grams and
 into a fixed number of signed buckets, so it is deterministic across processes and machines, and
 it embeds an image or a video through its caption. ``HFEmbedder`` is the learned one: a
 Qwen3-architecture embedding model (e.g. Qwen3-Embedding) from a local Hugging Face checkpoint
-directory, run by our JAX model. ``spec`` is what a corpus store records to
-tell whether its embeddings are still current.
+directory, run by our JAX model. The multimodal one, ``retrieval.vl_embedder.Qwen3VLEmbedder``
+(text, pictures and video frames in one space), lives in its own module and is rebuilt from its
+spec here like the others. ``spec`` is what a corpus store records to tell whether its
+embeddings are still current.
 """
 
 from __future__ import annotations
@@ -277,9 +279,15 @@ class HFEmbedder:
 
 def embedder_from_spec(spec: dict[str, Any]) -> Embedder:
     """Rebuilds an embedder from its ``spec()``: hashing ones from the settings, Hugging Face ones
-    from the checkpoint path they name (refused when the checkpoint there has changed)."""
+    (``hf`` text, ``qwen3_vl`` multimodal) from the checkpoint path they name (refused when the
+    checkpoint there has changed)."""
     if spec.get("kind") == "hf":
         return HFEmbedder.from_spec(spec)
+    if spec.get("kind") == "qwen3_vl":
+        # Imported here: the multimodal embedder pulls in the Qwen3-VL model and its pixels.
+        from vimrag_jax.retrieval.vl_embedder import Qwen3VLEmbedder
+
+        return Qwen3VLEmbedder.from_spec(spec)
     if spec.get("kind") != "hashing":
         raise ValueError(
             f"cannot rebuild embedder of kind {spec.get('kind')!r} from its spec alone; "

@@ -58,9 +58,12 @@ only at the end, so re-importing an unchanged corpus writes it once more to stag
 identical and drops the copy (the store's files are not touched).
 
 ``--embedder`` is ``hashing`` (default, weight-free), ``hashing:DIM``, ``hf:CHECKPOINT_DIR``
-(a local Qwen3-Embedding-style checkpoint) or a JSON object: a full ``spec()`` as recorded in a
-store's manifest, or a partial one (``{"kind": "hashing", "dim": 512}``,
-``{"kind": "hf", "path": "/ckpt", "pooling": "mean"}``) whose missing settings take the defaults.
+(a local Qwen3-Embedding-style checkpoint: text only, pictures through their captions),
+``qwen3_vl:CHECKPOINT_DIR`` (a local Qwen3-VL checkpoint embedding text, pictures and video
+frames into one space, `retrieval.vl_embedder.Qwen3VLEmbedder`) or a JSON object: a full
+``spec()`` as recorded in a store's manifest, or a partial one (``{"kind": "hashing", "dim":
+512}``, ``{"kind": "hf", "path": "/ckpt", "pooling": "mean"}``, ``{"kind": "qwen3_vl", "path":
+"/ckpt", "max_frames": 8}``) whose missing settings take the defaults.
 """
 
 from __future__ import annotations
@@ -374,10 +377,14 @@ def parse_embedder(spec: str) -> Embedder:
             raise ValueError(f"--embedder={spec!r}: expected hashing:DIM ({error})") from None
     if spec.startswith("hf:"):
         return HFEmbedder(spec.removeprefix("hf:"))
+    if spec.startswith("qwen3_vl:"):
+        from vimrag_jax.retrieval.vl_embedder import Qwen3VLEmbedder
+
+        return Qwen3VLEmbedder(spec.removeprefix("qwen3_vl:"))
     if not spec.startswith("{"):
         raise ValueError(
-            f"--embedder={spec!r}: expected hashing, hashing:DIM, hf:CHECKPOINT_DIR "
-            "or a JSON object"
+            f"--embedder={spec!r}: expected hashing, hashing:DIM, hf:CHECKPOINT_DIR, "
+            "qwen3_vl:CHECKPOINT_DIR or a JSON object"
         )
     try:
         fields = json.loads(spec)
@@ -395,7 +402,25 @@ def parse_embedder(spec: str) -> Embedder:
             raise ValueError("--embedder: an 'hf' embedder needs 'path' (a checkpoint directory)")
         settings = {k: fields[k] for k in ("pooling", "max_length", "batch_size") if k in fields}
         return HFEmbedder(fields["path"], **settings)
-    raise ValueError(f"--embedder: 'kind' must be 'hashing' or 'hf', got {kind!r}")
+    if kind == "qwen3_vl":
+        if "config_sha256" in fields:  # a full recorded spec: checked against the checkpoint
+            return embedder_from_spec(fields)
+        if "path" not in fields:
+            raise ValueError(
+                "--embedder: a 'qwen3_vl' embedder needs 'path' (a checkpoint directory)"
+            )
+        from vimrag_jax.retrieval.vl_embedder import Qwen3VLEmbedder
+
+        names = (*Qwen3VLEmbedder._SPEC_ARGS, "batch_size")
+        unknown = sorted(set(fields) - {"kind", "path", *names})
+        if unknown:
+            raise ValueError(f"--embedder: unknown 'qwen3_vl' setting(s) {unknown}")
+        settings = {k: fields[k] for k in names if k in fields}
+        return Qwen3VLEmbedder(fields["path"], **settings)
+    raise ValueError(
+        f"--embedder: 'kind' must be 'hashing' or 'hf' (text) or 'qwen3_vl' (multimodal), "
+        f"got {kind!r}"
+    )
 
 
 def _old_fingerprint(out: Path) -> str | None:
