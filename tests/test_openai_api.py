@@ -1,4 +1,5 @@
-"""OpenAI-compatible generation backend and LLM judge against a scripted local fake server."""
+"""OpenAI-compatible generation backend against a scripted local fake server (the LLM judge:
+tests/test_judge.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vimrag_jax.envs.judge import ChatJudge, judge_messages, parse_verdict
-from vimrag_jax.envs.rewards import Judge, judged_reward
 from vimrag_jax.sampling.openai_api import (
     GenerationError,
     OpenAICompletionsSampler,
@@ -291,68 +290,3 @@ def test_post_json_backoff_doubles(server):
     with pytest.raises(GenerationError):
         post_json(server.url, {}, timeout_s=0.5, max_retries=3, backoff_s=0.5, sleep=waits.append)
     assert waits == [0.5, 1.0, 2.0]
-
-
-# ---------------------------------------------------------------------------------------- judge
-
-
-def chat(content) -> tuple[int, dict]:
-    return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-
-
-@pytest.mark.parametrize(
-    "reply, verdict",
-    [
-        ("yes", True),
-        ("Yes.", True),
-        ("**YES**", True),
-        ("<think>the answers differ? no, same</think>\nYes", True),
-        ("no", False),
-        ("No, it is wrong.", False),
-        ("I think yes", None),
-        ("", None),
-        ("<think>yes", None),
-        ("yesterday", None),
-    ],
-)
-def test_parse_verdict(reply, verdict):
-    assert parse_verdict(reply) is verdict
-
-
-def test_judge_over_fake_chat_server(server):
-    judge = ChatJudge(server.url, "judge", timeout_s=0.3, max_retries=1, backoff_s=0.0)
-    assert isinstance(judge, Judge)
-    server.replies += [chat("Yes"), chat("no"), chat("maybe?"), (503, b""), chat(None)]
-    assert judge("Who?", "Ada Lovelace", ["Ada Lovelace", "Lovelace"]) is True
-    assert judge("Who?", "Babbage", "Ada Lovelace") is False
-    assert judge("Who?", "Ada", "Ada Lovelace") is False
-    assert judge("Who?", "Ada", "Ada Lovelace") is False  # 503 retried, then empty content
-    assert judge.stats() == {"calls": 4, "correct": 1, "unclear": 2}
-    path, request = server.requests[0]
-    assert path == "/v1/chat/completions"
-    assert request["model"] == "judge" and request["temperature"] == 0.0
-    user = request["messages"][1]["content"]
-    assert "Who?" in user and "- Lovelace" in user and "<candidate>\nAda Lovelace\n" in user
-
-
-def test_judge_blank_prediction_makes_no_request(server):
-    judge = ChatJudge(server.url, "judge")
-    assert judge("q", "   ", "a") is False
-    assert judged_reward(judge, "q", None, "a") == 0.0
-    assert server.requests == []
-
-
-def test_judge_malformed_response_and_dead_server_raise(server):
-    judge = ChatJudge(server.url, "judge", timeout_s=0.3, max_retries=0)
-    server.replies += [(200, {"choices": []}), (500, b"down")]
-    with pytest.raises(GenerationError, match="choices"):
-        judge("q", "p", "g")
-    with pytest.raises(GenerationError, match="HTTP 500"):
-        judge("q", "p", "g")
-
-
-def test_judge_messages_validate_gold_and_clip_long_text():
-    with pytest.raises(ValueError, match="gold"):
-        judge_messages("q", "p", [])
-    user = judge_messages("q", "x" * 10_000, "g")[1]["content"]
-    assert len(user) < 3000

@@ -19,9 +19,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
+
+if TYPE_CHECKING:
+    from vimrag_jax.envs.judge import Judge
 
 EVAL_DIR = "eval"
 
@@ -33,11 +36,15 @@ def evaluate(
     num_questions: int | None = None,
     policy_version: int = 0,
     episodes_dir: str | os.PathLike | None = None,
+    judge: Judge | None = None,
 ) -> dict[str, float]:
     """Greedy episodes of the configured agent on the eval split; returns scalar metrics.
 
     ``backend`` is a generation backend (e.g. ``experiment.make_backend(model)`` or a scripted
-    sampler). ``accuracy`` is the mean outcome reward (SPEC §4's judged-correct reward).
+    sampler). ``accuracy`` is the mean outcome reward (SPEC §4's judged-correct reward): with
+    ``rollout.reward_metric = "judge"`` graded by ``judge`` (an ``envs.judge.Judge``; built from
+    the config when None), and then ``judge_failures`` counts the episodes it could not grade
+    (scored 0, so the accuracy is a lower bound while it is not 0).
     With ``episodes_dir`` the episodes are also written there as the trajectory shard
     ``episodes-v<version>`` (replacing an older one of that version), to read or draw with
     ``python -m vimrag_jax.rollout.render``.
@@ -50,16 +57,38 @@ def evaluate(
     if not questions:
         raise ValueError("no evaluation questions: set env.eval_questions > 0")
     agent = experiment_agent(experiment, backend, config)
+    own_judge = judge is None and config.reward_metric == "judge"
+    if own_judge:
+        from vimrag_jax.envs.judge import Judge
+
+        judge = Judge.from_config(experiment.cfg, experiment.workdir)
+    judged = judge.stats() if judge is not None else {}
     began = time.perf_counter()
-    records, out = run_records(
-        agent, questions, group_size=1, policy_version=policy_version, greedy=True, seed=0
-    )
+    try:
+        records, out = run_records(
+            agent,
+            questions,
+            group_size=1,
+            policy_version=policy_version,
+            greedy=True,
+            seed=0,
+            judge=judge,
+        )
+    finally:
+        if own_judge:
+            judge.close()
     stats = out.stats
     if episodes_dir is not None:
         write_episodes(episodes_dir, policy_version, records)
     answered = sum(record["answer_node"] >= 0 for record in records)
+    judge_metrics = {}
+    if judge is not None and config.reward_metric == "judge":
+        from vimrag_jax.envs.judge import stats_delta
+
+        judge_metrics = {k: float(v) for k, v in stats_delta(judge.stats(), judged).items()}
     return {
         "accuracy": mean_reward(records),
+        **judge_metrics,
         "answered": answered / len(records),
         "invalid_action_rate": stats.invalid_rate,
         "model_calls_per_episode": stats.model_calls / max(stats.episodes, 1),

@@ -12,7 +12,9 @@ INVALID_POLICIES = ("continue", "end")
 AGENTS = ("vimrag", "react", "summary", "mem1")
 
 
-REWARD_METRICS = ("em", "f1")
+#: "em" / "f1": string checks (``envs.rewards``); "judge": an LLM judge (``envs.judge``,
+#: configured by the ``rollout.judge_*`` keys, which the agent itself does not read).
+REWARD_METRICS = ("em", "f1", "judge")
 
 #: Where each field comes from in the experiment config (``memory.budget`` is special: the
 #: rollout or evaluation budget, see ``RolloutConfig.from_config``).
@@ -72,7 +74,8 @@ class RolloutConfig:
     for evaluation, ``memory.eval_budget`` as ``budget``); a missing key is an error. The field
     defaults serve direct construction in tests only. ``prompt_style`` is ``"full"`` or
     ``"compact"`` (see ``prompts.system_prompt``); ``reward_threshold`` is the token-F1 pass
-    mark of ``reward_metric="f1"``.
+    mark of ``reward_metric="f1"``; ``reward_metric="judge"`` is graded by an
+    ``envs.judge.Judge`` the worker or evaluator builds from the config.
     """
 
     agent: str = "vimrag"

@@ -7,6 +7,9 @@ One JSON object per line (blank lines are skipped)::
 
 - ``id``: the question's unique id (a string; an integer is accepted and kept as its decimal
   string); ``question`` and ``answer``: non-empty strings;
+- ``answers`` (optional): every accepted answer (aliases, other spellings), a list of non-empty
+  strings; ``answer`` counts as accepted either way and stays the one stored in the trajectory
+  records. The rewards take the best over all of them (EM / F1), and the judge sees them all;
 - ``evidence_ids``: the corpus item ids that hold the gold evidence (may be empty), each present
   in the corpus store. GGPO marks a search node *relevant* when its retrieval returned one of them
   (SPEC §4), so they shape the negative-reward mask.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Container
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +33,23 @@ from vimrag_jax import jsonl
 from vimrag_jax.envs.synthetic import Question
 
 KEYS = ("id", "question", "answer", "evidence_ids")
+OPTIONAL_KEYS = ("answers",)
+
+
+@dataclass(frozen=True)
+class DatasetQuestion(Question):
+    """A dataset question: a ``Question`` with its accepted answers (``answer`` first, then the
+    record's ``answers`` aliases; see ``envs.rewards.gold_answers``)."""
+
+    answers: tuple[str, ...] = ()
 
 
 class DatasetError(ValueError):
     """A problem with a question file; the message names the file and line."""
 
 
-def parse_question(record: Any, known_ids: Container[int] | None = None) -> Question:
-    """One decoded JSON line as a ``Question``; ValueError with the reason.
+def parse_question(record: Any, known_ids: Container[int] | None = None) -> DatasetQuestion:
+    """One decoded JSON line as a ``DatasetQuestion``; ValueError with the reason.
 
     ``known_ids`` (the corpus store's item ids) rejects evidence the store does not hold.
     """
@@ -45,10 +58,11 @@ def parse_question(record: Any, known_ids: Container[int] | None = None) -> Ques
     missing = [key for key in KEYS if key not in record]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}")
-    unknown = sorted(set(record) - set(KEYS))
+    unknown = sorted(set(record) - set(KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise ValueError(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; a question has {', '.join(KEYS)}"
+            f"unknown field(s) {', '.join(map(repr, unknown))}; a question has "
+            f"{', '.join(KEYS)} and optionally {', '.join(OPTIONAL_KEYS)}"
         )
     question_id = record["id"]
     if isinstance(question_id, int) and not isinstance(question_id, bool):
@@ -58,6 +72,9 @@ def parse_question(record: Any, known_ids: Container[int] | None = None) -> Ques
     for key in ("question", "answer"):
         if not isinstance(record[key], str) or not record[key].strip():
             raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
+    aliases = record.get("answers", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise ValueError(f"'answers' must be a list of non-empty strings, got {aliases!r}")
     evidence = record["evidence_ids"]
     if not isinstance(evidence, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in evidence
@@ -71,13 +88,14 @@ def parse_question(record: Any, known_ids: Container[int] | None = None) -> Ques
             raise ValueError(
                 f"evidence id(s) {', '.join(map(str, absent))} are not in the corpus store"
             )
-    return Question(
+    return DatasetQuestion(
         question_id=question_id,
         text=record["question"],
         answer=record["answer"],
         evidence_ids=tuple(evidence),
         hops=max(1, len(evidence)),
         chain=(),
+        answers=tuple(dict.fromkeys([record["answer"], *aliases])),
     )
 
 
@@ -110,4 +128,4 @@ def load_questions(path: str | os.PathLike, store: Any = None) -> list[Question]
     return questions
 
 
-__all__ = ["DatasetError", "load_questions", "parse_question"]
+__all__ = ["DatasetError", "DatasetQuestion", "load_questions", "parse_question"]

@@ -1,11 +1,12 @@
-"""Outcome rewards: answer normalization, exact match, token F1 and a pluggable judge.
+"""Outcome rewards: answer normalization, exact match and token F1 over every accepted answer.
 
 VimRAG trains on a binary outcome reward r ∈ {0, 1}: was the final answer correct
-(SPEC §1). The default check is string-based: both answers are normalized the usual
-open-domain QA way (lowercase, punctuation and the articles a/an/the removed,
-whitespace collapsed), then compared by exact match or token F1 against one or more
-acceptable gold answers. A ``Judge`` (e.g. an LLM behind an OpenAI-compatible server)
-can replace the string check through the same ``(question, prediction, gold)`` call.
+(SPEC §1). The string checks here (``rollout.reward_metric`` ``"em"`` / ``"f1"``) normalize both
+answers the usual open-domain QA way (lowercase, punctuation and the articles a/an/the removed,
+whitespace collapsed), then compare by exact match or token F1 against every accepted answer
+of the question (`gold_answers`: its answer and its aliases), taking the best. The third metric,
+``"judge"``, asks a language model (`vimrag_jax.envs.judge.Judge`, batched over a rollout
+batch), and is computed by ``rollout.trajectory.episode_rewards``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 Gold = str | Sequence[str]
 Metric = Literal["em", "f1"]
@@ -91,32 +92,27 @@ def outcome_reward(
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         return float(token_f1(prediction, gold) >= threshold)
+    if metric == "judge":
+        raise ValueError(
+            "metric 'judge' asks a language model: use rollout.trajectory.episode_rewards with "
+            "an envs.judge.Judge"
+        )
     raise ValueError(f"metric must be 'em' or 'f1', got {metric!r}")
 
 
-@runtime_checkable
-class Judge(Protocol):
-    """Decides whether a prediction answers the question as the gold answer does.
-
-    Implementations (an LLM judge over an OpenAI-compatible endpoint, a rule set) are
-    called once per finished rollout; they should return False rather than raise on a
-    malformed prediction.
-    """
-
-    def __call__(self, question: str, prediction: str, gold: Gold) -> bool: ...
-
-
-def judged_reward(judge: Judge, question: str, prediction: str | None, gold: Gold) -> float:
-    """The outcome reward decided by ``judge``; a missing or blank prediction scores 0."""
-    if prediction is None or not prediction.strip():
-        return 0.0
-    return float(bool(judge(question, prediction, gold)))
+def gold_answers(question: Any) -> tuple[str, ...]:
+    """Every accepted answer of a question: its ``answer`` first, then its ``answers`` aliases
+    (a dataset question may list them; a synthetic one has none), blanks and repeats dropped."""
+    answers = (question.answer, *(getattr(question, "answers", ()) or ()))
+    kept = tuple(dict.fromkeys(a for a in answers if isinstance(a, str) and a.strip()))
+    if not kept:
+        raise ValueError(f"question {getattr(question, 'question_id', '?')!r} has no answer")
+    return kept
 
 
 __all__ = [
-    "Judge",
     "exact_match",
-    "judged_reward",
+    "gold_answers",
     "normalize_answer",
     "outcome_reward",
     "token_f1",

@@ -8,8 +8,11 @@ turns one episode and its row of the graph into the record the learner reads:
   ``priority``, ``item_valid``, and each kept slot's corpus ``item_id`` and ``item_modality``
   (``Modality.EMPTY`` and -1 in unused slots);
 - ``relevant``: the nodes whose retrieval found one of the question's gold evidence items;
-- ``reward``: the outcome reward of the prediction (``envs.rewards.outcome_reward`` with
-  ``rollout.reward_metric`` and its token-F1 pass mark ``rollout.reward_threshold``);
+- ``reward``: the outcome reward of the prediction against every accepted answer of the
+  question (``envs.rewards.gold_answers``): ``rollout.reward_metric`` ``"em"`` or ``"f1"`` (with
+  its pass mark ``rollout.reward_threshold``) by ``envs.rewards.outcome_reward``, or ``"judge"``
+  by an ``envs.judge.Judge`` asked once for the whole batch (``episode_rewards``; a judge
+  failure scores 0);
 - one segment per model call: ``tokens`` = prompt ids + sampled ids, ``loss_mask`` on the sampled
   ids only, ``behavior_logprobs`` the backend's log-probs there, ``segment_node`` the node the
   call created or wrote (-1 for an invalid turn), ``segment_visuals`` the prompt's visual
@@ -17,7 +20,7 @@ turns one episode and its row of the graph into the record the learner reads:
 - node texts for pictures of rollouts: ``node_title`` (the ids the policy chose, ``"root"`` and
   ``"answer"`` for the root and answer nodes), ``node_query``, ``node_summary``.
 
-``run_records`` runs an agent and builds every record in one call.
+``run_records`` runs an agent and builds every record in one call (with the judge, if any).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import numpy as np
 from vimrag_jax.agent.config import RolloutConfig
 from vimrag_jax.agent.episode import Episode, QuestionLike, Rollouts
 from vimrag_jax.agent.loop import VimRAGAgent
-from vimrag_jax.envs.rewards import outcome_reward
+from vimrag_jax.envs.judge import Judge, JudgeRequest
+from vimrag_jax.envs.rewards import gold_answers, outcome_reward
 from vimrag_jax.memory.graph import MemoryGraph, Modality
 from vimrag_jax.rollout.records import RecordDims, blank_record
 
@@ -47,13 +51,34 @@ def record_dims(config: RolloutConfig) -> RecordDims:
 
 
 def episode_reward(episode: Episode, config: RolloutConfig) -> float:
-    """The outcome reward of the episode's prediction (0 without an answer)."""
+    """The string-metric outcome reward of the episode's prediction (0 without an answer);
+    ``reward_metric="judge"`` needs the batch call `episode_rewards`."""
     return outcome_reward(
         episode.prediction,
-        episode.question.answer,
+        gold_answers(episode.question),
         metric=config.reward_metric,
         threshold=config.reward_threshold,
     )
+
+
+def episode_rewards(
+    episodes: Sequence[Episode], config: RolloutConfig, judge: Judge | None = None
+) -> list[float]:
+    """The outcome reward of each episode. With ``reward_metric="judge"`` the ``judge`` grades
+    the whole batch at once (concurrent, cached requests); an episode it could not grade
+    (``None``: a failed request or a reply without a verdict, counted by the judge) scores 0,
+    never 1."""
+    if config.reward_metric != "judge":
+        return [episode_reward(episode, config) for episode in episodes]
+    if judge is None:
+        raise ValueError(
+            "rollout.reward_metric='judge' needs a judge (envs.judge.Judge.from_config: "
+            "rollout.judge_url, rollout.judge_model)"
+        )
+    verdicts = judge.verdicts(
+        [JudgeRequest(e.question.text, gold_answers(e.question), e.prediction) for e in episodes]
+    )
+    return [1.0 if verdict is True else 0.0 for verdict in verdicts]
 
 
 def relevant_nodes(episode: Episode, nodes: int) -> np.ndarray:
@@ -75,8 +100,11 @@ def trajectory_record(
     group_size: int = 1,
     env_name: str = "",
     worker_id: str = "",
+    reward: float | None = None,
 ) -> dict[str, Any]:
-    """The record of one episode; ``graph`` is the batched host graph, ``row`` the episode's."""
+    """The record of one episode; ``graph`` is the batched host graph, ``row`` the episode's.
+    ``reward``: the episode's reward when already computed for the batch (`episode_rewards`),
+    else it is computed here with the string metric (`episode_reward`)."""
     dims = record_dims(config)
     node_valid = np.asarray(graph.node_valid[row])
     bank = graph.bank
@@ -99,7 +127,7 @@ def trajectory_record(
         answer_node=int(graph.answer_node[row]),
         num_invalid_actions=int(episode.num_invalid),
         num_segments=len(episode.segments),
-        reward=episode_reward(episode, config),
+        reward=episode_reward(episode, config) if reward is None else float(reward),
         adjacency=np.asarray(graph.adjacency[row]),
         node_valid=node_valid,
         node_kind=np.asarray(graph.node_kind[row]),
@@ -137,14 +165,17 @@ def run_records(
     greedy: bool = False,
     env_name: str = "",
     worker_id: str = "",
+    judge: Judge | None = None,
 ) -> tuple[list[dict[str, Any]], Rollouts]:
-    """Runs the agent (``VimRAGAgent.run``) and returns the records with the rollouts."""
+    """Runs the agent (``VimRAGAgent.run``) and returns the records with the rollouts; the
+    rewards come from `episode_rewards` (``judge``: needed by ``reward_metric="judge"``)."""
     g = agent.config.group_size if group_size is None else int(group_size)
     rollouts = agent.run(questions, group_size=g, seed=seed, group_ids=group_ids, greedy=greedy)
     meta = dict(policy_version=policy_version, group_size=g, env_name=env_name, worker_id=worker_id)
+    rewards = episode_rewards(rollouts.episodes, agent.config, judge)
     records = [
-        trajectory_record(episode, rollouts.graph, row, agent.config, **meta)
-        for row, episode in enumerate(rollouts.episodes)
+        trajectory_record(episode, rollouts.graph, row, agent.config, reward=reward, **meta)
+        for row, (episode, reward) in enumerate(zip(rollouts.episodes, rewards, strict=True))
     ]
     return records, rollouts
 
@@ -156,6 +187,7 @@ def mean_reward(records: Sequence[dict[str, Any]]) -> float:
 
 __all__ = [
     "episode_reward",
+    "episode_rewards",
     "mean_reward",
     "record_dims",
     "relevant_nodes",

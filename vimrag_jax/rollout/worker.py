@@ -17,7 +17,9 @@ Loop, one batch at a time:
 3. run ``rollout.group_size`` rollouts of each through the agent (``rollout.agent``);
 4. write the records to one ArrayRecord shard ``DIR/rollouts/{worker_id}-{seq:08d}`` (atomic:
    readers never see a partial shard; each group's rollouts consecutive in it);
-5. log throughput: trajectories/s, generated tokens/s, invalid-action rate, mean reward.
+5. log throughput: trajectories/s, generated tokens/s, invalid-action rate, mean reward (and,
+   with ``rollout.reward_metric = "judge"``, the judge's requests, failures and cache hits of
+   the shard: a judge failure scores 0, so a rising count means the rewards are undercounted).
 
 With ``rollout.max_shards_per_version`` > 0 a model worker writes at most that many shards per
 published policy version, then waits for the next one (at most ``THROTTLE_MAX_WAIT_S`` per
@@ -283,6 +285,7 @@ def run_worker(
     ``questions`` picks the split it cycles through: ``rl`` (``Experiment.train_questions``)
     or ``sft`` (``Experiment.sft_questions``, the scripted expert's for the warm start).
     """
+    from vimrag_jax.envs.judge import Judge, stats_delta
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.rollout.records import ShardWriter, shard_name
     from vimrag_jax.rollout.trajectory import mean_reward, record_dims, run_records
@@ -297,6 +300,7 @@ def run_worker(
         raise ValueError(f"questions must be 'rl' or 'sft', got {questions!r}")
     pool = experiment.sft_questions if questions == "sft" else experiment.train_questions
     agent, model = build_agent(experiment, policy)
+    judge = Judge.from_config(cfg, workdir)  # None unless rollout.reward_metric == "judge"
     server = None
     if policy == "model" and model is None:
         server = ServerWeights(experiment, agent.backend, worker_id)
@@ -358,6 +362,7 @@ def run_worker(
         batch = questions_for_batch(pool, worker_id, seed, start, count)
         group_ids = [f"{worker_id}-{sequence:08d}-{i}" for i in range(count)]
         began = time.perf_counter()
+        judged = judge.stats() if judge is not None else {}
         try:
             records, out = run_records(
                 agent,
@@ -368,6 +373,7 @@ def run_worker(
                 group_ids=group_ids,
                 env_name=experiment.env_name,
                 worker_id=worker_id,
+                judge=judge,
             )
         except VersionChanged as changed:
             if server is None:
@@ -401,6 +407,14 @@ def run_worker(
             version,
             100 * stats.outside_model_share,
         )
+        if judge is not None:
+            shard = stats_delta(judge.stats(), judged)
+            logging.info(
+                "worker %s shard %d: judge %d requests, %d failures (scored 0), %d cache hits; "
+                "totals %s",
+                worker_id, sequence, shard["judge_calls"], shard["judge_failures"],
+                shard["judge_cache_hits"], judge.stats(),
+            )  # fmt: skip
         sequence += 1
         at_version += 1
     if server is not None:
@@ -410,6 +424,9 @@ def run_worker(
         )  # fmt: skip
         if hasattr(agent.backend, "close"):
             agent.backend.close()
+    if judge is not None:
+        logging.info("worker %s: judge totals %s", worker_id, judge.stats())
+        judge.close()
     logging.info("worker %s: stopped after %d trajectories", worker_id, written)
     return written
 
