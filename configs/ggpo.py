@@ -136,8 +136,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.invalid_action_policy = "continue"  # continue | end
     c.rollout.max_invalid_actions = 5
     c.rollout.max_visuals = 64  # visual inputs per segment prompt
-    c.rollout.reward_metric = "em"  # em | f1 (reward 1 when the metric passes the threshold)
+    # em | f1 (reward 1 when the metric passes the threshold, best over the accepted answers)
+    # | judge (an LLM judge over an OpenAI-compatible chat server, vimrag_jax.envs.judge).
+    c.rollout.reward_metric = "em"
     c.rollout.reward_threshold = 0.5
+    # The judge (read only with reward_metric="judge"): the server's API root, e.g.
+    # http://host:8000/v1, and the model name it serves; a judge failure scores 0 and is counted.
+    c.rollout.judge_url = ""
+    c.rollout.judge_model = ""
+    c.rollout.judge_batch = 16  # judge requests in flight at once per worker
+    c.rollout.judge_max_tokens = 64  # the reply "<judge>True</judge>" needs a few
+    c.rollout.judge_timeout_s = 60.0
+    c.rollout.judge_max_retries = 3  # on timeouts, connection errors, HTTP 429 / 5xx
+    c.rollout.judge_cache = "judge_cache.jsonl"  # verdict cache under the workdir; "": none
+    c.rollout.judge_api_key_env = ""  # environment variable holding the API key; "": none
     c.rollout.prompt_style = "full"  # full (tool JSON schemas) | compact (tiny models)
 
     # The built-in synthetic multimodal world (vimrag_jax.envs.synthetic.SyntheticConfig);

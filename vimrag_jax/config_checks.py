@@ -274,6 +274,38 @@ def _check_rollout_backend(problems: list[str], cfg: ml_collections.ConfigDict) 
     _check_at_least(problems, rollout, "config.rollout", 0, "max_retries", "embedded_workers")
 
 
+def _check_judge(problems: list[str], rollout: ml_collections.ConfigDict) -> None:
+    """The ``rollout.judge_*`` keys (`vimrag_jax.envs.judge.Judge.from_config`): their types
+    always, the server and model only when ``rollout.reward_metric = "judge"``."""
+    _check_positive(problems, rollout, "config.rollout", "judge_batch", "judge_max_tokens")
+    _check_at_least(problems, rollout, "config.rollout", 0, "judge_max_retries")
+    if not (_is_number(rollout.judge_timeout_s) and rollout.judge_timeout_s > 0):
+        problems.append(
+            f"config.rollout.judge_timeout_s must be > 0 seconds, got {rollout.judge_timeout_s!r}"
+        )
+    for key in ("judge_url", "judge_model", "judge_cache", "judge_api_key_env"):
+        if not isinstance(rollout[key], str):
+            problems.append(f"config.rollout.{key} must be a string, got {rollout[key]!r}")
+    if rollout.reward_metric != "judge":
+        return
+    url = rollout.judge_url
+    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        problems.append(
+            "config.rollout.reward_metric='judge' needs config.rollout.judge_url, the judge "
+            f"server's http(s) API root (e.g. http://host:8000/v1); got {url!r}"
+        )
+    if not rollout.judge_model:
+        problems.append(
+            "config.rollout.reward_metric='judge' needs config.rollout.judge_model, the name "
+            "the server serves the judge model under"
+        )
+    env = rollout.judge_api_key_env
+    if isinstance(env, str) and env and not os.environ.get(env):
+        problems.append(
+            f"config.rollout.judge_api_key_env={env!r}, but that environment variable is not set"
+        )
+
+
 def _check_distributed(problems: list[str], dist: ml_collections.ConfigDict) -> None:
     if dist.enabled not in (None, True, False):
         problems.append(
@@ -409,6 +441,7 @@ def find_problems(
         problems.append(f"config.rollout.max_policy_lag must be >= 0, got {rollout.max_policy_lag}")
 
     _check_rollout_backend(problems, cfg)
+    _check_judge(problems, rollout)
 
     _check_positive(problems, cfg.data, "config.data", "batch_segments", "max_segment_tokens")
     _check_at_least(problems, cfg.data, "config.data", 0, "prefetch", "length_bucket")
