@@ -5,7 +5,10 @@
 forward pass visits, per block of queries, only the key blocks the mask opens (so causal
 attention skips the future), keeps an online softmax, and saves q, k, v, the output and the
 per-row logsumexp; the backward pass recomputes one block pair of probabilities at a time.
-Fully masked rows (left padding) behave as in `attend`.
+Fully masked rows (left padding) behave as in `attend`. Under the learner's mesh every blocked
+layout keeps its batch axis on the batch devices (`parallel.sharding.constrain_rows`): the
+relayouts move the batch off axis 0, where GSPMD would otherwise gather it and run the whole
+batch's attention on every device.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from vimrag_jax.parallel.sharding import constrain_rows, row_shards
 
 
 def attend(
@@ -75,18 +80,25 @@ def blocked_attend(
     b = q_blhk.shape[0]
     if batch_block is None:
         batch_block = ATTENTION_BATCH_BLOCK if jax.default_backend() == "cpu" else b
-    rows = max(d for d in range(1, min(b, batch_block) + 1) if b % d == 0)
-    if rows == b:
+    # Under a mesh the rows are split in `shards` blocks over the devices: each loop step takes
+    # `rows` rows of every block, so the loop never moves rows between devices.
+    shards = row_shards(b)
+    local = b // shards
+    rows = max(d for d in range(1, min(local, batch_block) + 1) if local % d == 0)
+    if rows == local:
         return _flash_attend(q_blhk, k_bmgk, v_bmgk, allowed_bqm, block)
+    groups = local // rows
 
     def by_rows(x: jax.Array) -> jax.Array:
-        return x.reshape(b // rows, rows, *x.shape[1:])
+        x = x.reshape(shards, groups, rows, *x.shape[1:]).swapaxes(0, 1)
+        return constrain_rows(x.reshape(groups, shards * rows, *x.shape[3:]), 1)
 
     def one_group(xs: tuple[jax.Array, ...]) -> jax.Array:
         return _flash_attend(*xs, block)
 
     out = jax.lax.map(one_group, tuple(map(by_rows, (q_blhk, k_bmgk, v_bmgk, allowed_bqm))))
-    return out.reshape(q_blhk.shape)
+    out = out.reshape(groups, shards, rows, *out.shape[2:]).swapaxes(0, 1)
+    return constrain_rows(out.reshape(q_blhk.shape))
 
 
 # Layouts. Inside the loops every tensor is head-major and blocked on a leading axis, so each
@@ -102,14 +114,18 @@ def _query_blocks(x_blhk: jax.Array, g: int, block: int) -> jax.Array:
     nq = -(-length // block)
     x_blhk = jnp.pad(x_blhk, ((0, 0), (0, nq * block - length), (0, 0), (0, 0)))
     x_bncgrk = x_blhk.reshape(b, nq, block, g, h // g, k)
-    return x_bncgrk.transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, g, h // g * block, k)
+    return constrain_rows(
+        x_bncgrk.transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, g, h // g * block, k), 1
+    )
 
 
 def _from_query_blocks(x_nbgxk: jax.Array, length: int, h: int, block: int) -> jax.Array:
     """Inverse of `_query_blocks`: `[N, B, G, R*C, K]` -> `[B, L, H, K]`."""
     nq, b, g, _, k = x_nbgxk.shape
     x_nbgrck = x_nbgxk.reshape(nq, b, g, h // g, block, k)
-    return x_nbgrck.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, h, k)[:, :length]
+    return constrain_rows(
+        x_nbgrck.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, h, k)[:, :length]
+    )
 
 
 def _key_blocks(x_bmgk: jax.Array, block: int) -> jax.Array:
@@ -117,7 +133,7 @@ def _key_blocks(x_bmgk: jax.Array, block: int) -> jax.Array:
     b, m, g, k = x_bmgk.shape
     nk = -(-m // block)
     x_bmgk = jnp.pad(x_bmgk, ((0, 0), (0, nk * block - m), (0, 0), (0, 0)))
-    return x_bmgk.reshape(b, nk, block, g, k).transpose(1, 0, 3, 2, 4)
+    return constrain_rows(x_bmgk.reshape(b, nk, block, g, k).transpose(1, 0, 3, 2, 4), 1)
 
 
 def _mask_blocks(allowed_bqm: jax.Array, block: int) -> jax.Array:
@@ -125,7 +141,7 @@ def _mask_blocks(allowed_bqm: jax.Array, block: int) -> jax.Array:
     b, length, m = allowed_bqm.shape
     nq, mp = -(-length // block), -(-m // block) * block
     allowed_bqm = jnp.pad(allowed_bqm, ((0, 0), (0, nq * block - length), (0, mp - m)))
-    return allowed_bqm.reshape(b, nq, block, mp).swapaxes(0, 1)
+    return constrain_rows(allowed_bqm.reshape(b, nq, block, mp).swapaxes(0, 1), 1)
 
 
 def _key_block_range(allowed_bcm: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
@@ -262,14 +278,14 @@ def _flash_attend_bwd(block, residuals, dout_blhk):
         dq_bgxk, *carry = jax.lax.fori_loop(lo, hi, key_block, (dq_bgxk, *carry))
         return tuple(carry), dq_bgxk
 
-    zeros_nbgkm = jnp.zeros(kt_nbgkm.shape, jnp.float32)
+    zeros_nbgkm = constrain_rows(jnp.zeros(kt_nbgkm.shape, jnp.float32), 1)
     xs = (q_nbgxk, dout_nbgxk, allowed_nbcm, lse_nbgx, delta_nbgx)
     (dkt_nbgkm, dvt_nbgkm), dq_nbgxk = jax.lax.scan(query_block, (zeros_nbgkm,) * 2, xs)
     # The queries were scaled before the loop: dq carries the scale once more, dk already has it.
     dq_blhk = _from_query_blocks(dq_nbgxk, length, h, block) * (k**-0.5)
 
     def from_key_blocks(xt_nbgkm: jax.Array) -> jax.Array:
-        return xt_nbgkm.transpose(1, 0, 4, 2, 3).reshape(b, -1, g, k)[:, :m]
+        return constrain_rows(xt_nbgkm.transpose(1, 0, 4, 2, 3).reshape(b, -1, g, k)[:, :m])
 
     dk_bmgk = from_key_blocks(dkt_nbgkm)
     dv_bmgk = from_key_blocks(dvt_nbgkm) + dv_mean_bgk[:, None]

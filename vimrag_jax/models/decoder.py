@@ -26,6 +26,7 @@ from flax import nnx, struct
 from vimrag_jax.models.attention import blocked_attend
 from vimrag_jax.models.linear import dense, swiglu
 from vimrag_jax.models.params import dense_init, param
+from vimrag_jax.parallel.sharding import constrain_rows
 
 if TYPE_CHECKING:  # qwen3 imports this module; the config is only a type here
     from vimrag_jax.models.qwen3 import Qwen3Config
@@ -307,10 +308,10 @@ class DecoderStack(nnx.Module):
         inputs = LayerInputs(*self.position_tables(positions), allowed_bqm)
         forward = _remat_layer_forward if self.text_config.remat else _layer_forward
         for i, layer in enumerate(self.layers):
-            x_bld = forward(layer, x_bld, inputs)
+            x_bld = forward(layer, constrain_rows(x_bld), inputs)
             if after_layer is not None:
                 x_bld = after_layer(i, x_bld)
-        return self.final_norm(x_bld)
+        return constrain_rows(self.final_norm(x_bld))
 
     def init_cache(self, batch: int, cache_size: int) -> KVCache:
         """An empty cache of `cache_size` slots for `batch` rows, in the compute dtype."""

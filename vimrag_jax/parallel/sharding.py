@@ -106,6 +106,48 @@ def _dividing_prefix(axes: tuple[str, ...], size: int, mesh: Mesh) -> tuple[str,
     return ()
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Pins axis ``axis`` of an activation (its segment rows) to the batch mesh axes and
+    replicates the others, when traced under a mesh (`under_mesh`); unchanged otherwise (the
+    pmap step, the sampler, a single device).
+
+    Why: FSDP splits parameters on their ``embed`` axis, and the inputs alone do not tell
+    GSPMD to split the rows: it may instead keep each weight split and replicate the
+    activations, so that every device computes the whole batch (the planner measured 66 GiB of
+    temporaries for a pass of 2 rows per device that way). Pinning the residual stream to the
+    rows makes it gather each weight instead, as FSDP means to.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    axes = _dividing_prefix(BATCH_AXES, x.shape[axis], mesh)
+    spec: list[Any] = [None] * x.ndim
+    spec[axis] = axes or None
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def row_shards(rows: int) -> int:
+    """How many blocks of ``rows`` `constrain_rows` spreads over the context mesh (1 without
+    one): loops over rows should run within each device's block, not across devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return 1
+    return math.prod(mesh.shape[axis] for axis in _dividing_prefix(BATCH_AXES, rows, mesh))
+
+
+def under_mesh(fn: Any, mesh: Mesh) -> Any:
+    """``fn`` traced with ``mesh`` as the context mesh, so that `constrain_rows` applies."""
+
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 

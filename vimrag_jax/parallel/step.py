@@ -24,7 +24,13 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vimrag_jax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings, replicated
+from vimrag_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    param_shardings,
+    replicated,
+    under_mesh,
+)
 from vimrag_jax.rl.ggpo import num_valid_segments, policy_objective
 from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rl.stats import merge_stats, reduce_stats, to_scalars
@@ -228,12 +234,14 @@ def split_rows(tree: Any, parts: int, *, what: str = "parts") -> Any:
 def _micro_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, parts: int):
     """`policy_logprobs` of the whole batch computed `parts` micro-batches at a time."""
 
-    def one(_, rows):
+    def one(params, rows):
+        # The parameters ride in the carry: a module merged from values closed over from
+        # outside the scan could not be used by the layers' nnx.remat inside it.
         policy = nnx.merge(graphdef, params)
-        return None, policy_logprobs(policy, rows["tokens"], visual_inputs(rows))
+        return params, policy_logprobs(policy, rows["tokens"], visual_inputs(rows))
 
     inputs = {key: batch[key] for key in ("tokens", *VISUAL_KEYS) if key in batch}
-    _, logp = jax.lax.scan(one, None, split_rows(inputs, parts, what="micro-batches"))
+    _, logp = jax.lax.scan(one, params, split_rows(inputs, parts, what="micro-batches"))
     # Undo the strided split: [parts, B / parts, L] -> [B, L].
     return logp.swapaxes(0, 1).reshape(-1, *logp.shape[2:])
 
@@ -324,6 +332,8 @@ def make_pjit_step(
         loss_config=loss_config,
         micro_batches=micro_batches,
     )
+    # Traced under the mesh, so the model pins its activations to the batch axes.
+    fn = under_mesh(fn, mesh)
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch_shardings),

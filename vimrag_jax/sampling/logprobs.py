@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vimrag_jax.models.qwen3_vl_vision import VisionTables
+from vimrag_jax.parallel.sharding import constrain_rows
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -111,8 +112,8 @@ def chunked_token_logprobs(
     pad = num_chunks * chunk - steps
     hidden_bsd = jnp.pad(hidden_bld[:, :-1], ((0, 0), (0, pad), (0, 0)))
     targets_bs = jnp.pad(tokens_bl[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
-    hidden_nbcd = hidden_bsd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-    targets_nbc = targets_bs.reshape(b, num_chunks, chunk).swapaxes(0, 1)
+    hidden_nbcd = constrain_rows(hidden_bsd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1), 1)
+    targets_nbc = constrain_rows(targets_bs.reshape(b, num_chunks, chunk).swapaxes(0, 1), 1)
     logp_nbc = _head_logprobs(hidden_nbcd, head_dv, targets_nbc)
     logp_bs = logp_nbc.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :steps]
     return jnp.pad(logp_bs, ((0, 0), (1, 0)))
