@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Devices: data × fsdp × tensor must equal the device count; -1 fills one axis.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Memory of one device in GiB: config_checks refuses a config whose estimated peak
+    # (vimrag_jax.footprint) exceeds it; 0 skips the check. Plan with python -m vimrag_jax.plan.
+    c.mesh.device_memory_gb = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"  # a preset of vimrag_jax.models, or "hf" to read model.path
@@ -298,6 +301,11 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
         batch_segments={"2b": 256, "4b": 256, "8b": 512}[size],
     )
     c.mesh.update(fsdp=-1, data=1, tensor={"2b": 1, "4b": 1, "8b": 2}[size])
+    # 80 GB GPUs: 2B and 4B on 8, 8B on 16. Each optimizer update (a minibatch) runs one
+    # segment row per device per pass; python -m vimrag_jax.plan prints the per-device figures
+    # (docs/benchmarks.md, "Planner").
+    c.mesh.device_memory_gb = 80.0
+    c.optim.micro_batches = {"2b": 8, "4b": 8, "8b": 16}[size]
     return c
 
 

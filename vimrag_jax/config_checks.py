@@ -159,6 +159,37 @@ def _check_micro_batches(problems: list[str], cfg: ml_collections.ConfigDict, sh
             )
 
 
+def _check_memory(problems: list[str], cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """``mesh.device_memory_gb`` > 0: the analytic per-device peak (`vimrag_jax.footprint`)
+    must fit it. A model whose config cannot be read is left to the model checks."""
+    limit = cfg.mesh.get("device_memory_gb", 0)
+    if not _is_number(limit) or limit < 0:
+        problems.append(f"config.mesh.device_memory_gb must be a number >= 0, got {limit!r}")
+        return
+    if not limit:
+        return
+    from vimrag_jax import footprint
+
+    try:
+        need = footprint.estimate(cfg, num_devices)
+    except (OSError, ValueError, KeyError):
+        return
+    if need.total_bytes > limit * footprint.GIB:
+        size = footprint.format_bytes
+        data, fsdp, _ = resolve_mesh_shape(
+            (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), num_devices
+        )
+        rows = footprint.rows_per_pass(cfg, data * fsdp)
+        problems.append(
+            f"the run needs about {size(need.total_bytes)} per device, more than "
+            f"config.mesh.device_memory_gb={limit} (parameters {size(need.params_bytes)}, "
+            f"optimizer {size(need.optimizer_bytes)}, gradients {size(need.gradients_bytes)}, "
+            f"batch {size(need.batch_bytes)}, activations {size(need.activation_bytes)} for "
+            f"{rows} segment rows per pass): raise config.optim.micro_batches, shard wider or "
+            "use more devices; python -m vimrag_jax.plan gives XLA's figures"
+        )
+
+
 def _check_optim(problems: list[str], optim: ml_collections.ConfigDict) -> None:
     _check_positive(problems, optim, "config.optim", "total_steps", "accumulate_steps")
     if not (_is_number(optim.learning_rate) and optim.learning_rate > 0):
@@ -488,6 +519,8 @@ def find_problems(
             RolloutConfig.from_config(cfg)
         except (ValueError, TypeError) as err:
             problems.append(f"config.rollout: {err}")
+    if not problems:  # the estimate needs a consistent config
+        _check_memory(problems, cfg, num_devices)
     return problems
 
 

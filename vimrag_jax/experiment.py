@@ -310,9 +310,11 @@ class Experiment:
     def rollout_config(self, *, evaluation: bool = False) -> RolloutConfig:
         return RolloutConfig.from_config(self.cfg, evaluation=evaluation)
 
-    def initial_model(self):
+    def initial_model(self, *, remat: bool = False):
         """The version-0 policy: ``model.path`` for ``model.name == "hf"``, else a randomly
-        initialised preset (seeded by ``seed``) with its vocabulary sized to the tokenizer."""
+        initialised preset (seeded by ``seed``) with its vocabulary sized to the tokenizer.
+        ``remat`` rematerialises its layers in the backward pass (the learner's
+        ``model.remat``)."""
         from flax import nnx
 
         model_cfg = self.cfg.model
@@ -320,7 +322,7 @@ class Experiment:
         if model_cfg.name == "hf":
             from vimrag_jax.models.hf import from_pretrained
 
-            return from_pretrained(model_cfg.path, dtype=dtype)
+            return from_pretrained(model_cfg.path, dtype=dtype, remat=remat)
         from vimrag_jax.models.presets import init_model, preset_config
 
         hf = preset_config(model_cfg.name)
@@ -329,7 +331,7 @@ class Experiment:
         if "vision_config" in hf:  # a Qwen3-VL preset reads the tokenizer's vision placeholders
             for key, token in VISION_TOKEN_KEYS.items():
                 hf[key] = int(self.tokenizer.convert_tokens_to_ids(token))
-        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype)
+        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype, remat=remat)
 
     def load_latest(self, model, *, newer_than: int = -1) -> int | None:
         """Loads the newest published weights into ``model`` if newer than ``newer_than``;
@@ -390,11 +392,12 @@ class Experiment:
         rollout = self.cfg.rollout
         backend = rollout.backend
         rc = self.rollout_config()
-        transport = dict(
-            timeout_s=float(rollout.request_timeout_s),
-            max_retries=int(rollout.max_retries),
-            backoff_s=float(rollout.get("retry_backoff_s", 1.0)),
-        )
+        if backend != "embedded":  # the transport settings are read for servers only
+            transport = dict(
+                timeout_s=float(rollout.request_timeout_s),
+                max_retries=int(rollout.max_retries),
+                backoff_s=float(rollout.get("retry_backoff_s", 1.0)),
+            )
         if backend == "openai":
             from vimrag_jax.sampling.openai_api import OpenAICompletionsSampler
 

@@ -300,6 +300,27 @@ class Learner:
             self._devices = devices
             self._step_fn = step_lib.make_pmap_step(**kwargs, devices=devices)
 
+    def lower(self, inputs: Mapping[str, Any]) -> jax.stages.Lowered:
+        """The pjit step lowered for this process's loss inputs ``inputs`` (arrays or
+        `jax.ShapeDtypeStruct`s: only shapes and dtypes are read) and the abstract train state:
+        what `vimrag_jax.plan` compiles to read XLA's memory and cost analyses."""
+        if self.step_kind != "pjit":
+            raise ValueError("only the pjit step can be lowered for planning; set step='pjit'")
+        inputs = dict(inputs)
+        if self.loss_config.kl_coef > 0 and self.ref_params is None:  # the reference's input
+            inputs["ref_logprobs"] = jax.ShapeDtypeStruct(inputs["tokens"].shape, np.float32)
+        self._compile(inputs)
+        count = jax.process_count()
+        batch = {
+            key: jax.ShapeDtypeStruct(
+                (value.shape[0] * count, *value.shape[1:]),
+                value.dtype,
+                sharding=self._batch_shardings[key],
+            )
+            for key, value in inputs.items()
+        }
+        return self._step_fn.lower(self.abstract, batch)
+
     def _place(self, inputs: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of the batch, as global arrays over the mesh (pjit)."""
         count = jax.process_count()

@@ -101,8 +101,9 @@ def _dropped(counters: dict[str, int]) -> str:
 def _model_fn(experiment):
     """A builder of the policy's shapes and seeded initial values (jit-able)."""
     cfg = experiment.cfg
+    remat = bool(cfg.model.remat)
     if cfg.model.name != "hf":
-        return experiment.initial_model
+        return lambda: experiment.initial_model(remat=remat)
     # A checkpoint's shapes are those of a model built from its config.json; the weights
     # are loaded on the host afterwards (`_initial_params`) and placed into the shards.
     from flax import nnx
@@ -111,7 +112,7 @@ def _model_fn(experiment):
     from vimrag_jax.models.presets import init_model
 
     hf = read_config(Path(cfg.model.path))
-    return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=cfg.model.dtype)
+    return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=cfg.model.dtype, remat=remat)
 
 
 def _initial_params(experiment):

@@ -28,6 +28,7 @@ one merged token are consecutive).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -394,8 +395,21 @@ def _block_forward(
     return block(x_nd, cos_nk, sin_nk, segment)
 
 
-# Recomputes a block's activations in the backward pass instead of keeping them (config.remat).
-_remat_block_forward = nnx.remat(_block_forward)
+@functools.partial(jax.checkpoint, static_argnums=(0,))
+def _remat_block_pure(graphdef, state, x_nd, cos_nk, sin_nk, segment):
+    return nnx.merge(graphdef, state)(x_nd, cos_nk, sin_nk, segment)
+
+
+def _remat_block_forward(
+    block: VisionBlock, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment: jax.Array
+) -> jax.Array:
+    """`_block_forward` recomputed in the backward pass instead of kept (config.remat).
+
+    A plain `jax.checkpoint` over the block's split state, not `nnx.remat`: the learner runs
+    the tower under `jax.vmap` (one segment per row), where the block's variables belong to
+    the outer trace and `nnx.remat` could not update them."""
+    graphdef, state = nnx.split(block)
+    return _remat_block_pure(graphdef, state, x_nd, cos_nk, sin_nk, segment)
 
 
 class PatchMerger(nnx.Module):
