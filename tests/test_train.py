@@ -27,7 +27,8 @@ def _rows(workdir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    result = _train(workdir, total_steps=2)
+    # publish.hf_layout=on: every version also in Hugging Face layout, as a server loads it.
+    result = _train(workdir, 2, "--config.publish.hf_layout=on")
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, result
 
@@ -57,7 +58,10 @@ def test_warm_start_then_rl_with_a_worker(first_run):
     assert all(0.0 <= row["rollout_reward"] <= 1.0 for row in rl if "rollout_reward" in row)
     assert any("rollout_reward" in row for row in rl)
     assert any("eval/accuracy" in row for row in rows)
+    served = from_pretrained(workdir / "policy" / "v00000002" / "hf")  # written by the learner
+    assert (workdir / "policy" / "v00000002" / "hf" / "tokenizer.json").is_file()
     exported = from_pretrained(workdir / "export")  # the final policy as an HF checkpoint
+    assert served.config.vocab_size == exported.config.vocab_size
     assert exported.config.vocab_size >= 13
     assert (workdir / "export" / "tokenizer.json").is_file()
 
@@ -114,3 +118,15 @@ def test_late_segments_are_dropped_before_the_update_and_an_empty_batch_is_skipp
     assert train._without_late_segments(batch, 6, 2) == (None, 2)  # nothing left to train
     kept, late = train._without_late_segments(batch, 3, 2)
     assert late == 0 and kept["segment_valid"].tolist() == [True, True, False]
+
+
+def test_behavior_log_probs_warn_when_the_gap_exceeds_the_clip():
+    from vimrag_jax.rl.losses import LossConfig
+
+    behavior = LossConfig.for_algorithm("ggpo")  # old_logprobs="behavior", clip 3e-4 / 4e-4
+    message = train.behavior_gap_warning({"logprob_gap": 5e-4}, behavior)
+    assert message is not None and "more than the clip range (0.0003)" in message
+    assert train.behavior_gap_warning({"logprob_gap": 2e-4}, behavior) is None
+    assert train.behavior_gap_warning({}, behavior) is None
+    recompute = LossConfig.for_algorithm("ggpo", old_logprobs="recompute")
+    assert train.behavior_gap_warning({"logprob_gap": 1.0}, recompute) is None

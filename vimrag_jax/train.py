@@ -66,6 +66,7 @@ from vimrag_jax.rl.losses import LossConfig
 from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
 from vimrag_jax.rollout.records import ROLLOUT_DIR
 from vimrag_jax.rollout.trajectory import record_dims
+from vimrag_jax.rollout.worker import hf_layout_enabled
 from vimrag_jax.timeline import NO_LOSS, Timeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -95,6 +96,24 @@ def _dropped(counters: dict[str, int]) -> str:
         f"records read so far {c['records_read']} ({c['stale_records']} already stale), dropped: "
         f"{c['uniform_records']} in groups with one reward for all, "
         f"{c['incomplete_records']} in incomplete groups, {c['corrupt_records']} corrupt"
+    )
+
+
+def behavior_gap_warning(metrics: dict[str, float], loss_config: LossConfig) -> str | None:
+    """A warning when the ratio's denominator is the sampler's log-probs
+    (``loss.old_logprobs = "behavior"``) and the measured learner-vs-sampler gap already
+    exceeds the clip range: the clip then acts on numerical noise and zeroes gradients at
+    random (GSPO as published recomputes them: ``old_logprobs = "recompute"``). None otherwise.
+    """
+    gap = metrics.get("logprob_gap")
+    epsilon = min(loss_config.clip_low, loss_config.clip_high)
+    if loss_config.old_logprobs != "behavior" or gap is None or not gap > epsilon:
+        return None
+    return (
+        f"the learner's log-probs differ from the sampler's by {gap:.2e} per token on average, "
+        f"more than the clip range ({epsilon:g}) of loss.old_logprobs='behavior': the clip "
+        "will bind on numerical noise; consider loss.old_logprobs='recompute' (with "
+        "loss.num_minibatches > 1 for GSPO as published)"
     )
 
 
@@ -404,14 +423,31 @@ class Trainer:
         # Workers read the plain parameter tree (`Experiment.load_latest`): no Variable boxes.
         params = learner.params().to_pure_dict()
         keep = int(self.cfg.publish.keep)
-        publish.publish_policy(params, self.workdir, version, keep=keep, step=step)
+        hf_writer = None
+        if hf_layout_enabled(self.cfg):  # what SGLang / vLLM load, inside the atomic publish
+            experiment = self.experiment
+
+            def hf_writer(directory: Path) -> None:
+                publish.write_hf_layout(
+                    directory.parent,
+                    experiment.abstract_model,
+                    tokenizer=experiment.tokenizer,
+                    source_dir=experiment.hf_source_dir(),
+                    dtype=str(self.cfg.export.dtype),
+                )
+
+        publish.publish_policy(
+            params, self.workdir, version, keep=keep, step=step, hf_writer=hf_writer
+        )
 
     def run_rl(self, start_params: Any | None) -> None:
         cfg = self.cfg
+        loss_config = LossConfig.from_config(cfg.loss)
+        gap_warned = False
         learner = Learner(
             self.model_fn,
             optim.make_optimizer(cfg.optim),
-            LossConfig.from_config(cfg.loss),
+            loss_config,
             self.mesh,
             step_kind=cfg.step,
             length_bucket=int(cfg.data.length_bucket),
@@ -495,6 +531,9 @@ class Trainer:
                 if batch is None:
                     continue
                 metrics = learner.train_step(batch)
+                if not gap_warned and (message := behavior_gap_warning(metrics, loss_config)):
+                    logging.warning(message)
+                    gap_warned = True
                 kill_point("rl_step", offset + learner.step)
                 trained_version = version  # the policy this batch updated (lag is to it)
                 if learner.step % self.micro == 0:
