@@ -147,3 +147,31 @@ def test_blocked_attention_loops_within_each_devices_rows():
     want = plain(q, kv[0], kv[1], allowed)
     got = meshed(q, kv[0], kv[1], allowed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_the_learner_reads_the_checkpoint_straight_into_its_shards(tmp_path):
+    # train._initial_params loads model.path with the mesh: every parameter arrives as a
+    # sharded array (fsdp over 8 devices) equal to the whole-model load.
+    import types
+
+    import ml_collections
+    from flax import nnx
+
+    from vimrag_jax import train
+    from vimrag_jax.models.hf import from_pretrained, save_pretrained
+    from vimrag_jax.models.presets import init_model, preset_config
+
+    hf = preset_config("tiny")
+    save_pretrained(init_model(hf, rngs=nnx.Rngs(3)), tmp_path, dtype="float32")
+    cfg = ml_collections.ConfigDict(
+        {"model": {"name": "hf", "path": str(tmp_path), "dtype": "float32"}}
+    )
+    mesh = make_mesh(1, 8, 1)
+    params = train._initial_params(types.SimpleNamespace(cfg=cfg), mesh)
+    whole = nnx.state(from_pretrained(tmp_path), nnx.Param)
+    leaves = jax.tree.leaves(params)
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+               for leaf in leaves)  # fmt: skip
+    for got, want in zip(leaves, jax.tree.leaves(whole), strict=True):
+        assert got.sharding.mesh.shape == mesh.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -35,16 +35,23 @@ from ml_collections import config_flags
 
 from vimrag_jax import footprint
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Run config, e.g. configs/ggpo.py:qwen3vl_8b.", lock_config=True
-)
-_DEVICES = flags.DEFINE_integer("devices", None, "Devices the run will use (all processes).")
-_MEMORY = flags.DEFINE_float(
-    "device_memory_gb",
-    None,
-    "Memory of one device in GiB (default: config.mesh.device_memory_gb, else 80).",
-)
-_JSON = flags.DEFINE_bool("json", False, "End with one line of JSON.")
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs (other programs share absl's flags)."""
+    _FLAGS.update(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Run config, e.g. configs/ggpo.py:qwen3vl_8b.", lock_config=True
+        ),
+        devices=flags.DEFINE_integer("devices", None, "Devices the run will use (all processes)."),
+        memory=flags.DEFINE_float(
+            "device_memory_gb",
+            None,
+            "Memory of one device in GiB (default: config.mesh.device_memory_gb, else 80).",
+        ),
+        json=flags.DEFINE_bool("json", False, "End with one line of JSON."),
+    )
 
 
 def step_flops(cfg: Any, hf: dict[str, Any]) -> float:
@@ -204,23 +211,24 @@ def format_plan(plan: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cfg = _CONFIG.value
-    if cfg is None or not _DEVICES.value or _DEVICES.value < 1:
+    cfg, devices = _FLAGS["config"].value, _FLAGS["devices"].value
+    if cfg is None or not devices or devices < 1:
         raise app.UsageError("--config and --devices (>= 1) are required")
     import jax
 
     # Before anything touches a backend: N fake CPU devices stand for the accelerators.
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", int(_DEVICES.value))
-    gib = _MEMORY.value
+    jax.config.update("jax_num_cpu_devices", int(devices))
+    gib = _FLAGS["memory"].value
     if gib is None:
         gib = float(cfg.mesh.get("device_memory_gb", 0) or 80)
-    plan = make_plan(cfg, int(_DEVICES.value), int(gib * footprint.GIB))
+    plan = make_plan(cfg, int(devices), int(gib * footprint.GIB))
     print(format_plan(plan), flush=True)
-    if _JSON.value:
+    if _FLAGS["json"].value:
         print(json.dumps(plan, sort_keys=True))
     return 0 if plan["fits"] else 1
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

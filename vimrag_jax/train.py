@@ -134,13 +134,19 @@ def _model_fn(experiment):
     return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=cfg.model.dtype, remat=remat)
 
 
-def _initial_params(experiment):
-    """None (initialise from `model_fn`) or the Hugging Face checkpoint's parameters."""
-    if experiment.cfg.model.name != "hf":
+def _initial_params(experiment, mesh):
+    """None (initialise from `model_fn`) or the Hugging Face checkpoint's parameters, read
+    straight into their shards over ``mesh`` (each process reads only the blocks its devices
+    hold from the memory-mapped safetensors; no device or host holds the whole model)."""
+    cfg = experiment.cfg
+    if cfg.model.name != "hf":
         return None
     from flax import nnx
 
-    return nnx.state(experiment.initial_model(), nnx.Param)
+    from vimrag_jax.models.hf import from_pretrained
+
+    model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
+    return nnx.state(model, nnx.Param)
 
 
 def _without_late_segments(
@@ -298,7 +304,7 @@ class Trainer:
         restored = learner.restore(self.checkpointer)
         data_state: dict = {}
         if restored is None:
-            learner.initialize(_initial_params(self.experiment))
+            learner.initialize(_initial_params(self.experiment, self.mesh))
         else:
             data_state = this_process_data(restored)
             logging.info("resumed the warm start at step %d", learner.step)
@@ -469,7 +475,7 @@ class Trainer:
                 params = learner.params()
                 logging.info("starting RL from the warm start's last checkpoint")
             if params is None:
-                params = _initial_params(self.experiment)
+                params = _initial_params(self.experiment, self.mesh)
             learner.initialize(params)
         offset = self.sft_calls  # checkpoint steps continue after the warm start's
         write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})
