@@ -308,7 +308,7 @@ def count_embedded(inner, fail_after: int | None = None):
 def test_resume_after_interruptions(data_dir: Path, raw: dict[str, Path], tmp_path: Path) -> None:
     selection = "squad,mmlongbench_doc,syntheticqa"
     args = dict(data_dir=data_dir, raw=raw, selection=selection, settings=SETTINGS, log=print)
-    whole = corpus.build_corpus(out=tmp_path / "whole", **args)
+    whole = corpus.build_corpus(out=tmp_path / "whole", workers=3, **args)  # same order
     total = sum(entry["items"] for entry in whole["items"].values())
 
     out = tmp_path / "resumed" / "store"

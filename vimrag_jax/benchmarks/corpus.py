@@ -250,6 +250,7 @@ def build_corpus(
     embedder: Embedder | None = None,
     work: str | os.PathLike | None = None,
     settings: Settings | None = None,
+    workers: int = 1,
     max_items: int = 0,
     embed_batch: int = 64,
     restart: bool = False,
@@ -285,7 +286,12 @@ def build_corpus(
     log(f"preparing items in {work_dir.root} ({work_dir.num_items} already prepared)")
     began = time.perf_counter()
     finished, errors, seconds = prepare(
-        work_dir, sources.units(), max_items=max_items, progress_every=progress_every, log=log
+        work_dir,
+        sources.units(),
+        workers=workers,
+        max_items=max_items,
+        progress_every=progress_every,
+        log=log,
     )
     prepared_s = time.perf_counter() - began
     summary: dict[str, Any] = {"finished": finished, "items_prepared": work_dir.num_items}
@@ -360,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max_items", type=int, default=0, help="stop after N items (resume later)"
     )
     parser.add_argument("--embed_batch", type=int, default=64)
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads preparing media"
+    )
     parser.add_argument("--progress_every", type=int, default=1000)
     parser.add_argument("--restart", action="store_true", help="discard the work directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a different store")
@@ -378,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             embedder=parse_embedder(args.embedder),
             work=args.work or None,
             settings=Settings(args.image_max_side, args.frame_max_side),
+            workers=args.workers,
             max_items=args.max_items,
             embed_batch=args.embed_batch,
             restart=args.restart,

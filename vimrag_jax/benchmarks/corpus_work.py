@@ -17,14 +17,15 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from vimrag_jax.benchmarks.corpus_sources import Unit
+from vimrag_jax.benchmarks.corpus_sources import Planned, Unit
 from vimrag_jax.benchmarks.media import MediaError
 from vimrag_jax.retrieval.embedders import Embedder
 from vimrag_jax.retrieval.index import RetrievalError
@@ -156,43 +157,74 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
 
 
+def _make(unit: Unit, media_dir: Path) -> tuple[list[Planned], str, float]:
+    """(items, media error or "", seconds) of one unit."""
+    start = time.perf_counter()
+    try:
+        return unit.make(media_dir), "", time.perf_counter() - start
+    except MediaError as failure:  # one unreadable file must not end a 200k-item build
+        return [], str(failure), time.perf_counter() - start
+
+
+def _made(
+    units: Iterable[Unit], media_dir: Path, workers: int
+) -> Iterator[tuple[Unit, list[Planned], str, float]]:
+    """Each unit with its `_make` result, in order; ``workers`` threads make up to twice as
+    many units ahead (PIL, PDFium and PyAV do their work outside the GIL)."""
+    if workers <= 1:
+        for unit in units:
+            yield unit, *_make(unit, media_dir)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="corpus") as pool:
+        window: collections.deque = collections.deque()
+        for unit in units:
+            window.append((unit, pool.submit(_make, unit, media_dir)))
+            if len(window) >= 2 * workers:
+                unit, future = window.popleft()
+                yield unit, *future.result()
+        while window:
+            unit, future = window.popleft()
+            yield unit, *future.result()
+
+
 def prepare(
     work: WorkDir,
     units: Iterable[Unit],
     *,
+    workers: int = 1,
     max_items: int = 0,
     progress_every: int = 1000,
     log: Callable[[str], None] = print,
-) -> tuple[bool, dict[str, str], dict[str, float]]:
-    """Writes the items of every unit not done yet; (finished, media errors by unit, seconds
-    per item kind). Stops at a unit boundary once ``max_items`` (> 0) items were written."""
-    began, written, errors = time.perf_counter(), 0, {}
-    seconds: dict[str, float] = collections.Counter()
-    for unit in work.done:
-        if unit.get("error"):
-            errors[unit["unit"]] = unit["error"]
+) -> tuple[bool, dict[str, str], dict[str, dict[str, float]]]:
+    """Writes the items of every unit not done yet, in unit order whatever ``workers`` is.
+
+    Returns (finished, media errors by unit, {unit kind: units, items, seconds}). Stops at a
+    unit boundary once ``max_items`` (> 0) items were written in this call (finished False).
+    """
+    began, written = time.perf_counter(), 0
+    errors = {unit["unit"]: unit["error"] for unit in work.done if unit.get("error")}
+    kinds: dict[str, dict[str, float]] = {}
+
+    def pending() -> Iterator[Unit]:
+        for position, unit in enumerate(units):
+            if position >= len(work.done):
+                yield unit
+            elif work.done[position]["unit"] != unit.key:
+                raise CorpusBuildError(
+                    f"{work.root}: source {position} was {work.done[position]['unit']!r} "
+                    f"and is now {unit.key!r}: the raw inputs changed; pass --restart"
+                )
+
     with (
         open(work.items, "a") as items,
         open(work.keys, "a") as keys,
         open(work.units, "a") as done,
     ):
-        for position, unit in enumerate(units):
-            if position < len(work.done):
-                if work.done[position]["unit"] != unit.key:
-                    raise CorpusBuildError(
-                        f"{work.root}: source {position} was {work.done[position]['unit']!r} "
-                        f"and is now {unit.key!r}: the raw inputs changed; pass --restart"
-                    )
-                continue
+        for unit, planned, error, seconds in _made(pending(), work.media, workers):
             if max_items and written >= max_items:
                 log(f"stopped after {written} items (--max_items); rerun to continue")
-                return False, errors, dict(seconds)
-            start = time.perf_counter()
-            try:
-                planned = unit.make(work.media)
-                error = ""
-            except MediaError as failure:  # one unreadable file must not end a 200k-item build
-                planned, error = [], str(failure)
+                return False, errors, kinds
+            if error:
                 errors[unit.key] = error
                 log(f"skipped {unit.key}: {error}")
             for item in planned:
@@ -207,13 +239,19 @@ def prepare(
                 if progress_every and work.num_items % progress_every == 0:
                     rate = written / max(time.perf_counter() - began, 1e-9)
                     log(f"prepared {work.num_items} items ({rate:.1f}/s)")
-            kind = unit.key.split(":", 1)[0] if planned else "failed"
-            seconds[kind] += time.perf_counter() - start
+            kind = kinds.setdefault(
+                "failed" if error else unit.key.split(":", 1)[0],
+                {"units": 0, "items": 0, "seconds": 0.0},
+            )
+            kind["units"] += 1
+            kind["items"] += len(planned)
+            kind["seconds"] += seconds
             items.flush()
             keys.flush()
-            done.write(json.dumps({"unit": unit.key, "items": len(planned), "error": error}) + "\n")
+            done.write(json.dumps({"unit": unit.key, "items": len(planned), "error": error}))
+            done.write("\n")
             done.flush()
-    return True, errors, dict(seconds)
+    return True, errors, kinds
 
 
 __all__ = [

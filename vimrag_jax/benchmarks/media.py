@@ -24,6 +24,7 @@ import io
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PDF_POINTS_PER_INCH = 72.0
 _SECOND = re.compile(r"^\d+$")
+_PDFIUM = threading.Lock()  # PDFium is not thread-safe
 
 
 class MediaError(ValueError):
@@ -85,7 +87,7 @@ def image_within(source: Path, target: Path, max_side: int) -> Path:
     except (OSError, ValueError, SyntaxError) as error:
         raise MediaError(f"cannot read image {str(source)!r}: {error}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    small.save(target, "PNG")
+    small.save(target, "PNG", compress_level=1)
     return target
 
 
@@ -99,7 +101,7 @@ def image_bytes_to_file(data: bytes, target: Path, max_side: int, what: str) -> 
     except (OSError, ValueError, SyntaxError) as error:
         raise MediaError(f"cannot decode {what}: {error}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    small.save(target, "PNG")
+    small.save(target, "PNG", compress_level=1)
     return target
 
 
@@ -144,30 +146,35 @@ class WebQAImages:
 def render_pdf(path: Path, out_dir: Path, max_side: int) -> list[Path]:
     """Every page of the PDF ``path`` rendered with PDFium (``pypdfium2``) to
     ``out_dir/<page:04d>.png`` (1-based), scaled so the page's longer side is ``max_side``
-    pixels; the page files in order."""
+    pixels; the page files in order. PDFium is not thread-safe: its calls hold `_PDFIUM`,
+    and only the PNG writing runs beside other threads."""
     pdfium = _import("pypdfium2", f"rendering the PDF {str(path)!r}", "pypdfium2")
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        document = pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as error:
-        raise MediaError(f"cannot open the PDF {str(path)!r}: {error}") from None
+    with _PDFIUM:
+        try:
+            document = pdfium.PdfDocument(str(path))
+            count = len(document)
+        except pdfium.PdfiumError as error:
+            raise MediaError(f"cannot open the PDF {str(path)!r}: {error}") from None
     files = []
     try:
-        for number in range(1, len(document) + 1):
-            page = document[number - 1]
-            try:
-                width, height = page.get_size()
-                scale = max_side / max(width, height, 1.0)
-                image = page.render(scale=scale).to_pil().convert("RGB")
-            except pdfium.PdfiumError as error:
-                raise MediaError(f"cannot render page {number} of {str(path)!r}: {error}") from None
-            finally:
-                page.close()
+        for number in range(1, count + 1):
+            with _PDFIUM:
+                try:
+                    page = document[number - 1]
+                    width, height = page.get_size()
+                    image = page.render(scale=max_side / max(width, height, 1.0)).to_pil()
+                    page.close()
+                except pdfium.PdfiumError as error:
+                    raise MediaError(
+                        f"cannot render page {number} of {str(path)!r}: {error}"
+                    ) from None
             target = out_dir / f"{number:04d}.png"
-            image.save(target, "PNG")
+            image.convert("RGB").save(target, "PNG", compress_level=1)
             files.append(target)
     finally:
-        document.close()
+        with _PDFIUM:
+            document.close()
     if not files:
         raise MediaError(f"the PDF {str(path)!r} has no pages")
     return files
