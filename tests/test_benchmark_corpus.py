@@ -24,6 +24,7 @@ from vimrag_jax import benchmarks
 from vimrag_jax.benchmarks import corpus, media
 from vimrag_jax.benchmarks.build import build
 from vimrag_jax.benchmarks.corpus_sources import Settings
+from vimrag_jax.benchmarks.raw import RawFormatError
 from vimrag_jax.envs.dataset import load_questions
 from vimrag_jax.retrieval.corpus import CorpusStore
 from vimrag_jax.retrieval.embedders import HashingEmbedder
@@ -389,3 +390,14 @@ def test_frame_directories_must_be_1_fps_without_gaps(tmp_path: Path) -> None:
         media.frame_seconds(tmp_path / "v")
     assert list(media.chunks_over(59, 61)) == [0, 1]
     assert list(media.chunks_over(15, 19)) == [0]
+
+
+def test_a_raw_file_the_corpus_cannot_read_is_named(data_dir: Path, tmp_path: Path) -> None:
+    raw = copy_fixture("squad", tmp_path)
+    squad = json.loads((raw / "dev-v1.1.json").read_text())
+    del squad["data"][0]["paragraphs"][1]["context"]
+    (raw / "dev-v1.1.json").write_text(json.dumps(squad))
+    with pytest.raises(RawFormatError, match=r"squad.*'context'"):
+        corpus.build_corpus(
+            data_dir=data_dir, raw={"squad": raw}, out=tmp_path / "store", selection="squad"
+        )

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from vimrag_jax.benchmarks import BUILDERS, media
-from vimrag_jax.benchmarks.raw import clock, find_split_files, json_list, read_json, read_jsonl
+from vimrag_jax.benchmarks.raw import (
+    RawFormatError,
+    clock,
+    find_split_files,
+    json_list,
+    read_json,
+    read_jsonl,
+)
 
 _CLIP = re.compile(r"^(?P<video>.+)_chunk_(?P<index>\d+)(\.\w+)?$")
 _SLIDE_SPLITS = {"train": "train", "validation": "dev", "test": "test"}
@@ -105,10 +112,20 @@ class Sources:
         for name in BUILDERS:
             if name not in self.raw:
                 continue
-            for unit in getattr(self, f"_{name}")(self.raw[name]):
-                if unit.key not in seen:
-                    seen.add(unit.key)
-                    yield unit
+            try:
+                for unit in getattr(self, f"_{name}")(self.raw[name]):
+                    if unit.key not in seen:
+                        seen.add(unit.key)
+                        yield unit
+            except (KeyError, TypeError, AttributeError, ValueError) as error:
+                if isinstance(error, RawFormatError | media.MediaError):
+                    raise
+                raise RawFormatError(
+                    self.raw[name],
+                    "(corpus sources)",
+                    f"{name}: a raw file lacks a field the corpus reads ({error!r}); building "
+                    "its TFDS dataset from the same directory names the file and record",
+                ) from error
 
     def _files(self, name: str, root: Path) -> Iterator[tuple[str, Path]]:
         """(split, raw file) of the selected splits present in ``root``."""
