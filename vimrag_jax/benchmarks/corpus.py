@@ -3,7 +3,8 @@ with every question's gold evidence mapped to the store's item ids.
 
     python -m vimrag_jax.benchmarks.corpus --data_dir=OUT --raw=NAME=DIR,... --out=STORE \
         [--benchmarks=all|NAME[:FORMAT],...] [--splits=SPLIT,...] [--embedder=hashing]
-        [--work=DIR] [--image_max_side=1024] [--frame_max_side=448] [--max_items=N]
+        [--work=DIR] [--workers=8] [--image_max_side=1024] [--frame_max_side=448]
+        [--max_items=N] [--embed_batch=64]
         [--restart] [--overwrite]
 
 ``OUT`` holds the TFDS datasets built by `vimrag_jax.benchmarks.build` (the questions and their
