@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "absl-py>=2.1",
     "pillow>=13.0.0,<14",
+    # PDF pages of the benchmark corpus (vimrag_jax.benchmarks.media renders them).
+    "pypdfium2>=5.15.2,<6",
     # TensorBoard event files (its writer needs no TensorFlow) and the plots of plot.py.
     "tensorboard>=2.21.0,<3",
     "matplotlib>=3.11.2,<4",
