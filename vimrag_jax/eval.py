@@ -10,6 +10,18 @@ when none is), and writes ``DIR/eval/eval-v<version>.json`` with the episodes be
 (``episodes-v<version>.array_record``; draw one with ``python -m vimrag_jax.rollout.render``).
 The learner calls `evaluate` itself every ``eval.every_steps`` updates and at the end of
 training.
+
+On the paper's benchmarks (a store built by ``python -m vimrag_jax.benchmarks.corpus``), as its
+own job on a checkpoint loaded straight into the mesh's shardings, a published policy, a
+Hugging Face directory or a served model::
+
+    python -m vimrag_jax.eval --config=configs/ggpo.py --workdir=DIR --benchmarks=all|NAME,...
+        [--agent=vimrag|react|summary|mem1] [--store=STORE] [--split=auto|test|validation]
+        [--checkpoint=auto|latest|STEP|published|initial|PATH] [--num_questions=N]
+
+writes the episodes under ``DIR/eval/<agent>/<benchmark>/`` as they finish (a rerun resumes) and
+the paper-style table ``DIR/eval/<agent>/results.{md,csv,json}``
+(`vimrag_jax.benchmarks.evaluate`, `vimrag_jax.benchmarks.table`).
 """
 
 from __future__ import annotations
@@ -135,7 +147,23 @@ def _define_flags() -> None:
             "num_questions", 0, "Evaluate only the first N held-out questions (0: all)."
         ),
         policy=flags.DEFINE_enum(
-            "policy", "model", ["model", "scripted_expert"], "Who acts (scripted: a ceiling)."
+            "policy",
+            "model",
+            ["model", "scripted_expert", "scripted_noisy"],
+            "Who acts (scripted: a ceiling; on benchmarks, the gold-reading oracle).",
+        ),
+        # The benchmark evaluation (vimrag_jax.benchmarks.evaluate); off while --benchmarks="".
+        benchmarks=flags.DEFINE_string(
+            "benchmarks", "", "all | NAME,...: evaluate on the corpus store's benchmarks."
+        ),
+        agent=flags.DEFINE_string("agent", "", "vimrag | react | summary | mem1 (rollout.agent)."),
+        store=flags.DEFINE_string("store", "", "Corpus store with questions/ (data.corpus)."),
+        split=flags.DEFINE_string("split", "auto", "auto (test, else validation) | SPLIT."),
+        checkpoint=flags.DEFINE_string(
+            "checkpoint", "auto", "auto | latest | STEP | published | initial | PATH."
+        ),
+        batch_size=flags.DEFINE_integer(
+            "batch_size", 0, "Episodes per batch (0: questions_per_batch x group_size)."
         ),
     )
 
@@ -144,6 +172,8 @@ def main(argv: list[str]) -> int:
     from vimrag_jax.rollout.worker import flag_values
 
     value = flag_values(_FLAGS, argv)
+    if value["benchmarks"]:
+        return _benchmark_main(value)
     from vimrag_jax.envs import scripted_sampler
     from vimrag_jax.experiment import Experiment
 
@@ -156,6 +186,8 @@ def main(argv: list[str]) -> int:
     else:
         calls = experiment.rollout_config().max_model_calls
         factory = scripted_sampler.expert_factory(max_calls=calls)
+        if value["policy"] == "scripted_noisy":
+            factory = scripted_sampler.noisy_factory(experiment.entities, max_calls=calls)
         backend = scripted_sampler.ScriptedSampler(experiment.tokenizer, factory)
     metrics = evaluate(
         experiment,
@@ -167,6 +199,27 @@ def main(argv: list[str]) -> int:
     path = write_report(value["workdir"], version, metrics)
     logging.info("policy v%d: %s (written to %s)", version, metrics, path)
     print(json.dumps({"policy_version": version, **metrics}))
+    return 0
+
+
+def _benchmark_main(value: dict[str, Any]) -> int:
+    """``--benchmarks``: `vimrag_jax.benchmarks.evaluate` on the corpus store's questions."""
+    from vimrag_jax.benchmarks import evaluate as bench
+    from vimrag_jax.resume import use_compile_cache
+
+    use_compile_cache(value["config"].compile_cache, value["workdir"])
+    request = bench.Request(
+        **{k: value[k] for k in ("benchmarks", "agent", "store", "split", "checkpoint")},
+        num_questions=value["num_questions"],
+        policy=value["policy"],
+        batch_size=value["batch_size"],
+    )
+    try:
+        summary = bench.evaluate_benchmarks(value["config"], value["workdir"], request)
+    except bench.EvalError as error:
+        print(f"eval: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"agent": summary["agent"], "overall": summary["overall"]}))
     return 0
 
 
