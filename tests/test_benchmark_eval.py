@@ -183,6 +183,38 @@ def test_a_partial_run_is_resumed_without_redoing_episodes(run, store: Path) -> 
     assert not [line for line in third if "episodes, accuracy" in line]
 
 
+class FakeJudge:
+    """Grades like exact match, but cannot grade SQuAD's question 0 (a failed request)."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def verdicts(self, requests):
+        self.asked += len(requests)
+        return [
+            None if "Super Bowl 50" in r.question and "AFC" in r.question
+            else r.prediction in r.references
+            for r in requests
+        ]  # fmt: skip
+
+
+def test_judged_accuracy_counts_failures_with_em_and_f1_beside(run, store: Path) -> None:
+    workdir, _, _ = run
+    cfg = _config()
+    cfg.rollout.reward_metric = "judge"
+    judge = FakeJudge()
+    request = evaluate.Request(
+        benchmarks="squad", agent="summary", store=str(store), policy="scripted_expert"
+    )
+    summary = evaluate.evaluate_benchmarks(cfg, workdir, request, judge=judge, log=lambda _: None)
+    row = summary["benchmarks"]["squad"]
+    assert judge.asked == row["questions"] == 8 and row["judge_failures"] == 1
+    assert row["accuracy"] == 100 * 7 / 8 and row["em"] == row["f1"] == 100.0
+    text = (workdir / "eval" / "summary" / "results.md").read_text()
+    assert "judge failures" in text and "reward_metric = judge" in text
+    assert row["paper_accuracy"] is None  # the paper has no summary-agent row
+
+
 def test_merged_table_and_plot_of_every_agent(run, store: Path, tmp_path: Path) -> None:
     workdir, _, _ = run
     eval_dir = workdir / "eval"
@@ -231,7 +263,7 @@ def test_clear_errors_for_unknown_names_and_missing_question_files(store: Path, 
     assert done.returncode == 2 and "eval: error: unknown benchmark 'nope'" in done.stderr
 
 
-def test_policy_restored_from_an_orbax_checkpoint_is_sharded_over_8_devices(run) -> None:
+def test_policy_restored_from_an_orbax_checkpoint_is_sharded_over_8_devices(run, store) -> None:
     from flax import nnx
 
     from vimrag_jax import checkpointing, optim
@@ -262,3 +294,13 @@ def test_policy_restored_from_an_orbax_checkpoint_is_sharded_over_8_devices(run)
     assert big.addressable_shards[0].data.size * 8 == big.size  # one eighth per device
     with pytest.raises(evaluate.EvalError, match="no checkpoint of step 7"):
         evaluate.load_policy(experiment, "7", mesh)
+    # The evaluation as its own job: that checkpoint, sharded, through the embedded sampler.
+    cfg = _config()
+    cfg.mesh.update(data=1, fsdp=8)
+    cfg.rollout.update(max_model_calls=1, max_new_tokens=8)
+    request = evaluate.Request(benchmarks="squad", agent="mem1", num_questions=1, checkpoint="5")
+    request.store = str(store)
+    summary = evaluate.evaluate_benchmarks(cfg, workdir, request, log=lambda _: None)
+    assert summary["policy"] == label and summary["policy_version"] == 3
+    assert summary["overall"]["questions"] == summary["overall"]["model_calls"] == 1
+    assert 0 < summary["overall"]["generated_tokens"] <= 8

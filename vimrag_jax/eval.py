@@ -205,8 +205,10 @@ def main(argv: list[str]) -> int:
 def _benchmark_main(value: dict[str, Any]) -> int:
     """``--benchmarks``: `vimrag_jax.benchmarks.evaluate` on the corpus store's questions."""
     from vimrag_jax.benchmarks import evaluate as bench
+    from vimrag_jax.checkpointing import quiet_orbax_info
     from vimrag_jax.resume import use_compile_cache
 
+    quiet_orbax_info()
     use_compile_cache(value["config"].compile_cache, value["workdir"])
     request = bench.Request(
         **{k: value[k] for k in ("benchmarks", "agent", "store", "split", "checkpoint")},

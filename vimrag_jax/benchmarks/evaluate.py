@@ -352,9 +352,13 @@ def evaluate_benchmarks(
     workdir: str | os.PathLike,
     request: Request,
     *,
+    judge: Any = None,
     log: Log = stderr_log,
 ) -> dict[str, Any]:
-    """Runs the evaluation the module docstring describes; returns ``results.json``'s content."""
+    """Runs the evaluation the module docstring describes; returns ``results.json``'s content.
+
+    With ``rollout.reward_metric = "judge"`` the episodes are graded by ``judge`` (an
+    ``envs.judge.Judge``; built from the config, and closed at the end, when None)."""
     from vimrag_jax.agent import baselines
     from vimrag_jax.benchmarks import table
     from vimrag_jax.envs.dataset import load_questions
@@ -377,8 +381,8 @@ def evaluate_benchmarks(
         visual_patches=visual_patches(backend, store),
     )
     batch = request.batch_size or config.questions_per_batch * config.group_size
-    judge = None
-    if config.reward_metric == "judge":
+    own_judge = judge is None and config.reward_metric == "judge"
+    if own_judge:
         from vimrag_jax.envs.judge import Judge
 
         judge = Judge.from_config(cfg, workdir)
@@ -405,7 +409,7 @@ def evaluate_benchmarks(
                 log=log,
             )
     finally:
-        if judge is not None:
+        if own_judge:
             judge.close()
     meta = {
         "agent": agent_name,
