@@ -8,6 +8,22 @@ and the sampler's decoding protocol (`decode_step`, and `prefill_embeddings` for
 `[3, B, L]` for Qwen3-VL, which also places visual features and DeepStack through the
 embeddings and `after_layer` hooks.
 
+With `scan_layers` (a `Qwen3Config` field) the full forward runs the layers as one
+`jax.lax.scan` over their parameters stacked `[layers, ...]`, so the traced and compiled
+program holds one layer body whatever the depth; with `remat` the scanned body is a
+`jax.checkpoint` under `remat_policy`. The parameters stay stored per layer (`layers[i]...`)
+and are stacked on the fly in `scan_decoder_layers`: checkpoints, the Hugging Face
+import/export (`vimrag_jax.models.hf`), publishing, the optimizer state, the logical-axis
+sharding rules and every caller that walks `model.layers` are unchanged, and one checkpoint
+runs scanned or unrolled. Storing them stacked would save a copy but put a `layers` axis into
+all of those. The price: one copy of the layer parameters per forward (their gradients are
+sliced back per layer), and a few stacking/slicing ops per parameter and layer, so the
+program still grows with depth, by about a tenth of a layer's body per layer
+(`tests/test_scan_layers.py`); under FSDP the copy keeps each weight's split. Layers whose
+output an `after_layer` hook may change (Qwen3-VL's DeepStack levels,
+`DecoderStack.hooked_layers`) run unrolled before the scan; the KV-cache passes (prefill,
+decode) stay unrolled.
+
 Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`);
 attention projections keep the head axis separate (`q [embed, heads, head_dim]`,
 `o [heads, head_dim, embed]`) so heads can be sharded without reshapes. The parameter names
@@ -16,6 +32,7 @@ are the checkpoint layout that `vimrag_jax.models.hf` maps to transformers' name
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -158,8 +175,62 @@ def _layer_forward(layer: DecoderLayer, x_bld: jax.Array, inputs: LayerInputs) -
     return layer(x_bld, inputs)
 
 
-# Recomputes a layer's activations in the backward pass instead of keeping them.
-_remat_layer_forward = nnx.remat(_layer_forward)
+# `jax.checkpoint_policies` a config may name as `remat_policy`: what a rematerialised layer
+# keeps from its forward pass (nothing: only its input, recomputing the rest; dots: the matmul
+# outputs too, trading memory for less recomputation).
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+    """The `jax.checkpoint_policies` member called `name` (one of `REMAT_POLICIES`)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r} is not one of {REMAT_POLICIES}.")
+    return getattr(jax.checkpoint_policies, name)
+
+
+@functools.cache
+def _remat_layer_forward(
+    policy: str,
+) -> Callable[[DecoderLayer, jax.Array, LayerInputs], jax.Array]:
+    """`_layer_forward` recomputing the layer's activations in the backward pass (`policy`)."""
+    return nnx.remat(_layer_forward, policy=remat_policy(policy))
+
+
+def scan_decoder_layers(
+    layers: Sequence[DecoderLayer],
+    x_bld: jax.Array,
+    inputs: LayerInputs,
+    *,
+    remat: bool = False,
+    policy: str = "nothing_saveable",
+) -> jax.Array:
+    """Runs `layers` (all of one structure) over `x[B, L, D]` as one `jax.lax.scan`.
+
+    Each layer's parameters are split off its module, the leaves stacked `[layers, ...]` and
+    the scan body rebuilds one layer from a slice, so the program holds a single layer body
+    whatever the depth. Each layer input is pinned to the batch axes (`constrain_rows`), as in
+    the unrolled loop; with `remat` the body is checkpointed under `policy` (one of
+    `REMAT_POLICIES`), so the backward pass keeps only each layer's input. Gradients reach the
+    per-layer parameters through the stacking. Returns the last layer's output.
+    """
+    graphdef, first = nnx.split(layers[0])
+    leaves, treedef = jax.tree.flatten(first)
+    per_layer = [leaves, *(jax.tree.leaves(nnx.split(layer)[1]) for layer in layers[1:])]
+    stacked = [jnp.stack(column) for column in zip(*per_layer, strict=True)]
+
+    def body(x: jax.Array, layer_leaves: list[jax.Array]) -> tuple[jax.Array, None]:
+        layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
+        return _layer_forward(layer, constrain_rows(x), inputs), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=remat_policy(policy), prevent_cse=False)
+    x_bld, _ = jax.lax.scan(body, x_bld, stacked)
+    return x_bld
 
 
 @struct.dataclass
@@ -276,6 +347,11 @@ class DecoderStack(nnx.Module):
         """The positions (in `position_tables`' layout) of one new text token per row."""
         raise NotImplementedError
 
+    def hooked_layers(self) -> int:
+        """How many leading layers an `after_layer` hook of this model may change the output of
+        (they run unrolled before the scan under `scan_layers`); default: all of them."""
+        return len(self.layers)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings `[B, L, D]` in the compute dtype."""
         dtype = jnp.dtype(self.text_config.dtype)
@@ -303,14 +379,26 @@ class DecoderStack(nnx.Module):
 
         `positions` are in `position_tables`' layout, `allowed_bqm: bool[B, L, L]` is the
         attention pattern and `after_layer(i, x)` is applied after layer i (Qwen3-VL adds
-        DeepStack there). With `text_config.remat`, each layer is rematerialised.
+        DeepStack there). With `text_config.remat`, each layer is rematerialised (under
+        `text_config.remat_policy`). With `text_config.scan_layers`, the layers after the first
+        `hooked_layers()` (all of them without `after_layer`) run as one scan
+        (`scan_decoder_layers`); the result is the same up to float rounding.
         """
+        config = self.text_config
         inputs = LayerInputs(*self.position_tables(positions), allowed_bqm)
-        forward = _remat_layer_forward if self.text_config.remat else _layer_forward
-        for i, layer in enumerate(self.layers):
+        forward = _remat_layer_forward(config.remat_policy) if config.remat else _layer_forward
+        layers = list(self.layers)
+        unrolled = len(layers)
+        if config.scan_layers:
+            unrolled = 0 if after_layer is None else min(self.hooked_layers(), len(layers))
+        for i, layer in enumerate(layers[:unrolled]):
             x_bld = forward(layer, constrain_rows(x_bld), inputs)
             if after_layer is not None:
                 x_bld = after_layer(i, x_bld)
+        if unrolled < len(layers):
+            x_bld = scan_decoder_layers(
+                layers[unrolled:], x_bld, inputs, remat=config.remat, policy=config.remat_policy
+            )
         return constrain_rows(self.final_norm(x_bld))
 
     def init_cache(self, batch: int, cache_size: int) -> KVCache:

@@ -324,16 +324,26 @@ def load_qwen3(
     remat: bool = False,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
+    scan_layers: bool = False,
+    remat_policy: str = "nothing_saveable",
 ) -> Qwen3ForCausalLM:
     """Loads a `Qwen3ForCausalLM` checkpoint directory; parameters are float32.
 
-    `dtype` is the compute dtype; `remat` recomputes each layer in the backward pass. Without
+    `dtype` is the compute dtype; `remat` recomputes each layer in the backward pass (keeping
+    what `remat_policy` names); `scan_layers` runs the layers of the full forward as one scan
+    (the parameters, and so the checkpoint layout, are the same either way). Without
     `mesh` the parameters go to the default device; with one, each is created sharded over it
     (logical axes mapped by `rules`) and only the blocks the local devices hold are read.
     Raises FileNotFoundError for a missing directory, config.json or safetensors files, and
     ValueError naming the tensor for a missing, unexpected or misshapen one.
     """
-    config = Qwen3Config.from_hf(read_config(Path(path)), dtype=dtype, remat=remat)
+    config = Qwen3Config.from_hf(
+        read_config(Path(path)),
+        dtype=dtype,
+        remat=remat,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+    )
     build = functools.partial(Qwen3ForCausalLM, config)
     return load_decoder_model(path, build, qwen3_targets, mesh=mesh, rules=rules)
 
@@ -372,21 +382,30 @@ def from_pretrained(
     remat: bool = False,
     mesh: Mesh | None = None,
     rules: Rules = DEFAULT_RULES,
+    scan_layers: bool = False,
+    remat_policy: str = "nothing_saveable",
 ) -> nnx.Module:
     """Loads a Hugging Face checkpoint directory, choosing the model from its config.json.
 
     `dtype` is the compute dtype, `remat` rematerialises each decoder layer in the backward
-    pass; with `mesh`, parameters are created sharded (see `load_qwen3`).
+    pass (keeping what `remat_policy` names), `scan_layers` runs the decoder layers of the
+    full forward as one scan; with `mesh`, parameters are created sharded (see `load_qwen3`).
     """
+    options = dict(dtype=dtype, remat=remat, scan_layers=scan_layers, remat_policy=remat_policy)
     hf = read_config(Path(path))
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if "Qwen3VLForConditionalGeneration" in architectures or model_type == "qwen3_vl":
-        from vimrag_jax.models.qwen3_vl_hf import load_qwen3_vl  # vision code loads on demand
+        # Vision code loads on demand. As `qwen3_vl_hf.load_qwen3_vl`, with the text options.
+        from vimrag_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        from vimrag_jax.models.qwen3_vl_hf import qwen3_vl_targets
 
-        return load_qwen3_vl(path, dtype=dtype, remat=remat, mesh=mesh, rules=rules)
+        build = functools.partial(
+            Qwen3VLForConditionalGeneration, Qwen3VLConfig.from_hf(hf, **options)
+        )
+        return load_decoder_model(path, build, qwen3_vl_targets, mesh=mesh, rules=rules)
     if "Qwen3ForCausalLM" in architectures or (not architectures and model_type == "qwen3"):
-        return load_qwen3(path, dtype=dtype, remat=remat, mesh=mesh, rules=rules)
+        return load_qwen3(path, mesh=mesh, rules=rules, **options)
     raise NotImplementedError(
         f"No importer for architectures={architectures} model_type={model_type!r}; "
         "supported: Qwen3ForCausalLM, Qwen3VLForConditionalGeneration."

@@ -240,12 +240,16 @@ def init_model(
     rngs: nnx.Rngs,
     dtype: str = "float32",
     remat: bool = False,
+    scan_layers: bool = False,
+    remat_policy: str = "nothing_saveable",
 ) -> nnx.Module:
     """A randomly initialised model of a preset name or a `config.json` dict.
 
     `Qwen3ForCausalLM` for `model_type: qwen3`, `Qwen3VLForConditionalGeneration` for
     `qwen3_vl`; `dtype` is the compute dtype (parameters are float32), `remat` recomputes each
-    decoder layer's activations in the backward pass. Wrap in
+    decoder layer's activations in the backward pass (keeping what `remat_policy` names),
+    `scan_layers` runs the decoder layers of the full forward as one scan (see
+    `vimrag_jax.models.decoder`; the parameters are the same either way). Wrap in
     `nnx.eval_shape(lambda: init_model(...))` for an abstract model without allocating weights.
     """
     if isinstance(name_or_hf_config, str):
@@ -256,15 +260,17 @@ def init_model(
         raise TypeError(
             f"Expected a preset name or a config.json dict, got {type(name_or_hf_config).__name__}."
         )
+    options = dict(dtype=dtype, remat=remat, scan_layers=scan_layers, remat_policy=remat_policy)
     model_type = hf.get("model_type")
     if model_type == "qwen3":
         from vimrag_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
-        return Qwen3ForCausalLM(Qwen3Config.from_hf(hf, dtype=dtype, remat=remat), rngs=rngs)
+        config = Qwen3Config.from_hf(hf, **options)
+        return Qwen3ForCausalLM(config, rngs=rngs)
     if model_type == "qwen3_vl":
         from vimrag_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-        config = Qwen3VLConfig.from_hf(hf, dtype=dtype, remat=remat)
+        config = Qwen3VLConfig.from_hf(hf, **options)
         return Qwen3VLForConditionalGeneration(config, rngs=rngs)
     raise NotImplementedError(
         f"No model for model_type={model_type!r}; supported: 'qwen3', 'qwen3_vl'."

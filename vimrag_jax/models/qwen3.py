@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vimrag_jax.models.decoder import (
+    REMAT_POLICIES,
     DecoderStack,
     KVCache,
     causal_allowed,
@@ -40,6 +41,11 @@ class Qwen3Config:
     it means default RoPE with that base; after construction it always equals
     `rope.rope_theta`. Leaving `rope` out gives default RoPE whose `max_position_embeddings`
     is the config's.
+
+    `remat`, `remat_policy` and `scan_layers` change how the full forward runs, not what it
+    computes: `scan_layers` runs the decoder layers as one scan over their stacked parameters
+    (compile time independent of depth; see `vimrag_jax.models.decoder`), `remat_policy`
+    (one of `decoder.REMAT_POLICIES`) says what a rematerialised layer keeps.
     """
 
     vocab_size: int
@@ -56,8 +62,14 @@ class Qwen3Config:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass
     rope: RopeParameters | None = None  # never None after construction
+    scan_layers: bool = False  # full forward: layers as one scan over stacked parameters
+    remat_policy: str = (
+        "nothing_saveable"  # with remat: what each layer keeps (a checkpoint policy)
+    )
 
     def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -81,9 +93,17 @@ class Qwen3Config:
 
     @classmethod
     def from_hf(
-        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+        cls,
+        hf: dict[str, Any],
+        *,
+        dtype: str = "float32",
+        remat: bool = False,
+        scan_layers: bool = False,
+        remat_policy: str = "nothing_saveable",
     ) -> Qwen3Config:
         """Reads a `config.json` dict of `model_type: qwen3` (transformers 4.x or 5.x layout).
+
+        `dtype`, `remat`, `scan_layers` and `remat_policy` are ours (see the class docstring).
 
         RoPE settings are read by `rope_parameters_from_hf`. Raises NotImplementedError for
         features this port does not have yet: RoPE types outside `rope.ROPE_TYPES` (e.g.
@@ -114,6 +134,8 @@ class Qwen3Config:
             dtype=dtype,
             remat=remat,
             rope=rope_parameters_from_hf(hf),
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
         )
 
 
@@ -188,7 +210,8 @@ class Qwen3ForCausalLM(DecoderStack):
         """Final hidden states `[B, L, D]` (after the final norm, before the LM head).
 
         Same arguments as `__call__`; `logits(hidden_states(...))` equals `__call__(...)`. The
-        compute dtype is `config.dtype`. With `config.remat`, each layer is rematerialised.
+        compute dtype is `config.dtype`. With `config.remat`, each layer is rematerialised; with
+        `config.scan_layers`, the layers run as one scan.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, dtype=jnp.int32)

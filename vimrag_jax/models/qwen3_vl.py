@@ -103,12 +103,19 @@ class Qwen3VLConfig:
 
     @classmethod
     def from_hf(
-        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+        cls,
+        hf: dict[str, Any],
+        *,
+        dtype: str = "float32",
+        remat: bool = False,
+        scan_layers: bool = False,
+        remat_policy: str = "nothing_saveable",
     ) -> Qwen3VLConfig:
         """Reads a `model_type: qwen3_vl` config.json dict (transformers 4.5x or 5.x layout).
 
         `remat` rematerialises each text decoder layer and each vision block in the backward
-        pass. Raises
+        pass; `scan_layers` and `remat_policy` are the text decoder's (see `Qwen3Config`;
+        the DeepStack layers run unrolled before the scan). Raises
         NotImplementedError for RoPE types other than "default" and for the text features
         `Qwen3Config.from_hf` refuses.
         """
@@ -120,7 +127,11 @@ class Qwen3VLConfig:
             text_hf["rope_theta"] = _DEFAULT_TEXT_THETA  # Qwen3-VL's own default base
         tie = hf.get("tie_word_embeddings", text_hf.get("tie_word_embeddings", False))
         text = Qwen3Config.from_hf(
-            {**text_hf, "tie_word_embeddings": bool(tie)}, dtype=dtype, remat=remat
+            {**text_hf, "tie_word_embeddings": bool(tie)},
+            dtype=dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
         )
         if text.rope.rope_type != "default":
             raise NotImplementedError(
@@ -393,6 +404,10 @@ class Qwen3VLForConditionalGeneration(DecoderStack):
         """Interleaved-MRoPE tables `float32[B, L, head_dim]` of `position_ids[3, B, L]`."""
         c = self.config
         return mrope_cos_sin(position_ids_3bl, c.text.head_dim, c.text.rope_theta, c.mrope_section)
+
+    def hooked_layers(self) -> int:
+        """DeepStack adds features after the first `len(deepstack_visual_indexes)` layers."""
+        return len(self.config.vision.deepstack_visual_indexes)
 
     def step_positions(self, next_position_b: jax.Array) -> jax.Array:
         # A text token sits at the same position on all three sections.
