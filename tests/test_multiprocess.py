@@ -2,8 +2,9 @@
 `jax.distributed` (gloo collectives).
 
 The learner over two processes (`multiprocess_learner.py`) trains exactly like one process over
-the same eight devices, and each process resumes its own input pipeline position; the train
-command itself runs, checkpoints and resumes on two processes."""
+the same eight devices, a Qwen3-VL learner too when the processes' images need different patch
+buckets, and each process resumes its own input pipeline position; the train command itself
+runs, checkpoints and resumes on two processes."""
 
 from __future__ import annotations
 
@@ -111,6 +112,39 @@ def test_two_processes_train_like_one(job_dir):
     # The cross-process all-reduce sums in another order: Adam's ~lr * sign(g) step can move a
     # near-zero gradient entry by a fraction of lr (1e-3); every other entry agrees.
     assert diffs.max() < 1e-4 and np.mean(diffs > 1e-6) < 1e-3
+
+
+def test_two_processes_with_images_in_different_patch_buckets_train_like_one(job_dir):
+    # Each process's pipeline padded its rows to its own patch bucket (64 and 128 patches):
+    # only an agreed bucket gives one global batch. One process with the whole batch (its
+    # pipeline picks 128 for all rows) over the same two-device layout trains the same.
+    reports = [_report(job_dir, process) for process in range(job.PROCESSES)]
+    assert [report["vl_patch_rows"] for report in reports] == [[64, 64], [128, 128]]
+    # Both placed the same global arrays. JAX assumes every process runs the same program and
+    # does not check it; on these CPU devices, whose rows never leave their process, programs
+    # of mismatched shapes still pair their collectives, so only the shapes show a mismatch.
+    shapes = reports[0]["vl_global_shapes"]
+    assert [4, 128, 1536] in shapes and [4, 64, 1536] not in shapes
+    assert all(report["vl_global_shapes"] == shapes for report in reports)
+    stage = job.vl_stage()
+    batches = [stage(job.vl_global_batch(seed)) for seed in range(2)]
+    assert [batch["pixel_values"].shape[1] for batch in batches] == [128, 128]
+    learner = job.vl_learner()
+    assert learner.takes_visuals
+    learner.initialize(job.vl_params())
+    single = [learner.train_step(batch) for batch in batches]
+    assert single[1]["kl"] > 0 and single[0]["grad_norm"] > 0  # the reference's forward ran
+    for report in reports:
+        for ours, theirs in zip(single, report["vl_metrics"], strict=True):
+            for key in ("loss", "grad_norm", "kl", "logprob_gap", "kept_fraction", "tis_weight"):
+                np.testing.assert_allclose(
+                    theirs[key], ours[key], rtol=1e-5, atol=1e-7, err_msg=key
+                )
+    saved = np.load(job_dir / "vl_params.npz")
+    ours = jax.tree.leaves(jax.device_get(learner.params()))
+    assert len(saved.files) == len(ours)
+    for i, leaf in enumerate(ours):  # SGD: the same gradient gives the same parameters
+        np.testing.assert_allclose(saved[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
 
 
 def test_each_process_resumes_its_own_pipeline_position(job_dir):

@@ -16,9 +16,10 @@ replicates on restore), so a run may switch between `step = "pjit"` and `"pmap"`
 
 On several processes (pjit only) each process feeds its own slice of the global batch, as its
 input pipeline read it: the slices become one global array per key
-(`jax.make_array_from_process_local_data`), the token length is agreed across processes, and
-the frozen reference policy's log-probs are computed on the devices, in the batch's layout, so
-no process ever needs another's rows on its host.
+(`jax.make_array_from_process_local_data`), the token length and (for a vision-language policy)
+the visual patch bucket are agreed across processes (`pad_patches`), and the frozen reference
+policy's log-probs are computed on the devices, in the batch's layout, so no process ever
+needs another's rows on its host.
 """
 
 from __future__ import annotations
@@ -96,6 +97,53 @@ def trim_tokens(
         key: (value[..., :length] if key in TOKEN_AXIS_KEYS else value)
         for key, value in inputs.items()
     }
+
+
+# Loss inputs with a patch axis (axis 1: ``[B, P, ...]``) and the value of their padding rows:
+# no pixels, zero interpolation weights and tables, and segment -1 (a padding patch attends
+# only to itself and no placeholder token reads its merged row).
+PATCH_AXIS_PADDING: dict[str, int | float] = {
+    "pixel_values": 0.0,
+    "vision_interp_index": 0,
+    "vision_interp_weight": 0.0,
+    "vision_rotary_hw": 0,
+    "vision_segment": -1,
+}
+
+
+def patch_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """The patch rows ``P`` of loss inputs' vision arrays (0 without them: a text-only
+    policy). Raises ValueError when the vision arrays disagree on ``P``."""
+    rows = {int(np.shape(inputs[key])[1]) for key in PATCH_AXIS_PADDING if key in inputs}
+    if len(rows) > 1:
+        raise ValueError(f"the vision inputs disagree on their patch rows: {sorted(rows)}")
+    return rows.pop() if rows else 0
+
+
+def pad_patches(inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``inputs`` with the vision arrays' patch axis padded to ``rows`` (`PATCH_AXIS_PADDING`).
+
+    Each process's pipeline picks its own patch bucket (`data.vision.VisualInputs.patch_rows`:
+    the smallest power of two holding its own largest row), so on several processes the
+    learner pads every slice to the largest bucket of any process: the global batch needs
+    one shape. Exact: padding patches attend only to themselves in the vision tower (segment
+    -1), form whole merged rows after the real ones (``rows`` and ``P`` are multiples of the
+    merge unit), and no placeholder token reads them (``visual_token_index`` only names real
+    rows). Text-only inputs and inputs already ``rows`` long come back unchanged. Raises
+    ValueError when ``rows`` is smaller than the current ``P``.
+    """
+    current = patch_rows(inputs)
+    if current == rows or current == 0:
+        return dict(inputs)
+    if rows < current:
+        raise ValueError(f"cannot pad {current} patch rows down to {rows}")
+    out = dict(inputs)
+    for key, fill in PATCH_AXIS_PADDING.items():
+        value = np.asarray(inputs[key])
+        widths = [(0, 0)] * value.ndim
+        widths[1] = (0, rows - current)
+        out[key] = np.pad(value, widths, constant_values=np.asarray(fill, value.dtype))
+    return out
 
 
 def batch_token_counts(batch: Mapping[str, np.ndarray], pad_token_id: int) -> tuple[int, int]:
@@ -341,6 +389,8 @@ class Learner:
         inputs = loss_inputs(batch, visual=self.takes_visuals)
         length = distributed.max_over_processes(trimmed_length(inputs, self.length_bucket))
         inputs = trim_tokens(inputs, self.length_bucket, length=length)
+        if self.takes_visuals:  # one patch bucket too: each pipeline picked its own
+            inputs = pad_patches(inputs, distributed.max_over_processes(patch_rows(inputs)))
         if self._step_fn is None:
             self._compile(inputs)
         began = time.perf_counter()
