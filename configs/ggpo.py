@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     # embedded (JAX KV-cache sampler) | sglang | vllm (servers; the worker builds no model)
     # | openai (text-only /v1/completions fallback). README: "Serving with SGLang or vLLM".
     c.rollout.backend = "embedded"
+    # embedded: devices one worker's sampler splits the policy over (tensor parallel: heads,
+    # MLP, vocabulary and so the KV cache) and the weights' dtype ("" keeps the model's).
+    c.rollout.sampler_tensor = 1
+    c.rollout.sampler_dtype = ""
     # Server roots, one or several (comma-separated): http://host:30000 (sglang),
     # http://host:8000 (vllm), http://host:8000/v1 (openai). Requests go to the least loaded.
     c.rollout.server_url = ""

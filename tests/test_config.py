@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -23,10 +24,13 @@ from configs import ggpo  # noqa: E402
 @pytest.mark.parametrize("preset", ggpo.PRESETS)
 def test_presets_are_consistent(preset, tmp_path):
     cfg = ggpo.get_config(preset)
-    if cfg.model.name == "hf":
-        (tmp_path / "config.json").write_text("{}")
+    if cfg.model.name == "hf":  # the published config: the memory estimate runs on real sizes
+        from vimrag_jax.models.presets import preset_config
+
+        published = preset_config(preset.replace("_", "-"))
+        (tmp_path / "config.json").write_text(json.dumps(published))
         cfg.model.path = str(tmp_path)
-    devices = {"tiny": 1, "smoke": 1, "qwen3vl_2b": 8, "qwen3vl_4b": 8, "qwen3vl_8b": 8}[preset]
+    devices = {"tiny": 1, "smoke": 1, "qwen3vl_2b": 8, "qwen3vl_4b": 8, "qwen3vl_8b": 16}[preset]
     assert config_checks.find_problems(cfg, devices) == []
 
 
@@ -370,3 +374,14 @@ def test_server_backends_need_urls_and_the_hf_layout():
     assert len(problems) == 4
     cfg.rollout.backend = "tgi"
     assert any("config.rollout.backend must be one of" in p for p in _problems(cfg))
+
+
+def test_embedded_sampler_split_and_dtype_are_checked():
+    cfg = ggpo.get_config()
+    cfg.rollout.sampler_tensor = 0
+    cfg.rollout.sampler_dtype = "float16"
+    assert config_checks.find_problems(cfg, 1) == [
+        "config.rollout.sampler_tensor must be a positive integer, got 0",
+        "config.rollout.sampler_dtype must be '' or one of ('float32', 'bfloat16'), got "
+        "'float16'",
+    ]

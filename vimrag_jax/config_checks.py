@@ -172,7 +172,7 @@ def _check_memory(problems: list[str], cfg: ml_collections.ConfigDict, num_devic
 
     try:
         need = footprint.estimate(cfg, num_devices)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, NotImplementedError):
         return
     if need.total_bytes > limit * footprint.GIB:
         size = footprint.format_bytes
@@ -288,6 +288,13 @@ def _check_rollout_backend(problems: list[str], cfg: ml_collections.ConfigDict) 
             )
     if "max_inflight" in rollout:
         _check_positive(problems, rollout, "config.rollout", "max_inflight")
+    if "sampler_tensor" in rollout:
+        _check_positive(problems, rollout, "config.rollout", "sampler_tensor")
+    if rollout.get("sampler_dtype", "") not in ("", *DTYPES):
+        problems.append(
+            f"config.rollout.sampler_dtype must be '' or one of {DTYPES}, got "
+            f"{rollout.sampler_dtype!r}"
+        )
     hf_layout = cfg.publish.get("hf_layout", "auto")
     if hf_layout not in HF_LAYOUTS:
         problems.append(f"config.publish.hf_layout must be one of {HF_LAYOUTS}, got {hf_layout!r}")

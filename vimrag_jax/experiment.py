@@ -435,6 +435,20 @@ class Experiment:
         rows = rc.group_size * rc.questions_per_batch
         buckets = sorted({1 << i for i in range(rows.bit_length() + 1) if 1 << i <= rows} | {rows})
         pad = self.tokenizer.pad_token_id
+        mesh = None
+        tensor = int(rollout.get("sampler_tensor", 1))
+        if tensor > 1:  # tensor parallel over this process's first `tensor` devices
+            import jax
+
+            from vimrag_jax.parallel.mesh import make_mesh
+
+            devices = jax.local_devices()
+            if len(devices) < tensor:
+                raise ValueError(
+                    f"config.rollout.sampler_tensor={tensor} but this process has "
+                    f"{len(devices)} devices"
+                )
+            mesh = make_mesh(1, 1, tensor, devices=devices[:tensor])
         return Sampler(
             model,
             max_prompt_len=rc.max_prompt_tokens,
@@ -442,6 +456,8 @@ class Experiment:
             eos_token_ids=self.stop_token_ids(),
             pad_token_id=int(0 if pad is None else pad),
             batch_buckets=tuple(buckets),
+            mesh=mesh,
+            param_dtype=str(rollout.get("sampler_dtype", "")) or None,
         )
 
 

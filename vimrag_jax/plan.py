@@ -20,7 +20,8 @@ partitioned program), but it fuses differently and may keep bfloat16 arithmetic 
 the figures are close to, not equal to, a GPU's or TPU's; leave a few GiB of headroom. XLA's cost
 analysis counts a loop body once, so ``flops_per_step`` is analytic (`step_flops`) and XLA's
 figure is reported as ``xla_flops_per_device`` for reference. The embedded sampler's KV cache is
-sized analytically (`kv_cache_bytes`); it runs on the rollout workers, not beside this step.
+sized analytically per device (`kv_cache_bytes`, split over ``rollout.sampler_tensor``); it
+runs on the rollout workers, not beside this step.
 """
 
 from __future__ import annotations
@@ -86,15 +87,16 @@ def step_flops(cfg: Any, hf: dict[str, Any]) -> float:
 
 
 def kv_cache_bytes(cfg: Any, hf: dict[str, Any]) -> int:
-    """The embedded sampler's KV cache for one worker batch (``group_size ×
-    questions_per_batch`` rows at ``data.max_segment_tokens``) in the compute dtype, whole (the
-    sampler does not shard it yet)."""
+    """The embedded sampler's KV cache per device for one worker batch (``group_size ×
+    questions_per_batch`` rows at ``data.max_segment_tokens``) in the compute dtype, split over
+    ``rollout.sampler_tensor`` devices (by key/value head)."""
     text = hf.get("text_config", hf)
     rows = int(cfg.rollout.group_size) * int(cfg.rollout.questions_per_batch)
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     itemsize = 2 if cfg.model.dtype == "bfloat16" else 4
     per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim
-    return rows * int(cfg.data.max_segment_tokens) * per_token * itemsize
+    tensor = int(cfg.rollout.get("sampler_tensor", 1))
+    return rows * int(cfg.data.max_segment_tokens) * per_token * itemsize // tensor
 
 
 def compile_step(cfg: Any, num_devices: int) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  {'peak':32s}{b(plan['bytes_per_device']):>16s}"
         f"{b(plan['estimated_bytes_per_device']):>14s}",
         f"  FLOPs per step (all devices, analytic): {plan['flops_per_step']:.3e}",
-        f"  embedded sampler KV cache (one worker batch, unsharded): {b(plan['kv_cache_bytes'])}",
+        f"  embedded sampler KV cache per device (one worker batch): {b(plan['kv_cache_bytes'])}",
     ]
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
     lines.append(

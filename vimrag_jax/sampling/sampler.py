@@ -18,6 +18,13 @@ Prompts are left-padded to a length bucket and the batch to a batch bucket, so a
 compiles once. The jitted functions take the model's state as an argument: `set_weights` swaps in
 a new policy version without recompiling.
 
+On an accelerator node the sampler can hold the policy tensor-parallel (`mesh`, a
+``(1, 1, tensor)`` mesh from `parallel.mesh.make_mesh`): attention heads, key/value heads, MLP
+units and the vocabulary are split over ``tensor`` (`SAMPLER_RULES`), so the KV cache, which
+the attention writes per key/value head, is split the same way; ``param_dtype="bfloat16"``
+stores the weights in bfloat16. An 8B policy (16 GB of bfloat16 weights, 36 GB of KV cache for
+16 rows of 8,192 tokens) then takes a share per device of one 8-GPU node or TPU host.
+
 Log-probs returned with each token are those of the model's distribution (raw softmax of the
 logits), not of the temperature / top-p distribution it was drawn from: the learner computes the
 same quantity (`vimrag_jax.sampling.logprobs`), so their difference is the off-policy gap only.
@@ -35,7 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from vimrag_jax.parallel.sharding import DEFAULT_RULES, param_shardings, under_mesh
 from vimrag_jax.sampling.logprobs import picked_logprobs
+
+#: Tensor parallelism for generation: the learner's rules with nothing split over ``fsdp``
+#: (a sampler's mesh is ``(1, 1, tensor)``; weights gathered per step would cost more than
+#: they save at decode batch sizes).
+SAMPLER_RULES = tuple((name, None if axes == "fsdp" else axes) for name, axes in DEFAULT_RULES)
 
 FinishReason = Literal["stop", "length"]
 
@@ -199,6 +212,10 @@ class Sampler:
       patch_bucket: for a model with prefill inputs, the patch rows its vision tower is
         compiled for given a batch group's patch count (default: the model's, the next power
         of two of at least 64).
+      mesh: hold the weights (and so the KV cache) tensor-parallel over this mesh's
+        ``tensor`` axis (`SAMPLER_RULES`); None keeps them where they are.
+      param_dtype: store floating-point weights in this dtype (e.g. ``"bfloat16"``); None
+        keeps the model's.
     """
 
     def __init__(
@@ -213,6 +230,8 @@ class Sampler:
         length_buckets: Sequence[int] | None = None,
         chunk_size: int = 16,
         patch_bucket: Callable[[int], int] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        param_dtype: str | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1 or chunk_size < 1:
             raise ValueError(
@@ -238,15 +257,30 @@ class Sampler:
         self.chunk_size = chunk_size
         self._takes_prefill_inputs = hasattr(model, "prepare_prefill")
         self.patch_bucket = patch_bucket
-        self._graphdef, self._state = nnx.split(model)
-        self._prefill_fn = jax.jit(
-            functools.partial(_prefill, self._graphdef),
-            static_argnames=("cache_size", "max_new_tokens"),
-        )
-        self._decode_fn = jax.jit(
-            functools.partial(_decode_loop, self._graphdef, pad_token_id=self.pad_token_id),
-            donate_argnums=(1,),
-        )
+        self.mesh = mesh
+        self.param_dtype = None if param_dtype is None else jnp.dtype(param_dtype)
+        self._graphdef, state = nnx.split(model)
+        self._shardings = None if mesh is None else param_shardings(state, mesh, SAMPLER_RULES)
+        self._state = self._place(state)
+        prefill = functools.partial(_prefill, self._graphdef)
+        decode = functools.partial(_decode_loop, self._graphdef, pad_token_id=self.pad_token_id)
+        if mesh is not None:  # traced under the mesh, as the learner's step
+            prefill, decode = under_mesh(prefill, mesh), under_mesh(decode, mesh)
+        self._prefill_fn = jax.jit(prefill, static_argnames=("cache_size", "max_new_tokens"))
+        self._decode_fn = jax.jit(decode, donate_argnums=(1,))
+
+    def _place(self, state: nnx.State) -> nnx.State:
+        """``state`` in ``param_dtype`` and over the mesh, as the jitted steps take it."""
+        if self.param_dtype is not None:
+            dtype = self.param_dtype
+
+            def cast(x):
+                return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+            state = jax.tree.map(cast, state)
+        if self._shardings is not None:
+            state = jax.device_put(state, self._shardings)
+        return state
 
     @property
     def takes_prefill_inputs(self) -> bool:
@@ -264,7 +298,7 @@ class Sampler:
             state = model_or_state
         if jax.tree.structure(state) != jax.tree.structure(self._state):
             raise ValueError("set_weights got a state of a different structure.")
-        self._state = state
+        self._state = self._place(state)
 
     def generate(
         self,
