@@ -266,7 +266,7 @@ def test_clear_errors_for_unknown_names_and_missing_question_files(store: Path, 
 def test_policy_restored_from_an_orbax_checkpoint_is_sharded_over_8_devices(run, store) -> None:
     from flax import nnx
 
-    from vimrag_jax import checkpointing, optim
+    from vimrag_jax import checkpointing, optim, publish
     from vimrag_jax.experiment import Experiment
     from vimrag_jax.parallel import mesh as mesh_lib
     from vimrag_jax.parallel import step
@@ -294,6 +294,14 @@ def test_policy_restored_from_an_orbax_checkpoint_is_sharded_over_8_devices(run,
     assert big.addressable_shards[0].data.size * 8 == big.size  # one eighth per device
     with pytest.raises(evaluate.EvalError, match="no checkpoint of step 7"):
         evaluate.load_policy(experiment, "7", mesh)
+    # A published version goes into the same shardings.
+    publish.publish_policy(nnx.to_pure_dict(state.params), workdir, version=4)  # as the learner
+    model, label_v4, version = evaluate.load_policy(experiment, "published", mesh)
+    assert (label_v4, version) == ("published v4", 4)
+    published = jax.tree.leaves(nnx.state(model, nnx.Param))
+    for got, restored, want in zip(published, leaves, saved, strict=True):
+        assert got.sharding == restored.sharding  # as the checkpoint's restore placed them
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # The evaluation as its own job: that checkpoint, sharded, through the embedded sampler.
     cfg = _config()
     cfg.mesh.update(data=1, fsdp=8)

@@ -5,36 +5,23 @@
         [--checkpoint=auto|latest|STEP|published|initial|PATH] [--num_questions=N]
         [--policy=model|scripted_expert|scripted_noisy] [--batch_size=B]
 
-Each selected benchmark's questions (``STORE/questions/<label>.<split>.jsonl``, written by
-`vimrag_jax.benchmarks.corpus`; ``--split=auto`` takes ``test`` where the store has it, else
-``validation``, as HotpotQA and SQuAD publish no test answers) go through the agent with the
-evaluation budget (``memory.eval_budget``), greedy, one episode per question, retrieving from
-``STORE`` (default ``data.corpus``). Episodes are written to ``DIR/eval/<agent>/<label>/`` as
-each batch finishes: ``episodes.jsonl`` (one line of results per episode, appended and
-flushed; a rerun of the same policy skips the questions listed there, so a killed or
-``--num_questions``-limited run continues where it stopped; another policy starts afresh) and
-``batch-<run>-<first>.array_record`` (the trajectory records, to
-draw with ``python -m vimrag_jax.rollout.render``). Then `vimrag_jax.benchmarks.table` writes
-``DIR/eval/<agent>/results.{md,csv,json}`` and refreshes the merged table of every agent.
-
-The policy (`load_policy`): an orbax train-state checkpoint of ``DIR/checkpoints/`` whose
-parameters alone are restored straight into the mesh's shardings (``mesh.*``: no device or
-host holds the whole model), the newest published version (also placed into the shardings),
-a Hugging Face directory (loaded sharded), the config's initial policy, or, with
-``rollout.backend = sglang|vllm|openai``, the served model. The scripted policies need no
-model: `OraclePolicy` reads the gold evidence and answer (a ceiling, and the tests' driver).
-
-Accuracy is the outcome reward of ``rollout.reward_metric`` (``judge``: an LLM judge, whose
-failures are counted and scored 0); EM and token F1 against every accepted answer are always
-recorded beside it. A search is *repeated* when its query, normalised as answers are
-(`envs.rewards.normalize_answer`: lowercase, no punctuation or articles, single spaces),
-equals the query of an earlier search of the same episode (`repeated_searches`).
+Each selected benchmark's questions (``STORE/questions/<label>.<split>.jsonl`` of
+`vimrag_jax.benchmarks.corpus`; ``--split=auto``: ``test`` where the store has it, else
+``validation``) go through the agent greedily with the evaluation budget, retrieving from
+``STORE`` (default ``data.corpus``). Each batch's episodes are appended to
+``DIR/eval/<agent>/<label>/episodes.jsonl`` (results; a rerun of the same `run_key` skips what
+is there) and ``batch-<run>-<n>.array_record`` (trajectory records) as it finishes; then
+`vimrag_jax.benchmarks.table` writes ``DIR/eval/<agent>/results.{md,csv,json}`` and the
+merged table. The policy (`load_policy`): an orbax checkpoint's parameters restored straight
+into the mesh's shardings, a published version, a Hugging Face directory, the initial policy,
+a served model (``rollout.backend``), or the scripted `OraclePolicy` (no model). Columns and
+the repeated-search definition: `vimrag_jax.benchmarks.table`; the whole story:
+``docs/benchmarks_data.md``, "Evaluating on the benchmarks".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -49,15 +36,18 @@ from vimrag_jax import benchmarks
 from vimrag_jax.agent.config import AGENTS
 from vimrag_jax.agent.episode import Episode, EpisodeView
 from vimrag_jax.benchmarks.table import (
+    EPISODES_FILE,
+    EpisodeLog,
     episode_result,
     episode_searches,
     repeated_searches,
+    run_hash,
+    run_key,
     visual_tokens,
 )
 from vimrag_jax.envs.rewards import gold_answers
 
 EVAL_DIR = "eval"
-EPISODES_FILE = "episodes.jsonl"
 SPLITS = ("test", "validation")
 POLICIES = ("model", "scripted_expert", "scripted_noisy")
 Log = Callable[[str], None]
@@ -128,57 +118,6 @@ def select_benchmarks(
             )
         selected.append((label, chosen, splits[chosen]))
     return selected
-
-
-# -- resumable episode log -----------------------------------------------------------------------
-
-
-class EpisodeLog:
-    """``episodes.jsonl`` of one benchmark: append-only, one flushed line per episode.
-
-    Every line carries the ``run`` key of the evaluation that wrote it (policy, metric, budget,
-    split, store: `run_key`); ``done`` maps the question ids recorded under ``run`` to their
-    results, so a rerun of the same evaluation skips them while another policy (a newer
-    checkpoint) or split starts afresh. Opening drops a torn last line (a kill mid-append),
-    so appends stay whole lines."""
-
-    def __init__(self, directory: Path, run: str = ""):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / EPISODES_FILE
-        self.run = run
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            whole = data[: data.rfind(b"\n") + 1]
-            if len(whole) != len(data):
-                with open(self.path, "r+b") as handle:
-                    handle.truncate(len(whole))
-            for line in whole.decode("utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if row.get("run", "") == run:
-                        self.done[row["id"]] = row
-
-    def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        rows = [{**row, "run": self.run} for row in rows]
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.done.update((row["id"], row) for row in rows)
-
-
-def run_key(policy: str, config: Any, split: str, store: str | os.PathLike) -> str:
-    """What makes two evaluations' episodes interchangeable: the policy, the accuracy metric,
-    the memory budget, the split and the store."""
-    return (
-        f"{policy} | {config.reward_metric} | {config.budget} | {split} | {Path(store).resolve()}"
-    )
-
-
-def run_hash(run: str) -> str:
-    """A short name for ``run`` (the trajectory shards of different runs do not collide)."""
-    return hashlib.sha256(run.encode()).hexdigest()[:8]
 
 
 # -- the scripted oracle -------------------------------------------------------------------------
@@ -524,7 +463,6 @@ def load_policy(experiment: Any, spec: str, mesh: Any) -> tuple[Any, str, int]:
             step_dir = workdir / CHECKPOINT_DIR / str(steps[-1])
         else:
             published = publish.latest_policy(workdir)
-            spec = "published" if published else "initial"
     elif spec == "latest" or spec.isdigit():
         if not steps:
             raise EvalError(f"no orbax checkpoint in {workdir / CHECKPOINT_DIR}")
@@ -544,10 +482,7 @@ def load_policy(experiment: Any, spec: str, mesh: Any) -> tuple[Any, str, int]:
             info = json.loads((path / publish.INFO_FILE).read_text())
             published = (int(info.get("version", 0)), path)
         elif (path / "config.json").is_file():
-            from vimrag_jax.models.hf import from_pretrained
-
-            model = from_pretrained(path, dtype=experiment.cfg.model.dtype, mesh=mesh)
-            return model, f"hf {path}", 0
+            return _hf_model(experiment, path, mesh), f"hf {path}", 0
         else:
             raise EvalError(
                 f"--checkpoint={spec}: not auto, latest, a step, published, initial, an orbax "
@@ -564,16 +499,19 @@ def load_policy(experiment: Any, spec: str, mesh: Any) -> tuple[Any, str, int]:
         nnx.replace_by_pure_dict(abstract, loaded)
         return nnx.merge(graphdef, abstract), f"published v{published[0]}", published[0]
     if experiment.cfg.model.name == "hf":
-        from vimrag_jax.models.hf import from_pretrained
-
-        path = experiment.cfg.model.path
-        return from_pretrained(path, dtype=experiment.cfg.model.dtype, mesh=mesh), "initial", 0
+        return _hf_model(experiment, experiment.cfg.model.path, mesh), "initial (model.path)", 0
     return experiment.initial_model(), "initial (untrained)", 0
+
+
+def _hf_model(experiment: Any, path: str | os.PathLike, mesh: Any) -> Any:
+    """A Hugging Face checkpoint directory loaded straight into the mesh's shardings."""
+    from vimrag_jax.models.hf import from_pretrained
+
+    return from_pretrained(path, dtype=experiment.cfg.model.dtype, mesh=mesh)
 
 
 __all__ = [
     "EPISODES_FILE",
-    "visual_tokens",
     "EpisodeLog",
     "EvalError",
     "OraclePolicy",
@@ -587,5 +525,7 @@ __all__ = [
     "repeated_searches",
     "restore_params",
     "run_benchmark",
+    "run_key",
     "select_benchmarks",
+    "visual_tokens",
 ]

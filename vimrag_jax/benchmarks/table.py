@@ -1,7 +1,8 @@
-"""Paper-style result tables of the benchmark evaluation, per agent and merged, with a plot.
+"""Results of the benchmark evaluation: per-episode measures, the episode log, paper-style tables.
 
     python -m vimrag_jax.benchmarks.table --eval_dir=DIR/eval [--out=DIR]
 
+`episode_result` measures one episode (a line of ``episodes.jsonl``, kept by `EpisodeLog`);
 `write_agent_results` turns one agent's episodes (`vimrag_jax.benchmarks.evaluate`) into
 ``DIR/eval/<agent>/results.{md,csv,json}``: a row per benchmark, then ``overall`` (every episode
 pooled, as the paper's overall reads) and ``macro`` (the mean of the benchmark rows). Columns:
@@ -15,7 +16,7 @@ pooled, as the paper's overall reads) and ``macro`` (the mean of the benchmark r
 | tokens | prompt + generated tokens over all model calls of a trajectory (mean) |
 | visual tokens | picture and frame tokens shown over the trajectory (pixels / 32², mean) |
 | model calls, searches | per trajectory (mean); searches = accepted search actions |
-| repeated searches | per trajectory (mean): searches whose normalised query repeats an earlier |
+| repeated searches | per trajectory (mean): searches of a normalised query searched before |
 | repeated % | repeated searches / searches, over all episodes |
 
 The command (and the evaluation, after each agent) merges every ``DIR/eval/<agent>/
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +43,7 @@ from vimrag_jax.benchmarks import paper
 from vimrag_jax.envs.rewards import exact_match, gold_answers, normalize_answer, token_f1
 
 RESULTS = "results"
+EPISODES_FILE = "episodes.jsonl"
 PLOT_FILE = "accuracy_vs_visual_tokens.png"
 #: (key in a summary, Markdown heading, decimals) of the cost columns.
 COST_COLUMNS = (
@@ -139,6 +143,57 @@ def episode_result(
         "end_reason": episode.end_reason,
         "errors": [t.error[:200] for t in episode.turns if t.error is not None][:3],
     }
+
+
+# -- resumable episode log -----------------------------------------------------------------------
+
+
+class EpisodeLog:
+    """``episodes.jsonl`` of one benchmark: append-only, one flushed line per episode.
+
+    Every line carries the ``run`` key of the evaluation that wrote it (policy, metric, budget,
+    split, store: `run_key`); ``done`` maps the question ids recorded under ``run`` to their
+    results, so a rerun of the same evaluation skips them while another policy (a newer
+    checkpoint) or split starts afresh. Opening drops a torn last line (a kill mid-append),
+    so appends stay whole lines."""
+
+    def __init__(self, directory: Path, run: str = ""):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / EPISODES_FILE
+        self.run = run
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            data = self.path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if len(whole) != len(data):
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(len(whole))
+            for line in whole.decode("utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("run", "") == run:
+                        self.done[row["id"]] = row
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        rows = [{**row, "run": self.run} for row in rows]
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done.update((row["id"], row) for row in rows)
+
+
+def run_key(policy: str, config: Any, split: str, store: str | os.PathLike) -> str:
+    """What makes two evaluations' episodes interchangeable: the policy, the accuracy metric,
+    the memory budget, the split and the store."""
+    return (
+        f"{policy} | {config.reward_metric} | {config.budget} | {split} | {Path(store).resolve()}"
+    )
+
+
+def run_hash(run: str) -> str:
+    """A short name for ``run`` (the trajectory shards of different runs do not collide)."""
+    return hashlib.sha256(run.encode()).hexdigest()[:8]
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, judged: bool = False) -> dict[str, Any]:
@@ -393,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "COST_COLUMNS",
+    "EPISODES_FILE",
+    "EpisodeLog",
+    "run_hash",
+    "run_key",
     "episode_result",
     "episode_searches",
     "repeated_searches",
