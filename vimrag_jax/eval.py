@@ -218,8 +218,8 @@ def _benchmark_main(value: dict[str, Any]) -> int:
     )
     try:
         summary = bench.evaluate_benchmarks(value["config"], value["workdir"], request)
-    except bench.EvalError as error:
-        print(f"eval: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # EvalError, a bad question file, the judge's keys
+        print(f"eval: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"agent": summary["agent"], "overall": summary["overall"]}))
     return 0
