@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # local Hugging Face checkpoint directory (config.json + safetensors)
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.remat = False
+    # Scan the decoder layers (and the vision blocks between DeepStack taps) instead of
+    # unrolling them: compile time stops growing with depth, and remat's memory saving shows
+    # in XLA's planning on every backend (benchmarks/cpu_remat_memory.py).
+    c.model.scan_layers = False
+    c.model.remat_policy = "nothing_saveable"  # what a rematerialised layer keeps
 
     # The Multimodal Memory Graph (SPEC §1): fixed capacities of the padded arrays.
     c.graph = ml_collections.ConfigDict()
@@ -289,7 +294,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.Co
     if preset == "smoke":
         return _smoke(_tiny(c))
     size = preset.removeprefix("qwen3vl_")
-    c.model.update(name="hf", dtype="bfloat16", remat=True)
+    c.model.update(name="hf", dtype="bfloat16", remat=True, scan_layers=True)
     c.rollout.embedded_workers = 0
     # GSPO as published: 4 minibatches per rollout batch against the log-probs of the policy
     # that started it (the clip binds from the second), the sampler's only through the

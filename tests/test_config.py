@@ -382,6 +382,5 @@ def test_embedded_sampler_split_and_dtype_are_checked():
     cfg.rollout.sampler_dtype = "float16"
     assert config_checks.find_problems(cfg, 1) == [
         "config.rollout.sampler_tensor must be a positive integer, got 0",
-        "config.rollout.sampler_dtype must be '' or one of ('float32', 'bfloat16'), got "
-        "'float16'",
+        "config.rollout.sampler_dtype must be '' or one of ('float32', 'bfloat16'), got 'float16'",
     ]

@@ -298,3 +298,25 @@ def test_model_remat_flag_reaches_the_vision_tower():
 def test_bad_attention_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         _tower_config(**fields)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_blocks_equal_unrolled(remat):
+    # 5 blocks with DeepStack taps after blocks 1 and 2: runs [0, 1] (scanned), [2] (one
+    # block), [3, 4] (scanned); under vmap as the learner runs the tower, one row per segment.
+    fields = dict(depth=5, deepstack_visual_indexes=(1, 2), remat=remat)
+    pixels, tables = _tower_inputs()
+    (loss, (merged, deep)), grads = _tower_grad(_tower(**fields), pixels, tables)
+    scanned = _tower(**fields, scan_blocks=True)
+    (got_loss, (got_merged, got_deep)), got_grads = _tower_grad(scanned, pixels, tables)
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(got_merged, merged, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_deep, deep, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    def two_block_scans(tower) -> int:  # the attention's own loops run over 7 tiles
+        traced = jax.make_jaxpr(lambda m: jax.vmap(m, in_axes=(0, None))(pixels[None], tables))
+        return str(traced(tower)).count("length=2")
+
+    assert two_block_scans(scanned) == 2 and two_block_scans(_tower(**fields)) == 0

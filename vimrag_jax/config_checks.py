@@ -509,6 +509,13 @@ def find_problems(
 
     if cfg.model.dtype not in DTYPES:
         problems.append(f"config.model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    from vimrag_jax.models.decoder import REMAT_POLICIES
+
+    policy = cfg.model.get("remat_policy", "nothing_saveable")
+    if policy not in REMAT_POLICIES:
+        problems.append(
+            f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}"
+        )
     if cfg.model.name == "hf":
         path = cfg.model.path
         if not path:

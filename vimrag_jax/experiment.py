@@ -310,19 +310,19 @@ class Experiment:
     def rollout_config(self, *, evaluation: bool = False) -> RolloutConfig:
         return RolloutConfig.from_config(self.cfg, evaluation=evaluation)
 
-    def initial_model(self, *, remat: bool = False):
+    def initial_model(self, **options):
         """The version-0 policy: ``model.path`` for ``model.name == "hf"``, else a randomly
         initialised preset (seeded by ``seed``) with its vocabulary sized to the tokenizer.
-        ``remat`` rematerialises its layers in the backward pass (the learner's
-        ``model.remat``)."""
+        ``options`` are the learner's build options (``remat``, ``scan_layers``,
+        ``remat_policy``: `footprint.model_options`); the compute dtype is ``model.dtype``."""
         from flax import nnx
 
         model_cfg = self.cfg.model
-        dtype = model_cfg.dtype
+        dtype = options.pop("dtype", model_cfg.dtype)
         if model_cfg.name == "hf":
             from vimrag_jax.models.hf import from_pretrained
 
-            return from_pretrained(model_cfg.path, dtype=dtype, remat=remat)
+            return from_pretrained(model_cfg.path, dtype=dtype, **options)
         from vimrag_jax.models.presets import init_model, preset_config
 
         hf = preset_config(model_cfg.name)
@@ -331,7 +331,7 @@ class Experiment:
         if "vision_config" in hf:  # a Qwen3-VL preset reads the tokenizer's vision placeholders
             for key, token in VISION_TOKEN_KEYS.items():
                 hf[key] = int(self.tokenizer.convert_tokens_to_ids(token))
-        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype, remat=remat)
+        return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype, **options)
 
     def load_latest(self, model, *, newer_than: int = -1) -> int | None:
         """Loads the newest published weights into ``model`` if newer than ``newer_than``;

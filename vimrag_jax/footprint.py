@@ -81,13 +81,24 @@ def model_hf_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_fn(cfg: ml_collections.ConfigDict, hf: dict[str, Any]) -> Callable[[], Any]:
-    """A builder of the policy as the learner builds it (dtype and remat from ``model``)."""
+    """A builder of the policy as the learner builds it (`model_options`)."""
     from flax import nnx
 
     from vimrag_jax.models.presets import init_model
 
-    dtype, remat = str(cfg.model.dtype), bool(cfg.model.remat)
-    return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+    options = model_options(cfg)
+    return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
+
+
+def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``model`` block's build options (`models.presets.init_model`'s keywords)."""
+    model = cfg.model
+    return dict(
+        dtype=str(model.dtype),
+        remat=bool(model.remat),
+        scan_layers=bool(model.get("scan_layers", False)),
+        remat_policy=str(model.get("remat_policy", "nothing_saveable")),
+    )
 
 
 def max_patches(cfg: ml_collections.ConfigDict) -> int:

@@ -119,10 +119,12 @@ def behavior_gap_warning(metrics: dict[str, float], loss_config: LossConfig) -> 
 
 def _model_fn(experiment):
     """A builder of the policy's shapes and seeded initial values (jit-able)."""
+    from vimrag_jax.footprint import model_options
+
     cfg = experiment.cfg
-    remat = bool(cfg.model.remat)
+    options = model_options(cfg)
     if cfg.model.name != "hf":
-        return lambda: experiment.initial_model(remat=remat)
+        return lambda: experiment.initial_model(**options)
     # A checkpoint's shapes are those of a model built from its config.json; the weights
     # are loaded on the host afterwards (`_initial_params`) and placed into the shards.
     from flax import nnx
@@ -131,7 +133,7 @@ def _model_fn(experiment):
     from vimrag_jax.models.presets import init_model
 
     hf = read_config(Path(cfg.model.path))
-    return lambda: init_model(hf, rngs=nnx.Rngs(0), dtype=cfg.model.dtype, remat=remat)
+    return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
 
 
 def _initial_params(experiment, mesh):

@@ -114,7 +114,8 @@ class Qwen3VLConfig:
         """Reads a `model_type: qwen3_vl` config.json dict (transformers 4.5x or 5.x layout).
 
         `remat` rematerialises each text decoder layer and each vision block in the backward
-        pass; `scan_layers` and `remat_policy` are the text decoder's (see `Qwen3Config`;
+        pass; `scan_layers` scans the text decoder's layers and the vision tower's blocks
+        between DeepStack taps; `remat_policy` is the text decoder's (see `Qwen3Config`;
         the DeepStack layers run unrolled before the scan). Raises
         NotImplementedError for RoPE types other than "default" and for the text features
         `Qwen3Config.from_hf` refuses.
@@ -141,7 +142,9 @@ class Qwen3VLConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         return cls(
             text=text,
-            vision=Qwen3VLVisionConfig.from_hf(hf["vision_config"], dtype=dtype, remat=remat),
+            vision=Qwen3VLVisionConfig.from_hf(
+                hf["vision_config"], dtype=dtype, remat=remat, scan_blocks=scan_layers
+            ),
             mrope_section=section,
             **{
                 key: int(hf.get(key, defaults[key]))

@@ -79,6 +79,9 @@ class Qwen3VLVisionConfig:
     attention: str = "blocked"
     attention_block: int = 512  # rows per tile of the blocked attention
     remat: bool = False  # recompute each vision block's activations in the backward pass
+    # Run the blocks between DeepStack taps as one lax.scan each (compile time and, under
+    # remat, the backward's memory no longer grow with depth; `_scan_blocks`).
+    scan_blocks: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -125,10 +128,16 @@ class Qwen3VLVisionConfig:
 
     @classmethod
     def from_hf(
-        cls, hf: dict[str, Any], *, dtype: str = "float32", remat: bool = False
+        cls,
+        hf: dict[str, Any],
+        *,
+        dtype: str = "float32",
+        remat: bool = False,
+        scan_blocks: bool = False,
     ) -> Qwen3VLVisionConfig:
         """Reads the `vision_config` dict of a `qwen3_vl` config.json; `remat` recomputes each
-        vision block in the backward pass. Attention settings keep their defaults."""
+        vision block in the backward pass, `scan_blocks` scans the runs of blocks between
+        DeepStack taps. Attention settings keep their defaults."""
         rope = hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", "axial")
         if rope_type != "axial":
@@ -151,6 +160,7 @@ class Qwen3VLVisionConfig:
             rope_theta=float(rope.get("rope_theta", 10_000.0)),
             dtype=dtype,
             remat=remat,
+            scan_blocks=scan_blocks,
         )
 
 
@@ -400,6 +410,35 @@ def _remat_block_pure(graphdef, state, x_nd, cos_nk, sin_nk, segment):
     return nnx.merge(graphdef, state)(x_nd, cos_nk, sin_nk, segment)
 
 
+def _scan_blocks(
+    blocks: list[VisionBlock],
+    x_nd: jax.Array,
+    cos_nk: jax.Array,
+    sin_nk: jax.Array,
+    segment: jax.Array,
+    *,
+    remat: bool,
+) -> jax.Array:
+    """``blocks`` (one structure) over ``x[N, D]`` as one `jax.lax.scan`, their parameters
+    stacked on the fly (storage, checkpoints and the HF layout stay per block, as the
+    decoder's `scan_decoder_layers`); with ``remat`` the body is checkpointed, so the backward
+    pass keeps one block input per step and a loop, unlike unrolled blocks, makes every
+    compiler recompute one block at a time."""
+    graphdef, first = nnx.split(blocks[0])
+    leaves, treedef = jax.tree.flatten(first)
+    columns = [leaves, *(jax.tree.leaves(nnx.split(block)[1]) for block in blocks[1:])]
+    stacked = [jnp.stack(column) for column in zip(*columns, strict=True)]
+
+    def body(x: jax.Array, block_leaves: list[jax.Array]) -> tuple[jax.Array, None]:
+        block = nnx.merge(graphdef, jax.tree.unflatten(treedef, block_leaves))
+        return block(x, cos_nk, sin_nk, segment), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x_nd, _ = jax.lax.scan(body, x_nd, stacked)
+    return x_nd
+
+
 def _remat_block_forward(
     block: VisionBlock, x_nd: jax.Array, cos_nk: jax.Array, sin_nk: jax.Array, segment: jax.Array
 ) -> jax.Array:
@@ -498,11 +537,20 @@ class VisionTower(nnx.Module):
         segment_n = jnp.asarray(tables.segment)
         forward = _remat_block_forward if c.remat else _block_forward
         deepstack = []
-        for i, block in enumerate(self.blocks):
-            x_nd = forward(block, x_nd, cos_nk, sin_nk, segment_n)
-            if i in c.deepstack_visual_indexes:
-                merger = self.deepstack_mergers[c.deepstack_visual_indexes.index(i)]
+        # Runs of blocks, each ending at a DeepStack tap or at the last block.
+        ends = sorted({*c.deepstack_visual_indexes, c.depth - 1})
+        start = 0
+        for end in ends:
+            run = list(self.blocks[start : end + 1])
+            if c.scan_blocks and len(run) > 1:
+                x_nd = _scan_blocks(run, x_nd, cos_nk, sin_nk, segment_n, remat=c.remat)
+            else:
+                for block in run:
+                    x_nd = forward(block, x_nd, cos_nk, sin_nk, segment_n)
+            if end in c.deepstack_visual_indexes:
+                merger = self.deepstack_mergers[c.deepstack_visual_indexes.index(end)]
                 deepstack.append(merger(x_nd))
+            start = end + 1
         merged = self.merger(x_nd)
         if deepstack:
             deepstack_kmo = jnp.stack(deepstack)
