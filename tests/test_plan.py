@@ -150,14 +150,14 @@ def test_blocked_attention_loops_within_each_devices_rows():
 
 
 def test_the_learner_reads_the_checkpoint_straight_into_its_shards(tmp_path):
-    # train._initial_params loads model.path with the mesh: every parameter arrives as a
+    # Experiment.initial_params loads model.path with the mesh: every parameter arrives as a
     # sharded array (fsdp over 8 devices) equal to the whole-model load.
     import types
 
     import ml_collections
     from flax import nnx
 
-    from vimrag_jax import train
+    from vimrag_jax.experiment import Experiment
     from vimrag_jax.models.hf import from_pretrained, save_pretrained
     from vimrag_jax.models.presets import init_model, preset_config
 
@@ -167,7 +167,7 @@ def test_the_learner_reads_the_checkpoint_straight_into_its_shards(tmp_path):
         {"model": {"name": "hf", "path": str(tmp_path), "dtype": "float32"}}
     )
     mesh = make_mesh(1, 8, 1)
-    params = train._initial_params(types.SimpleNamespace(cfg=cfg), mesh)
+    params = Experiment.initial_params(types.SimpleNamespace(cfg=cfg), mesh)
     whole = nnx.state(from_pretrained(tmp_path), nnx.Param)
     leaves = jax.tree.leaves(params)
     assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated

@@ -121,12 +121,12 @@ def test_late_segments_are_dropped_before_the_update_and_an_empty_batch_is_skipp
 
 
 def test_behavior_log_probs_warn_when_the_gap_exceeds_the_clip():
-    from vimrag_jax.rl.losses import LossConfig
+    from vimrag_jax.rl.losses import LossConfig, behavior_gap_warning
 
     behavior = LossConfig.for_algorithm("ggpo")  # old_logprobs="behavior", clip 3e-4 / 4e-4
-    message = train.behavior_gap_warning({"logprob_gap": 5e-4}, behavior)
+    message = behavior_gap_warning({"logprob_gap": 5e-4}, behavior)
     assert message is not None and "more than the clip range (0.0003)" in message
-    assert train.behavior_gap_warning({"logprob_gap": 2e-4}, behavior) is None
-    assert train.behavior_gap_warning({}, behavior) is None
+    assert behavior_gap_warning({"logprob_gap": 2e-4}, behavior) is None
+    assert behavior_gap_warning({}, behavior) is None
     recompute = LossConfig.for_algorithm("ggpo", old_logprobs="recompute")
-    assert train.behavior_gap_warning({"logprob_gap": 1.0}, recompute) is None
+    assert behavior_gap_warning({"logprob_gap": 1.0}, recompute) is None

@@ -333,6 +333,37 @@ class Experiment:
                 hf[key] = int(self.tokenizer.convert_tokens_to_ids(token))
         return init_model(hf, rngs=nnx.Rngs(int(self.cfg.seed)), dtype=dtype, **options)
 
+    def learner_model_fn(self):
+        """A builder of the learner's policy: shapes and seeded initial values (jit-able), with
+        the config's build options (`footprint.model_options`). For ``model.name == "hf"`` the
+        shapes are those of ``model.path``'s config.json; `initial_params` reads its weights."""
+        from flax import nnx
+
+        from vimrag_jax.footprint import model_options
+        from vimrag_jax.models.hf import read_config
+        from vimrag_jax.models.presets import init_model
+
+        options = model_options(self.cfg)
+        if self.cfg.model.name != "hf":
+            return lambda: self.initial_model(**options)
+        hf = read_config(Path(self.cfg.model.path))
+        return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
+
+    def initial_params(self, mesh):
+        """None (initialise from `learner_model_fn`) or the Hugging Face checkpoint's
+        parameters, read straight into their shards over ``mesh`` (each process reads only the
+        blocks its devices hold from the memory-mapped safetensors; no device or host holds
+        the whole model)."""
+        cfg = self.cfg
+        if cfg.model.name != "hf":
+            return None
+        from flax import nnx
+
+        from vimrag_jax.models.hf import from_pretrained
+
+        model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
+        return nnx.state(model, nnx.Param)
+
     def load_latest(self, model, *, newer_than: int = -1) -> int | None:
         """Loads the newest published weights into ``model`` if newer than ``newer_than``;
         returns their version, or None when there is nothing newer.

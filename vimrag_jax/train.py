@@ -62,7 +62,7 @@ from vimrag_jax.resume import (
     use_compile_cache,
     write_phase,
 )
-from vimrag_jax.rl.losses import LossConfig
+from vimrag_jax.rl.losses import LossConfig, behavior_gap_warning
 from vimrag_jax.rollout.local_workers import LocalWorkers, config_flags_from_argv
 from vimrag_jax.rollout.records import ROLLOUT_DIR
 from vimrag_jax.rollout.trajectory import record_dims
@@ -97,58 +97,6 @@ def _dropped(counters: dict[str, int]) -> str:
         f"{c['uniform_records']} in groups with one reward for all, "
         f"{c['incomplete_records']} in incomplete groups, {c['corrupt_records']} corrupt"
     )
-
-
-def behavior_gap_warning(metrics: dict[str, float], loss_config: LossConfig) -> str | None:
-    """A warning when the ratio's denominator is the sampler's log-probs
-    (``loss.old_logprobs = "behavior"``) and the measured learner-vs-sampler gap already
-    exceeds the clip range: the clip then acts on numerical noise and zeroes gradients at
-    random (GSPO as published recomputes them: ``old_logprobs = "recompute"``). None otherwise.
-    """
-    gap = metrics.get("logprob_gap")
-    epsilon = min(loss_config.clip_low, loss_config.clip_high)
-    if loss_config.old_logprobs != "behavior" or gap is None or not gap > epsilon:
-        return None
-    return (
-        f"the learner's log-probs differ from the sampler's by {gap:.2e} per token on average, "
-        f"more than the clip range ({epsilon:g}) of loss.old_logprobs='behavior': the clip "
-        "will bind on numerical noise; consider loss.old_logprobs='recompute' (with "
-        "loss.num_minibatches > 1 for GSPO as published)"
-    )
-
-
-def _model_fn(experiment):
-    """A builder of the policy's shapes and seeded initial values (jit-able)."""
-    from vimrag_jax.footprint import model_options
-
-    cfg = experiment.cfg
-    options = model_options(cfg)
-    if cfg.model.name != "hf":
-        return lambda: experiment.initial_model(**options)
-    # A checkpoint's shapes are those of a model built from its config.json; the weights
-    # are loaded on the host afterwards (`_initial_params`) and placed into the shards.
-    from flax import nnx
-
-    from vimrag_jax.models.hf import read_config
-    from vimrag_jax.models.presets import init_model
-
-    hf = read_config(Path(cfg.model.path))
-    return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
-
-
-def _initial_params(experiment, mesh):
-    """None (initialise from `model_fn`) or the Hugging Face checkpoint's parameters, read
-    straight into their shards over ``mesh`` (each process reads only the blocks its devices
-    hold from the memory-mapped safetensors; no device or host holds the whole model)."""
-    cfg = experiment.cfg
-    if cfg.model.name != "hf":
-        return None
-    from flax import nnx
-
-    from vimrag_jax.models.hf import from_pretrained
-
-    model = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
-    return nnx.state(model, nnx.Param)
 
 
 def _without_late_segments(
@@ -201,7 +149,7 @@ class Trainer:
         self.experiment = Experiment.from_config(cfg, self.workdir)
         self.dims = record_dims(self.experiment.rollout_config())
         self.pad_id = int(self.experiment.tokenizer.pad_token_id or 0)
-        self.model_fn = _model_fn(self.experiment)
+        self.model_fn = self.experiment.learner_model_fn()
         self.checkpointer = Checkpointer.from_config(self.workdir, cfg.checkpoint)
         self._eval_backend = None
         self.micro = int(cfg.optim.accumulate_steps)  # step calls per optimizer update
@@ -306,7 +254,7 @@ class Trainer:
         restored = learner.restore(self.checkpointer)
         data_state: dict = {}
         if restored is None:
-            learner.initialize(_initial_params(self.experiment, self.mesh))
+            learner.initialize(self.experiment.initial_params(self.mesh))
         else:
             data_state = this_process_data(restored)
             logging.info("resumed the warm start at step %d", learner.step)
@@ -477,7 +425,7 @@ class Trainer:
                 params = learner.params()
                 logging.info("starting RL from the warm start's last checkpoint")
             if params is None:
-                params = _initial_params(self.experiment, self.mesh)
+                params = self.experiment.initial_params(self.mesh)
             learner.initialize(params)
         offset = self.sft_calls  # checkpoint steps continue after the warm start's
         write_phase(self.workdir, {"phase": "rl", "checkpoint_offset": offset})

@@ -390,6 +390,24 @@ _PRESETS = {
 }
 
 
+def behavior_gap_warning(metrics: Mapping[str, float], loss_config: LossConfig) -> str | None:
+    """A warning when the ratio's denominator is the sampler's log-probs
+    (``loss.old_logprobs = "behavior"``) and the measured learner-vs-sampler gap already
+    exceeds the clip range: the clip then acts on numerical noise and zeroes gradients at
+    random (GSPO as published recomputes them: ``old_logprobs = "recompute"``). None otherwise.
+    """
+    gap = metrics.get("logprob_gap")
+    epsilon = min(loss_config.clip_low, loss_config.clip_high)
+    if loss_config.old_logprobs != "behavior" or gap is None or not gap > epsilon:
+        return None
+    return (
+        f"the learner's log-probs differ from the sampler's by {gap:.2e} per token on average, "
+        f"more than the clip range ({epsilon:g}) of loss.old_logprobs='behavior': the clip "
+        "will bind on numerical noise; consider loss.old_logprobs='recompute' (with "
+        "loss.num_minibatches > 1 for GSPO as published)"
+    )
+
+
 def __getattr__(name: str) -> Any:
     # SPEC §5 names `rl.losses.ggpo_loss`; it lives with the rest of GGPO in `rl/ggpo.py`,
     # which imports this module (so it cannot be imported here at the top).
