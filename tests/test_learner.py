@@ -280,11 +280,11 @@ def test_micro_batches_compose_with_minibatches_on_both_steps(mesh):
 
 
 def test_micro_batches_must_split_the_rows():
-    from vimrag_jax.parallel.step import split_rows
+    from vimrag_jax.parallel.step import check_parts, take_part
 
-    parts = split_rows({"x": np.arange(6)}, 3)["x"]
+    parts = [take_part({"x": np.arange(6)}, 3, p)["x"] for p in range(3)]
     np.testing.assert_array_equal(parts, [[0, 3], [1, 4], [2, 5]])
     with pytest.raises(ValueError, match="6 rows do not split into 4 micro-batches"):
-        split_rows({"x": np.arange(6)}, 4, what="micro-batches")
+        check_parts({"x": np.arange(6)}, 4, what="micro-batches")
     with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
         Learner(_model_fn, _optimizer(), LossConfig(), make_mesh(8, 1, 1), micro_batches=0)

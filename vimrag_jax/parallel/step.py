@@ -179,7 +179,7 @@ def update(
     (`loss.old_logprobs = "recompute"`). Metrics are over the M steps (min / max for ``*_min`` /
     ``*_max``, the mean otherwise), plus ``clip_fraction/mb<m>``.
     With M = 1 it is one step on the whole batch. Minibatch m holds rows m, m + M, m + 2M, ...
-    (`split_rows`), so each one keeps an equal share of every device's rows.
+    (`take_part`), so each one keeps an equal share of every device's rows.
 
     With `micro_batches` K > 1 each optimizer step's gradient is accumulated over K sequential
     forward/backward passes (`lax.scan`) of 1/K of its rows, so activations are those of one
@@ -202,10 +202,11 @@ def update(
     else:  # the starting policy's log-probs, as many rows at a time as one training pass
         old = _micro_logprobs(graphdef, state.params, batch, minibatches * micro_batches)
     batch = {**batch, "old_logprobs": jax.lax.stop_gradient(old)}
+    check_parts(batch, minibatches, what="minibatches")
     state, metrics = jax.lax.scan(
-        lambda s, minibatch: _update_once(s, minibatch, **kwargs),
+        lambda s, m: _update_once(s, take_part(batch, minibatches, m), **kwargs),
         state,
-        split_rows(batch, minibatches, what="minibatches"),
+        jnp.arange(minibatches),
     )
     out = {}
     for key, values in metrics.items():
@@ -216,19 +217,28 @@ def update(
     return state, out
 
 
-def split_rows(tree: Any, parts: int, *, what: str = "parts") -> Any:
-    """Every leaf `[B, ...]` as `[parts, B / parts, ...]`; part p holds rows p, p + parts, ...
-
-    Strided rather than contiguous: when the row axis is sharded over devices in contiguous
-    blocks, each part is then an equal slice of every device's block, so scanning over the
-    parts moves no data between devices.
-    """
+def check_parts(tree: Any, parts: int, *, what: str = "parts") -> None:
+    """Raises ValueError unless the leaves' rows split into ``parts`` equal parts."""
     rows = jax.tree.leaves(tree)[0].shape[0]
     if rows % parts:
         raise ValueError(f"{rows} rows do not split into {parts} {what}")
-    return jax.tree.map(
-        lambda x: x.reshape(rows // parts, parts, *x.shape[1:]).swapaxes(0, 1), tree
-    )
+
+
+def take_part(tree: Any, parts: int, index: jax.Array | int) -> Any:
+    """Part ``index`` of ``parts`` of every leaf ``[B, ...]``: rows index, index + parts, ...
+
+    Strided rather than contiguous: when the row axis is sharded over devices in contiguous
+    blocks, each part is an equal slice of every device's block, so a loop over the parts
+    moves no data between devices. Taken as a slice of a free reshape ``[B / parts, parts,
+    ...]`` inside the loop, so no transposed copy of the batch (for a vision policy, its
+    pixels) is ever made.
+    """
+
+    def part(x: jax.Array) -> jax.Array:
+        grouped = x.reshape(x.shape[0] // parts, parts, *x.shape[1:])
+        return jax.lax.dynamic_index_in_dim(grouped, index, axis=1, keepdims=False)
+
+    return jax.tree.map(part, tree)
 
 
 def _micro_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, parts: int):
@@ -241,7 +251,10 @@ def _micro_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, par
         return params, policy_logprobs(policy, rows["tokens"], visual_inputs(rows))
 
     inputs = {key: batch[key] for key in ("tokens", *VISUAL_KEYS) if key in batch}
-    _, logp = jax.lax.scan(one, params, split_rows(inputs, parts, what="micro-batches"))
+    check_parts(inputs, parts, what="micro-batches")
+    _, logp = jax.lax.scan(
+        lambda params, p: one(params, take_part(inputs, parts, p)), params, jnp.arange(parts)
+    )
     # Undo the strided split: [parts, B / parts, L] -> [B, L].
     return logp.swapaxes(0, 1).reshape(-1, *logp.shape[2:])
 
@@ -269,15 +282,14 @@ def _loss_and_grads(
     if micro_batches == 1:
         return grad_fn(params, batch)
 
-    def accumulate(carry, rows):
+    def accumulate(carry, index):
         loss, grads = carry
-        (rows_loss, stats), rows_grads = grad_fn(params, rows)
+        (rows_loss, stats), rows_grads = grad_fn(params, take_part(batch, micro_batches, index))
         return (loss + rows_loss, jax.tree.map(jnp.add, grads, rows_grads)), stats
 
+    check_parts(batch, micro_batches, what="micro-batches")
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), stats = jax.lax.scan(
-        accumulate, zeros, split_rows(batch, micro_batches, what="micro-batches")
-    )
+    (loss, grads), stats = jax.lax.scan(accumulate, zeros, jnp.arange(micro_batches))
     return (loss, merge_stats(stats)), grads
 
 
