@@ -120,10 +120,13 @@ def chunked_token_logprobs(
 
 
 def _chunk_logits(hidden_bcd: jax.Array, head_dv: jax.Array) -> jax.Array:
-    """`float32[B*C, V]` logits of one chunk (rows flattened: a plain 2-D matmul)."""
-    return jnp.dot(
-        hidden_bcd.reshape(-1, hidden_bcd.shape[-1]), head_dv, preferred_element_type=jnp.float32
-    )
+    """`float32[B*C, V]` logits of one chunk (rows flattened: a plain 2-D matmul).
+
+    Under the learner's mesh the flattened rows stay on the batch devices (`constrain_rows`):
+    with the head split over ``fsdp`` on its ``embed`` axis, GSPMD would otherwise contract the
+    split axis and give every device the whole batch's `[B*C, V]` logits."""
+    hidden_xd = constrain_rows(hidden_bcd.reshape(-1, hidden_bcd.shape[-1]))
+    return constrain_rows(jnp.dot(hidden_xd, head_dv, preferred_element_type=jnp.float32))
 
 
 def _head_forward(hidden_nbcd, head_dv, targets_nbc):
@@ -166,7 +169,9 @@ def _head_logprobs_bwd(residuals, dlogp_nbc):
     n, b, c, d = hidden_nbcd.shape
     dtype = hidden_nbcd.dtype
     # One transpose of all hidden states, outside the loop, for the head gradient's matmul.
-    hidden_ndx = jax.lax.optimization_barrier(hidden_nbcd.reshape(n, b * c, d).swapaxes(1, 2))
+    hidden_ndx = jax.lax.optimization_barrier(
+        constrain_rows(hidden_nbcd.reshape(n, b * c, d).swapaxes(1, 2), 2)
+    )
 
     def body(dhead_dv, xs):
         hidden_bcd, hidden_dx, targets_bc, lse_x, dlogp_bc = xs
@@ -179,7 +184,7 @@ def _head_logprobs_bwd(residuals, dlogp_nbc):
             dlogits_xv, head_dv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
         dhead_dv = dhead_dv + jnp.dot(hidden_dx, dlogits_xv, preferred_element_type=jnp.float32)
-        return dhead_dv, dhidden_xd.astype(dtype).reshape(b, c, d)
+        return dhead_dv, constrain_rows(dhidden_xd.astype(dtype)).reshape(b, c, d)
 
     xs = (hidden_nbcd, hidden_ndx, targets_nbc, lse_nx, dlogp_nbc)
     zeros_dv = jnp.zeros(head_dv.shape, jnp.float32)
