@@ -18,8 +18,11 @@ each; ``a`` bytes per compute element; tensor-parallel degree ``t``):
 - vision tower (Qwen3-VL): the same rule over its blocks at ``P`` patch rows, blocked attention
   (no ``P × P`` scores), plus the merged visual features the decoder reads.
 
-It ignores XLA's fusion and buffer reuse, so it is a planning figure, not a promise: the tables
-in ``docs/benchmarks.md`` put it beside the compiled figures.
+It is a lower bound, not a promise: it leaves out the scanned layers' stacked parameter copy
+and its gradients, the float32 head gradient and the temporaries of XLA's fusions, and came out
+2.5–3× under the compiled peak of the qwen3vl presets (``docs/benchmarks.md``, "Planner"). So
+`config_checks` refuses with it only what cannot fit even by this count; `vimrag_jax.plan`'s
+compiled figure is the one to trust before a launch.
 """
 
 from __future__ import annotations
