@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "tiny"  # a preset of vimrag_jax.models, or "hf" to read model.path
     c.model.path = ""  # local Hugging Face checkpoint directory (config.json + safetensors)
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    # The learner's stored parameters: bfloat16 halves them (Adam's moments stay float32).
+    c.model.param_dtype = "float32"
     c.model.remat = False
     # Scan the decoder layers (and the vision blocks between DeepStack taps) instead of
     # unrolling them: compile time stops growing with depth, and remat's memory saving shows

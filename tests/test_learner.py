@@ -288,3 +288,47 @@ def test_micro_batches_must_split_the_rows():
         check_parts({"x": np.arange(6)}, 4, what="micro-batches")
     with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
         Learner(_model_fn, _optimizer(), LossConfig(), make_mesh(8, 1, 1), micro_batches=0)
+
+
+def test_bfloat16_parameters_with_float32_optimizer_state():
+    # model.param_dtype="bfloat16": the stored parameters are bf16 (half the memory), Adam's
+    # moments float32; an update moves the parameters like the float32 learner's, to bf16
+    # precision.
+    import jax.numpy as jnp
+
+    from vimrag_jax.footprint import with_param_dtype
+    from vimrag_jax.optim import make_optimizer
+
+    mesh = make_mesh(8, 1, 1)
+    config = learner_cases.optim_config(learning_rate=1e-2, warmup_steps=0)
+    learners = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(
+            lambda dtype=dtype: with_param_dtype(learner_cases.model_fn(), dtype),
+            make_optimizer(config, param_dtype=dtype),
+            LossConfig.for_algorithm("ggpo"),
+            mesh,
+        )
+        learner.initialize()
+        learners[dtype] = (learner, jax.device_get(learner.params()), learner.train_step(_batch(7)))
+    narrow, before, metrics = learners["bfloat16"]
+    wide, wide_before, wide_metrics = learners["float32"]
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(narrow.params()))
+    moments = [x for x in jax.tree.leaves(narrow.state.opt_state) if x.ndim >= 1]
+    assert moments and all(x.dtype == jnp.float32 for x in moments)
+    assert np.isfinite(metrics["loss"])
+    np.testing.assert_allclose(metrics["loss"], wide_metrics["loss"], rtol=0.05, atol=1e-3)
+    moved = [
+        np.asarray(a, np.float32) - np.asarray(b, np.float32)
+        for a, b in zip(jax.tree.leaves(narrow.params()), jax.tree.leaves(before), strict=True)
+    ]
+    wide_moved = [
+        np.asarray(a) - np.asarray(b)
+        for a, b in zip(jax.tree.leaves(wide.params()), jax.tree.leaves(wide_before), strict=True)
+    ]
+    # The same step to bf16's resolution: the moves correlate, parameters did change.
+    flat, wide_flat = (
+        np.concatenate([m.ravel() for m in moved]),
+        np.concatenate([m.ravel() for m in wide_moved]),
+    )
+    assert np.abs(flat).max() > 0 and np.corrcoef(flat, wide_flat)[0, 1] > 0.9

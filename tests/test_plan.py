@@ -119,6 +119,11 @@ def test_footprint_state_is_exact_per_device():
     # float32 parameters split 8 ways (a few small replicated ones on top), Adam's two moments.
     assert count * 4 / 8 <= need.params_bytes < count * 4 / 8 * 1.05
     assert abs(need.optimizer_bytes - 2 * need.params_bytes) < 1e-3 * need.params_bytes
+    # bfloat16 parameters (model.param_dtype): half the parameters, the same float32 moments.
+    cfg.model.param_dtype = "bfloat16"
+    narrow = footprint.estimate(cfg, 8)
+    assert abs(narrow.params_bytes - need.params_bytes / 2) < 1e-3 * need.params_bytes
+    assert narrow.optimizer_bytes == need.optimizer_bytes
 
 
 def test_constrain_rows_pins_the_batch_axis_only_under_a_mesh():

@@ -509,6 +509,9 @@ def find_problems(
 
     if cfg.model.dtype not in DTYPES:
         problems.append(f"config.model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    stored = cfg.model.get("param_dtype", "float32")
+    if stored not in DTYPES:
+        problems.append(f"config.model.param_dtype must be one of {DTYPES}, got {stored!r}")
     from vimrag_jax.models.decoder import REMAT_POLICIES
 
     policy = cfg.model.get("remat_policy", "nothing_saveable")

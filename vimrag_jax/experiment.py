@@ -339,15 +339,15 @@ class Experiment:
         shapes are those of ``model.path``'s config.json; `initial_params` reads its weights."""
         from flax import nnx
 
-        from vimrag_jax.footprint import model_options
+        from vimrag_jax.footprint import model_options, param_dtype, with_param_dtype
         from vimrag_jax.models.hf import read_config
         from vimrag_jax.models.presets import init_model
 
-        options = model_options(self.cfg)
+        options, dtype = model_options(self.cfg), param_dtype(self.cfg)
         if self.cfg.model.name != "hf":
-            return lambda: self.initial_model(**options)
+            return lambda: with_param_dtype(self.initial_model(**options), dtype)
         hf = read_config(Path(self.cfg.model.path))
-        return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
+        return lambda: with_param_dtype(init_model(hf, rngs=nnx.Rngs(0), **options), dtype)
 
     def initial_params(self, mesh):
         """None (initialise from `learner_model_fn`) or the Hugging Face checkpoint's

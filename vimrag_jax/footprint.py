@@ -90,7 +90,26 @@ def model_fn(cfg: ml_collections.ConfigDict, hf: dict[str, Any]) -> Callable[[],
     from vimrag_jax.models.presets import init_model
 
     options = model_options(cfg)
-    return lambda: init_model(hf, rngs=nnx.Rngs(0), **options)
+    dtype = param_dtype(cfg)
+    return lambda: with_param_dtype(init_model(hf, rngs=nnx.Rngs(0), **options), dtype)
+
+
+def param_dtype(cfg: ml_collections.ConfigDict) -> str:
+    """``model.param_dtype``: the dtype the learner stores the policy's parameters in."""
+    return str(cfg.model.get("param_dtype", "float32"))
+
+
+def with_param_dtype(model: Any, dtype: str) -> Any:
+    """``model`` with its floating-point parameters cast to ``dtype`` (in place; returned)."""
+    if dtype == "float32":
+        return model
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(
+        x.dtype, jnp.floating) else x, state))  # fmt: skip
+    return model
 
 
 def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -213,7 +232,8 @@ def estimate(cfg: ml_collections.ConfigDict, num_devices: int) -> Footprint:
     hf = model_hf_config(cfg)
     shape = resolve_mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), num_devices)
     mesh = abstract_mesh(shape)
-    state = abstract_train_state(model_fn(cfg, hf), make_optimizer(cfg.optim), mesh)
+    optimizer = make_optimizer(cfg.optim, param_dtype=param_dtype(cfg))
+    state = abstract_train_state(model_fn(cfg, hf), optimizer, mesh)
     params = device_bytes(state.params)
     batch = loss_batch_shapes(
         cfg, int(cfg.data.batch_segments), visual=hf.get("vision_config") is not None

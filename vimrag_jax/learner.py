@@ -225,7 +225,8 @@ class Learner:
         phase's) with a new optimizer state."""
         if params is None:
             _, state, _ = step_lib.create_train_state(self.model_fn, self.optimizer, self.mesh)
-        else:
+        else:  # in the stored dtype (model.param_dtype) and layout of this learner's state
+            params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, self.abstract.params)
             params = jax.device_put(params, self.shardings.params)
             opt_state = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)(params)
             step = jax.device_put(np.zeros((), np.int32), self.shardings.step)

@@ -98,8 +98,32 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer described by ``config.optim`` (see the module docstring)."""
+def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` computed in float32 for parameters stored in a narrower dtype (bfloat16):
+    its state (Adam's moments) is built from and updated with float32 copies of the
+    parameters and gradients, so only the stored parameters are narrow; `optax.apply_updates`
+    casts each float32 update to its parameter's dtype."""
+
+    def widen(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        )
+
+    def init(params: Any) -> optax.OptState:
+        return inner.init(widen(params))
+
+    def update(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, Any]:
+        return inner.update(widen(updates), state, None if params is None else widen(params))
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(
+    optim_config: ml_collections.ConfigDict, *, param_dtype: str = "float32"
+) -> optax.GradientTransformation:
+    """The optimizer described by ``config.optim`` (see the module docstring); for parameters
+    stored in ``param_dtype`` narrower than float32, its state stays float32 (`float32_state`).
+    """
     accumulate = optim_config.accumulate_steps
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(
@@ -121,6 +145,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTra
         )
     )
     optimizer = optax.chain(*parts)
+    if jnp.dtype(param_dtype) != jnp.float32:
+        optimizer = float32_state(optimizer)
     if accumulate == 1:
         return optimizer
     return optax.MultiSteps(optimizer, every_k_schedule=accumulate).gradient_transformation()

@@ -113,7 +113,7 @@ def compile_step(cfg: Any, num_devices: int) -> dict[str, Any]:
     mesh = mesh_from_config(cfg.mesh, devices=jax.devices()[:num_devices])
     learner = Learner(
         footprint.model_fn(cfg, hf),
-        make_optimizer(cfg.optim),
+        make_optimizer(cfg.optim, param_dtype=footprint.param_dtype(cfg)),
         LossConfig.from_config(cfg.loss),
         mesh,
         step_kind="pjit",

@@ -51,6 +51,7 @@ from vimrag_jax.data.pipeline import (
 )
 from vimrag_jax.data.pipeline import pipeline_metrics as read_pipeline_counters
 from vimrag_jax.faults import kill_point
+from vimrag_jax.footprint import param_dtype
 from vimrag_jax.learner import Learner, batch_token_counts
 from vimrag_jax.metrics import MetricWriter
 from vimrag_jax.parallel.mesh import mesh_from_config
@@ -244,7 +245,9 @@ class Trainer:
         the run is SFT only)."""
         learner = Learner(
             self.model_fn,
-            optim.make_optimizer(optim.sft_optim_config(self.cfg)),
+            optim.make_optimizer(
+                optim.sft_optim_config(self.cfg), param_dtype=param_dtype(self.cfg)
+            ),
             LossConfig.for_algorithm("sft"),
             self.mesh,
             step_kind=self.cfg.step,
@@ -402,7 +405,7 @@ class Trainer:
         gap_warned = False
         learner = Learner(
             self.model_fn,
-            optim.make_optimizer(cfg.optim),
+            optim.make_optimizer(cfg.optim, param_dtype=param_dtype(cfg)),
             loss_config,
             self.mesh,
             step_kind=cfg.step,
