@@ -129,6 +129,17 @@ def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def constrain_logical(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Lays ``x`` out as a parameter with ``logical_axes`` is (`DEFAULT_RULES`) when traced
+    under a mesh (`under_mesh`); unchanged otherwise. For gradient accumulators a custom
+    backward pass builds: left unconstrained, GSPMD may keep a whole copy on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = logical_to_mesh_spec(logical_axes, DEFAULT_RULES, shape=x.shape, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def row_shards(rows: int) -> int:
     """How many blocks of ``rows`` `constrain_rows` spreads over the context mesh (1 without
     one): loops over rows should run within each device's block, not across devices."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vimrag_jax.models.qwen3_vl_vision import VisionTables
-from vimrag_jax.parallel.sharding import constrain_rows
+from vimrag_jax.parallel.sharding import constrain_logical, constrain_rows
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -184,10 +184,13 @@ def _head_logprobs_bwd(residuals, dlogp_nbc):
             dlogits_xv, head_dv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
         dhead_dv = dhead_dv + jnp.dot(hidden_dx, dlogits_xv, preferred_element_type=jnp.float32)
+        dhead_dv = constrain_logical(dhead_dv, ("embed", "vocab"))
         return dhead_dv, constrain_rows(dhidden_xd.astype(dtype)).reshape(b, c, d)
 
     xs = (hidden_nbcd, hidden_ndx, targets_nbc, lse_nx, dlogp_nbc)
-    zeros_dv = jnp.zeros(head_dv.shape, jnp.float32)
+    # The head gradient accumulates split like the head itself (embed over fsdp, vocab over
+    # tensor), not as a whole [D, V] float32 copy per device.
+    zeros_dv = constrain_logical(jnp.zeros(head_dv.shape, jnp.float32), ("embed", "vocab"))
     dhead_dv, dhidden_nbcd = jax.lax.scan(body, zeros_dv, xs)
     return dhidden_nbcd, dhead_dv.astype(head_dv.dtype), None
 
