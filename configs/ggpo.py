@@ -12,7 +12,11 @@ The argument after the colon is ``[PRESET][,ALGORITHM]`` (either order), overrid
 ``tiny`` (the default preset) runs end to end on one CPU machine with a small
 Qwen3-architecture policy and the synthetic multimodal corpus. The ``qwen3vl_*``
 presets are the paper's policies (SPEC §8) and need ``model.path`` set to a
-local Hugging Face checkpoint directory.
+local Hugging Face checkpoint directory. They are planned for 80 GB devices (GPUs, and TPU
+v5p's 95 GB as they are): 2B and 4B on 8, 8B on 16. On TPU v6e (32 GB per chip) the planner
+(``python -m vimrag_jax.plan``; docs/benchmarks.md, "Planner") fits 2B on 8 chips as it is, 4B
+on 16 with ``--config.mesh.device_memory_gb=32 --config.optim.micro_batches=4`` and 8B on 32
+with ``--config.mesh.device_memory_gb=32 --config.optim.micro_batches=8``.
 
 The algorithm (``ggpo`` by default) is one of ``ALGORITHMS``: an RL algorithm switches the
 ``loss`` block to its preset (``with_algorithm``; ``vimrag_jax.rl.losses.LossConfig.for_algorithm``)
