@@ -3,13 +3,13 @@ tests/test_judge.py)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from loopback import Loopback, read_json, send_json
 
 from vimrag_jax.sampling.openai_api import (
     GenerationError,
@@ -39,8 +39,7 @@ class FakeServer:
                 pass
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                request = json.loads(self.rfile.read(length))
+                request = read_json(self)
                 with server.lock:
                     server.requests.append((self.path, request))
                     reply = server.replies.pop(0) if server.replies else (500, b"no reply")
@@ -49,28 +48,13 @@ class FakeServer:
                 if reply[0] == "sleep":
                     time.sleep(reply[1])
                     reply = (200, {})
-                status, body = reply
-                if not isinstance(body, bytes):
-                    body = json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
+                send_json(self, *reply)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
+        self.loopback = Loopback(Handler)
+        self.url = self.loopback.url + "/v1"
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=2)
+        self.loopback.close()
 
 
 @pytest.fixture

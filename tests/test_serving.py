@@ -34,13 +34,13 @@ import http.server
 import json
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
+from loopback import Loopback, read_json, send_json
 
 from configs import ggpo
 from vimrag_jax import publish
@@ -136,18 +136,13 @@ class FakeServer:
                 pass
 
             def _reply(self, status, body):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
             def do_GET(self):
                 self._reply(*fake.get(self.path))
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                body = read_json(self)
                 if self.path == fake.generate_path:
                     fake.requests += 1
                     if fake.faults:
@@ -159,14 +154,11 @@ class FakeServer:
                         fake.on_generate()
                 self._reply(*fake.post(self.path, body))
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.loopback = Loopback(Handler)
+        self.url = self.loopback.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.loopback.close()
 
     def expand(self, ids: list[int], media: list[tuple[str, list[np.ndarray]]]) -> list[int]:
         """``ids`` with each placeholder run (collapsed or expanded) expanded from ``media``."""

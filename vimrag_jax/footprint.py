@@ -103,12 +103,11 @@ def with_param_dtype(model: Any, dtype: str) -> Any:
     """``model`` with its floating-point parameters cast to ``dtype`` (in place; returned)."""
     if dtype == "float32":
         return model
-    import jax.numpy as jnp
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(
-        x.dtype, jnp.floating) else x, state))  # fmt: skip
+    from vimrag_jax.models.params import cast_floats
+
+    nnx.update(model, cast_floats(nnx.state(model, nnx.Param), dtype))
     return model
 
 
@@ -172,7 +171,8 @@ def device_bytes(tree: Any) -> int:
     return total
 
 
-def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's part of a config.json (the whole of a text-only one)."""
     return hf.get("text_config", hf)
 
 
@@ -181,7 +181,7 @@ def activation_bytes(
 ) -> int:
     """The analytic activation estimate of one forward/backward pass of ``rows`` segments on
     one device (see the module docstring)."""
-    text = _text_config(hf)
+    text = text_config(hf)
     itemsize = np.dtype(str(cfg.model.dtype)).itemsize
     remat = bool(cfg.model.remat)
     length = int(cfg.data.max_segment_tokens)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vimrag_jax.models.params import cast_floats
+
 SCHEDULES = ("warmup_cosine", "warmup_constant")
 
 
@@ -104,16 +106,12 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     parameters and gradients, so only the stored parameters are narrow; `optax.apply_updates`
     casts each float32 update to its parameter's dtype."""
 
-    def widen(tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-        )
-
     def init(params: Any) -> optax.OptState:
-        return inner.init(widen(params))
+        return inner.init(cast_floats(params, jnp.float32))
 
     def update(updates: Any, state: optax.OptState, params: Any = None) -> tuple[Any, Any]:
-        return inner.update(widen(updates), state, None if params is None else widen(params))
+        wide = None if params is None else cast_floats(params, jnp.float32)
+        return inner.update(cast_floats(updates, jnp.float32), state, wide)
 
     return optax.GradientTransformation(init, update)
 

@@ -60,7 +60,7 @@ def step_flops(cfg: Any, hf: dict[str, Any]) -> float:
     over the batch's tokens and patches at the longest segment, times 3 for forward and backward,
     plus one forward per ``model.remat``, for the recomputed old log-probs of minibatched GSPO
     and for the KL reference; causal attention at half its square."""
-    text = hf.get("text_config", hf)
+    text = footprint.text_config(hf)
     d, ff, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
     head_dim = text.get("head_dim") or d // heads
@@ -90,7 +90,7 @@ def kv_cache_bytes(cfg: Any, hf: dict[str, Any]) -> int:
     """The embedded sampler's KV cache per device for one worker batch (``group_size ×
     questions_per_batch`` rows at ``data.max_segment_tokens``) in the compute dtype, split over
     ``rollout.sampler_tensor`` devices (by key/value head)."""
-    text = hf.get("text_config", hf)
+    text = footprint.text_config(hf)
     rows = int(cfg.rollout.group_size) * int(cfg.rollout.questions_per_batch)
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     itemsize = 2 if cfg.model.dtype == "bfloat16" else 4

@@ -6,8 +6,19 @@ The names (`vocab`, `embed`, `heads`, `vision_embed`, ...) are not mesh axes;
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating-point leaves in ``dtype`` (integer leaves kept): the one cast
+    behind stored bfloat16 parameters, the sampler's weights and the float32 optimizer state."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def param(

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from vimrag_jax.models.params import cast_floats
 from vimrag_jax.parallel.sharding import DEFAULT_RULES, param_shardings, under_mesh
 from vimrag_jax.sampling.logprobs import picked_logprobs
 
@@ -272,12 +273,7 @@ class Sampler:
     def _place(self, state: nnx.State) -> nnx.State:
         """``state`` in ``param_dtype`` and over the mesh, as the jitted steps take it."""
         if self.param_dtype is not None:
-            dtype = self.param_dtype
-
-            def cast(x):
-                return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-            state = jax.tree.map(cast, state)
+            state = cast_floats(state, self.param_dtype)
         if self._shardings is not None:
             state = jax.device_put(state, self._shardings)
         return state
