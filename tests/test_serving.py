@@ -113,7 +113,9 @@ def _logprobs(prompt: list[int], count: int) -> list[float]:
 
 class FakeServer:
     """A loopback HTTP server; ``faults`` is a queue of replies that replace the next
-    generation answers: ``(status, body)``, or ``("sleep", seconds)`` before answering."""
+    generation answers: ``(status, body)``, ``("sleep", seconds)`` before answering, or
+    ``("close",)``: the connection closed without an answer. ``down`` (one such fault) replaces
+    every generation answer while set."""
 
     generate_path = ""
 
@@ -125,6 +127,7 @@ class FakeServer:
         }
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.faults: list = []
+        self.down: tuple | None = None
         self.seen: dict[tuple[int, ...], list] = {}  # prompt ids -> [(media, out ids, logprobs)]
         self.requests = 0
         self.pads = lambda height, width: height * width // PIXELS_PER_TOKEN
@@ -145,10 +148,13 @@ class FakeServer:
                 body = read_json(self)
                 if self.path == fake.generate_path:
                     fake.requests += 1
-                    if fake.faults:
-                        fault = fake.faults.pop(0)
-                        if fault[0] != "sleep":
-                            return self._reply(*fault)
+                    fault = fake.down or (fake.faults.pop(0) if fake.faults else None)
+                    if fault is not None and fault[0] == "close":
+                        self.close_connection = True
+                        return
+                    if fault is not None and fault[0] != "sleep":
+                        return self._reply(*fault)
+                    if fault is not None:
                         time.sleep(fault[1])
                     if fake.on_generate is not None:
                         fake.on_generate()
@@ -514,6 +520,61 @@ def test_a_server_reloaded_by_someone_else_drops_the_batch(world, tmp_path, capl
     assert len(fake.reloads) == 2  # the first sync, and the one after the drop
     (shard,) = _records(workdir / "rollouts")
     assert [r["policy_version"] for r in shard] == [1] * 4
+
+
+@pytest.mark.parametrize("down", [(500, {"error": "down"}), ("close",)], ids=["500", "closed"])
+def test_a_down_server_fails_over_to_the_other(world, tmp_path, caplog, down):
+    good, bad = (FakeSGLang(world.experiment.tokenizer) for _ in range(2))
+    bad.down = down
+    workdir = _workdir(world, tmp_path)
+    cfg = _config("sglang", f"{bad.url},{good.url}")
+    with caplog.at_level("WARNING"):
+        written = worker.run_worker(
+            cfg, str(workdir), worker_id="w0", policy="model", max_trajectories=8
+        )
+    good.close()
+    bad.close()
+    assert written == 8 and bad.requests > 0 and not bad.seen
+    shards = _records(workdir / "rollouts")
+    assert [[r["policy_version"] for r in shard] for shard in shards] == [[0] * 4, [0] * 4]
+    _check_against_server([r for s in shards for r in s], good, world.experiment.store)
+    # logged before the second batch: the failed tries, all on the bad server
+    assert "request tries failed on unavailable servers so far" in caplog.text
+    assert f"'{bad.url}': 0" not in caplog.text and f"'{good.url}': 0" in caplog.text
+
+
+def test_every_server_down_names_them_all_and_leaves_no_shard(world, tmp_path):
+    fakes = [FakeSGLang(world.experiment.tokenizer) for _ in range(2)]
+    fakes[0].down, fakes[1].down = (503, b""), ("close",)
+    workdir = _workdir(world, tmp_path)
+    cfg = _config("sglang", ",".join(f.url for f in fakes))
+    with pytest.raises(GenerationError, match="all 2 server") as failure:
+        worker.run_worker(cfg, str(workdir), worker_id="w0", policy="model", max_trajectories=4)
+    for fake in fakes:
+        fake.close()
+        assert fake.url in str(failure.value)
+    # each server was given its retry budget (3 tries) per request, never more
+    assert "HTTP 503" in str(failure.value) and "failed after 3 attempts" in str(failure.value)
+    assert not list_shards(workdir / "rollouts")
+
+
+def test_a_failed_server_cools_down_then_comes_back():
+    now = [0.0]
+    pool = ServerPool(["http://a", "http://b"], cooldown_s=10.0, clock=lambda: now[0])
+    url = pool.acquire(0)
+    pool.release(url, ok=False)
+    assert pool.failures == {url: 1, ({"http://a", "http://b"} - {url}).pop(): 0}
+    other = ({"http://a", "http://b"} - {url}).pop()
+    assert [pool.acquire(0) for _ in range(3)] == [other] * 3  # busy, but not cooling
+    assert pool.cooling() == [url]
+    assert pool.acquire(0, exclude=[other]) == url  # the only one left: still used
+    with pytest.raises(GenerationError, match="every server of policy version 0 was tried"):
+        pool.acquire(0, exclude=[url, other])
+    for _ in range(3):
+        pool.release(other)
+    pool.release(url)
+    now[0] = 11.0
+    assert pool.cooling() == [] and {pool.acquire(0), pool.acquire(0)} == {url, other}
 
 
 def test_requests_go_to_the_least_loaded_server_of_the_tagged_version():

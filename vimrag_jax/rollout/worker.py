@@ -210,7 +210,9 @@ class ServerWeights:
 
     ``poll()`` returns the version rollouts are tagged with now. A published version newer
     than the one loaded is brought to the servers once; a failure is counted in ``failures``
-    and logged, the tag stays, and the next poll tries again.
+    and logged, the tag stays, and the next poll tries again. Each poll also logs the requests
+    that failed over since the last one (``sampling.http.ServerPool.failures``), so a server
+    that keeps failing shows in the worker log while the others carry its load.
     """
 
     def __init__(self, experiment: Any, backend: Any, worker_id: str):
@@ -229,11 +231,27 @@ class ServerWeights:
                 worker_id, type(backend).__name__,
             )  # fmt: skip
         self._hf = hf_layout_enabled(experiment.cfg)
+        self._failed_tries = 0  # the pool's failed tries already logged
+
+    def log_failovers(self) -> None:
+        """Logs the server failures since the last call (none: nothing)."""
+        pool = getattr(self.backend, "pool", None)
+        failures = getattr(pool, "failures", None)
+        if not failures or sum(failures.values()) <= self._failed_tries:
+            return
+        self._failed_tries = sum(failures.values())
+        logging.warning(
+            "worker %s: %d request tries failed on unavailable servers so far %s; %d requests "
+            "answered by another server; cooling down: %s",
+            self.worker_id, self._failed_tries, dict(failures),
+            getattr(self.backend, "failovers", 0), pool.cooling() or "none",
+        )  # fmt: skip
 
     def poll(self) -> int:
         from vimrag_jax import publish
         from vimrag_jax.sampling.http import GenerationError
 
+        self.log_failovers()
         found = publish.latest_policy(self.experiment.workdir)
         if self._sync is None or found is None or found[0] <= self.loaded:
             return self.version

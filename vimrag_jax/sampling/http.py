@@ -10,6 +10,16 @@ worker tags its rollouts with (ties: round-robin). A server whose reload failed 
 a later reload brings it to the worker's version, so a rollout is never labelled with a version
 its server does not hold.
 
+Failover: a request whose server stays unreachable through its retries (connection errors,
+timeouts, 429, 5xx: `ServerUnavailable`) moves to the least-loaded other server of the same
+version, each server tried once with its full retry budget; only when every one of them failed
+does `GenerationError` name them all with their causes. A server that failed is put on a
+cooldown (``ServerPool.cooldown_s``): while it lasts it gets requests only when no other server
+of the version is left, and its first success ends it. ``ServerPool.failures`` counts the
+failed tries per server and ``ServerSampler.failovers`` the requests moved; the rollout worker
+logs both. Answers that arrive but are wrong (not JSON, 4xx, a malformed or truncated
+completion, another weight version) fail at once: they are not a server being down.
+
 `ServerVisuals` is the server backends' ``visual_patches``: where the embedded sampler gets
 processor patches, a server gets the pictures themselves. For each prompt it groups the visual
 references (``data.vision.group_refs``: one image per picture reference, one video per run of
@@ -57,6 +67,11 @@ class VersionChanged(GenerationError):
     """A server answered with weights of another policy version than the worker tags with."""
 
 
+class ServerUnavailable(GenerationError):
+    """A server stayed unreachable or overloaded through every retry (connection error,
+    timeout, HTTP 429 or 5xx): another server may still answer the request."""
+
+
 def _retryable_status(status: int) -> bool:
     return status == 429 or 500 <= status <= 599
 
@@ -81,8 +96,9 @@ def request_json(
 
     Connection errors, timeouts (``timeout_s`` per socket operation), HTTP 429 and 5xx are
     retried up to ``max_retries`` times, waiting ``backoff_s · 2^attempt`` seconds (at most 30 s)
-    between tries. Raises `GenerationError` naming ``url`` and the cause after the last try, at
-    once on any other HTTP error status, and when the body of a success is not JSON.
+    between tries. Raises `ServerUnavailable` naming ``url`` and the cause after the last try,
+    `GenerationError` at once on any other HTTP error status and when the body of a success is
+    not JSON.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -122,7 +138,9 @@ def request_json(
             raise GenerationError(
                 f"{method} {url} returned a body that is not JSON ({error}): {_excerpt(data)}"
             ) from error
-    raise GenerationError(f"{method} {url} failed after {max_retries + 1} attempts; last: {cause}")
+    raise ServerUnavailable(
+        f"{method} {url} failed after {max_retries + 1} attempts; last: {cause}"
+    )
 
 
 def post_json(url: str, payload: Mapping[str, Any], **transport: Any) -> Any:
@@ -154,40 +172,70 @@ def server_urls(value: str | Sequence[str]) -> list[str]:
 
 
 class ServerPool:
-    """Least-loaded choice among the servers that serve a given version (see the module
-    docstring). ``versions[url]`` is the policy version a server is known to serve (None:
-    unknown, e.g. after a failed reload)."""
+    """Least-loaded choice among the servers that serve a given version, with a cooldown for
+    servers that just failed (see the module docstring). ``versions[url]`` is the policy
+    version a server is known to serve (None: unknown, e.g. after a failed reload);
+    ``failures[url]`` counts its failed tries."""
 
-    def __init__(self, urls: Sequence[str], version: int | None = 0):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        version: int | None = 0,
+        *,
+        cooldown_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.urls = list(urls)
         self.versions: dict[str, int | None] = {u: version for u in self.urls}
+        self.failures = dict.fromkeys(self.urls, 0)
+        self.cooldown_s = float(cooldown_s)
+        self._cool_until = dict.fromkeys(self.urls, -math.inf)
+        self._clock = clock
         self._inflight = dict.fromkeys(self.urls, 0)
         self._lock = threading.Lock()
         self._turn = 0
 
-    def acquire(self, version: int | None) -> str:
-        """Reserves the least-loaded server serving ``version``; release it with `release`."""
+    def acquire(self, version: int | None, exclude: Sequence[str] = ()) -> str:
+        """Reserves the best server serving ``version`` and not in ``exclude`` (out of
+        cooldown first, then fewest in flight, then round-robin); release it with `release`.
+        GenerationError when there is none."""
         with self._lock:
-            usable = [u for u in self.urls if self.versions[u] == version]
+            serving = [u for u in self.urls if self.versions[u] == version]
+            usable = [u for u in serving if u not in exclude]
             if not usable:
                 known = {u: self.versions[u] for u in self.urls}
+                if serving:
+                    raise GenerationError(f"every server of policy version {version} was tried")
                 raise GenerationError(
                     f"no server serves policy version {version} (servers: {known}); a weight "
                     "reload failed, see the worker log"
                 )
-            n = len(self.urls)
+            n, now = len(self.urls), self._clock()
 
-            def load(u: str) -> tuple[int, int]:  # fewest in flight, then round-robin
-                return self._inflight[u], (self.urls.index(u) - self._turn) % n
+            def rank(u: str) -> tuple[bool, int, int]:
+                cooling = self._cool_until[u] > now
+                return cooling, self._inflight[u], (self.urls.index(u) - self._turn) % n
 
-            url = min(usable, key=load)
+            url = min(usable, key=rank)
             self._turn = (self.urls.index(url) + 1) % n
             self._inflight[url] += 1
             return url
 
-    def release(self, url: str) -> None:
+    def release(self, url: str, *, ok: bool | None = None) -> None:
+        """Frees ``url``'s slot; ``ok=False`` counts a failure and starts its cooldown,
+        ``ok=True`` ends a cooldown."""
         with self._lock:
             self._inflight[url] -= 1
+            if ok is False:
+                self.failures[url] += 1
+                self._cool_until[url] = self._clock() + self.cooldown_s
+            elif ok:
+                self._cool_until[url] = -math.inf
+
+    def cooling(self) -> list[str]:
+        """The servers whose cooldown has not run out."""
+        now = self._clock()
+        return [u for u in self.urls if self._cool_until[u] > now]
 
 
 # --- a prompt's pictures and frames ---------------------------------------------------------
@@ -337,7 +385,9 @@ class ServerSampler:
       timeout_s, max_retries, backoff_s, api_key: transport settings (`request_json`).
 
     ``policy_version`` is the version the worker tags rollouts with; the pool uses only servers
-    known to serve it. ``reload_failures`` counts servers that failed a reload.
+    known to serve it. ``reload_failures`` counts servers that failed a reload, ``failovers``
+    requests answered by another server after theirs stayed unavailable (`ServerPool.failures`:
+    the failed tries per server).
     """
 
     #: The agent loop hands each prompt's visuals (built by `visuals`) to `generate`.
@@ -361,6 +411,8 @@ class ServerSampler:
         self.policy_version = 0
         self.reload_failures = 0
         self.reloads = 0
+        self.failovers = 0
+        self._count_lock = threading.Lock()
         self.last_reload_error = ""
         self.max_inflight = int(max_inflight)
         self.transport = dict(
@@ -418,11 +470,35 @@ class ServerSampler:
         return list(self._executor.map(lambda r: self._run(r, version), requests))
 
     def _run(self, request: Request, version: int) -> Completion:
-        url = self.pool.acquire(version)
-        try:
-            completion = self._complete(url, request)
-        finally:
-            self.pool.release(url)
+        """``request`` on the best server of ``version``, failing over to the others while a
+        server stays unavailable (see the module docstring)."""
+        tried: list[str] = []
+        causes: list[str] = []
+        while True:
+            try:
+                url = self.pool.acquire(version, exclude=tried)
+            except GenerationError as error:
+                if not tried:
+                    raise
+                raise GenerationError(
+                    f"{self.name}: all {len(tried)} server(s) of policy version {version} failed "
+                    f"this request ({', '.join(tried)}): " + "; ".join(causes)
+                ) from error
+            try:
+                completion = self._complete(url, request)
+            except ServerUnavailable as error:
+                self.pool.release(url, ok=False)
+                tried.append(url)
+                causes.append(str(error))
+                continue
+            except BaseException:
+                self.pool.release(url)
+                raise
+            self.pool.release(url, ok=True)
+            break
+        if tried:
+            with self._count_lock:
+                self.failovers += 1
         if len(completion.tokens) > request.max_new_tokens:
             raise GenerationError(
                 f"{self.name} {url}: {len(completion.tokens)} tokens for max_new_tokens="
@@ -481,6 +557,7 @@ __all__ = [
     "Request",
     "ServerPool",
     "ServerSampler",
+    "ServerUnavailable",
     "ServerVisuals",
     "VersionChanged",
     "check_logprob",
