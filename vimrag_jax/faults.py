@@ -7,6 +7,12 @@ with the environment variable ``VIMRAG_KILL_AT=NAME`` or ``NAME:STEP`` the proce
 there with SIGKILL (no cleanup, no ``finally``: exactly what a preempted host does). Unset, a
 kill point costs one dictionary lookup. `scripts/kill_drill.py` kills from outside instead, at
 random moments.
+
+A kill point on a background thread (``"publish"`` and ``"published"`` while the learner writes a
+version in the background, `vimrag_jax.publish.BackgroundPublisher`) kills the whole process too,
+but the learner's thread may be anywhere by then: while a kill point is `armed`, the learner
+waits for each background write, so a named kill happens at the same moment every run (as the
+kill tests need; random moments, writes in flight included, are the kill drill's).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ def _target() -> tuple[str, int | None] | None:
         return name, int(step) if step else None
     except ValueError:
         raise ValueError(f"{ENV}={value!r}: the step after ':' must be an integer") from None
+
+
+def armed() -> bool:
+    """Whether ``VIMRAG_KILL_AT`` names a kill point (ValueError when it names none known)."""
+    return _target() is not None
 
 
 def kill_point(name: str, step: int | None = None, *, parent: bool = False) -> None:

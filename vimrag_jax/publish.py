@@ -17,6 +17,12 @@ mid-write leaves only a ``.tmp-*`` directory, which readers ignore and the next 
 Versions only go up, across restarts too (`vimrag_jax.timeline`). Old versions are pruned, keeping
 the newest ``keep`` (a worker may still be reading one it picked a moment ago).
 
+Publishing has two halves: `gather_policy` (collective: every process, parameters to process 0's
+host) and `write_policy` (process 0 alone, the files). `publish_policy` does both before
+returning; the learner's `BackgroundPublisher` gathers in its own thread and writes on a
+background thread (``publish.background``), one version at a time, so that the next updates
+overlap the seconds it takes to write a large policy.
+
 Safetensors: a flat name → tensor file, no code inside (no pickle), memory-mappable and readable
 from any language. bfloat16, which numpy cannot hold natively, is stored as its raw 16 bits and
 named in ``policy.json``.
@@ -33,10 +39,12 @@ copy is dropped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -46,10 +54,11 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
 from safetensors.numpy import save_file
 
 from vimrag_jax.distributed import to_host
-from vimrag_jax.faults import kill_point
+from vimrag_jax.faults import armed, kill_point
 from vimrag_jax.jsonl import log_entries
 
 POLICY_DIR = "policy"
@@ -127,30 +136,48 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def publish_policy(
-    params: Any,
+@dataclasses.dataclass(frozen=True)
+class HostPolicy:
+    """A policy's parameters gathered onto this host (`gather_policy`): each parameter's name
+    (its pytree path joined with ``/``) and its whole value as a NumPy array, in the same order.
+    What `write_policy` writes; holding one is holding a full host copy of the policy."""
+
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+
+
+def gather_policy(params: Any) -> HostPolicy | None:
+    """``params`` gathered whole onto process 0's host; None on the other processes.
+
+    Collective: call it on every process, at the same point (sharded parameters held by other
+    processes are gathered with `to_host`). The first half of `publish_policy`.
+    """
+    names, leaves, _ = flatten_params(params)
+    arrays = tuple(to_host(leaf) for leaf in leaves)
+    if jax.process_index() != 0:
+        return None
+    return HostPolicy(tuple(names), arrays)
+
+
+def write_policy(
+    policy: HostPolicy,
     workdir: str | os.PathLike,
     version: int,
     *,
     keep: int = 3,
     step: int | None = None,
     hf_writer: Callable[[Path], None] | None = None,
-) -> Path | None:
-    """Publishes ``params`` as ``version``; returns its directory on process 0, else None.
+) -> Path:
+    """Writes ``policy`` as ``version`` under ``workdir``; returns the version's directory.
 
-    Call it on every process: sharded parameters are gathered collectively, then only
-    process 0 writes. ``version`` must exceed every version already published. ``step`` (the
-    learner's step) goes into ``history.jsonl`` with the version. ``hf_writer(directory)``, if
-    given, writes the Hugging Face layout into ``directory`` (the version's ``hf/``) before the
-    version becomes visible, e.g. ``lambda d: models.hf.save_pretrained(model, d)``.
+    The second half of `publish_policy`, on process 0 only and with no collective, so it may
+    run on a background thread (`BackgroundPublisher`). The version is written into a hidden
+    temporary directory renamed into place, then ``LATEST`` is replaced and the history line
+    appended, then versions beyond the newest ``keep`` are pruned. ValueError when ``version``
+    is not newer than every version on disk.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
-    names, leaves, _ = flatten_params(params)
-    arrays = [to_host(leaf) for leaf in leaves]
-    if jax.process_index() != 0:
-        return None
-
     root = Path(workdir) / POLICY_DIR
     root.mkdir(parents=True, exist_ok=True)
     existing = published_versions(workdir)
@@ -163,7 +190,7 @@ def publish_policy(
         shutil.rmtree(stale, ignore_errors=True)
 
     tensors, dtypes = {}, {}
-    for name, array in zip(names, arrays, strict=True):
+    for name, array in zip(policy.names, policy.arrays, strict=True):
         dtypes[name] = array.dtype.name
         if array.dtype.name in _RAW_DTYPES:
             array = array.view(_RAW_DTYPES[array.dtype.name][1])
@@ -188,6 +215,147 @@ def publish_policy(
     for old in published_versions(workdir)[:-keep]:
         shutil.rmtree(version_dir(workdir, old), ignore_errors=True)
     return final
+
+
+def publish_policy(
+    params: Any,
+    workdir: str | os.PathLike,
+    version: int,
+    *,
+    keep: int = 3,
+    step: int | None = None,
+    hf_writer: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Publishes ``params`` as ``version``; returns its directory on process 0, else None.
+
+    Call it on every process: sharded parameters are gathered collectively (`gather_policy`),
+    then only process 0 writes (`write_policy`). ``version`` must exceed every version already
+    published. ``step`` (the learner's step) goes into ``history.jsonl`` with the version.
+    ``hf_writer(directory)``, if given, writes the Hugging Face layout into ``directory`` (the
+    version's ``hf/``) before the version becomes visible, e.g.
+    ``lambda d: models.hf.save_pretrained(model, d)``.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
+    policy = gather_policy(params)
+    if policy is None:
+        return None
+    return write_policy(policy, workdir, version, keep=keep, step=step, hf_writer=hf_writer)
+
+
+class PublishError(RuntimeError):
+    """Writing a policy version on the background thread failed (the cause is chained)."""
+
+
+class BackgroundPublisher:
+    """Publishes policy versions with the writing on a background thread of process 0.
+
+    `submit` gathers the parameters on the caller's thread (collective: every process calls
+    it at the same point), then process 0 writes them (`write_policy`) on a thread while the
+    caller goes on training. At most one publication is in flight: `submit` first waits for
+    the previous write, so at most one host copy of the policy exists and versions reach the
+    disk one after another, in the order submitted, each with `write_policy`'s guarantees
+    (atomic, ``LATEST`` after the version, history line, pruning). A failed write is not lost:
+    it is raised (`PublishError`, naming the version) by the next `submit` or `wait`. With
+    ``background=False`` `submit` writes before returning (the same code, no thread). While a
+    kill point is armed (`vimrag_jax.faults.armed`) `submit` also waits for the write, so that
+    a kill test's named moment does not race the caller.
+
+    Not thread-safe itself: call `submit` and `wait` from one thread (the learner's).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, background: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (config.publish.keep), got {keep}")
+        self.workdir = Path(workdir)
+        self.keep = int(keep)
+        self.background = bool(background)
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[int, BaseException] | None = None
+        self._last_version: int | None = None
+        #: Seconds the last finished write took (None before the first).
+        self.last_write_s: float | None = None
+
+    def submit(
+        self,
+        params: Any,
+        version: int,
+        *,
+        step: int | None = None,
+        hf_writer: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Publishes ``params`` as ``version`` (see the class); returns once they are gathered
+        (and, without ``background``, written). Raises the previous write's failure, and
+        ValueError for a ``version`` not above the last one submitted."""
+        self.wait()
+        version = int(version)
+        if self._last_version is not None and version <= self._last_version:
+            raise ValueError(
+                f"policy version {version} submitted after version {self._last_version}; "
+                "versions must increase"
+            )
+        policy = gather_policy(params)
+        self._last_version = version
+        if policy is None:  # not process 0: nothing to write
+            return
+        if not self.background:  # today's behaviour: written before returning, errors as is
+            self._write(policy, version, step, hf_writer)
+            return
+        self._thread = threading.Thread(
+            target=self._write_in_background,
+            args=(policy, version, step, hf_writer),
+            name=f"publish-v{version:08d}",
+            daemon=True,  # a kill mid-write leaves only a hidden directory (removed next time)
+        )
+        self._thread.start()
+        if armed():  # a kill test names a moment of the learner's: keep it the same every run
+            self.wait()
+
+    def _write(
+        self,
+        policy: HostPolicy,
+        version: int,
+        step: int | None,
+        hf_writer: Callable[[Path], None] | None,
+    ) -> None:
+        """Writes one version (`write_policy`) and logs how long it took."""
+        began = time.perf_counter()
+        write_policy(policy, self.workdir, version, keep=self.keep, step=step, hf_writer=hf_writer)
+        self.last_write_s = time.perf_counter() - began
+        mode = "background" if self.background else "synchronous"
+        logging.info("published policy v%d in %.1f s (%s)", version, self.last_write_s, mode)
+
+    def _write_in_background(
+        self,
+        policy: HostPolicy,
+        version: int,
+        step: int | None,
+        hf_writer: Callable[[Path], None] | None,
+    ) -> None:
+        """The thread's body: `_write`, keeping a failure for the learner's thread to raise
+        (an exception escaping a thread is only printed)."""
+        try:
+            self._write(policy, version, step, hf_writer)
+        except BaseException as err:
+            self._failure = (version, err)
+
+    def pending(self) -> bool:
+        """Whether a write is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Blocks until the write in flight (if any) is done; raises `PublishError` when a
+        write failed since the last call (once: the publisher is usable after it)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None  # drops the host copy it held
+        if self._failure is not None:
+            version, err = self._failure
+            self._failure = None
+            raise PublishError(
+                f"writing policy version {version} to {self.workdir / POLICY_DIR} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
 
 #: safetensors dtype codes of the arrays `publish_policy` writes (bfloat16 goes as raw U16).
