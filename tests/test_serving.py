@@ -5,15 +5,20 @@ leave a partial shard.
 The fakes (stdlib ``http.server`` on 127.0.0.1, port 0, in a thread) implement exactly the
 request and response fields the backends use, as the servers document them:
 
-- SGLang ``POST /generate`` (https://docs.sglang.io/basic_usage/sampling_params.html,
-  ``GenerateReqInput`` in ``python/sglang/srt/managers/io_struct.py``): ``input_ids``,
-  ``image_data``, ``video_data``, ``sampling_params``, ``return_logprob``; the answer's
-  ``output_ids`` and ``meta_info`` (``output_token_logprobs`` as ``[logprob, id, text]``,
-  ``finish_reason``, ``prompt_tokens``, ``completion_tokens``, ``weight_version``). Like
-  SGLang's Qwen-VL processor (``multimodal/processors/qwen_vl.py``, ``base_processor.py``) the
-  fake collapses each expanded placeholder run and expands it again from the image it got.
-  ``POST /update_weights_from_disk`` (``UpdateWeightFromDiskReqInput``: ``model_path``,
-  ``weight_version``; answer ``success``, ``message``) and ``GET /model_info``.
+- SGLang ``POST /generate`` (sgl-project/sglang: ``GenerateReqInput`` in
+  ``python/sglang/srt/managers/io_struct.py`` @ 001067ff, ``SamplingParams`` in
+  ``python/sglang/srt/sampling/sampling_params.py`` @ 00c17caf): ``input_ids``, ``image_data``,
+  ``sampling_params`` (with ``sampling_seed``), ``return_logprob``; the answer's ``output_ids``
+  and ``meta_info`` (``output_token_logprobs`` as ``[logprob, id, text]``, ``finish_reason``,
+  ``prompt_tokens``, ``completion_tokens``, ``weight_version``). Like SGLang's Qwen-VL processor
+  (``python/sglang/srt/multimodal/processors/qwen_vl.py`` @ 02065f00) the fake collapses each
+  expanded picture placeholder run and expands it again from the picture it got. ``video_data``
+  takes encoded videos only (file / URL / base64 string, re-sampled by the server): the fake
+  refuses anything else with 400, and the client sends no video at all (sampling/sglang.py), so
+  the SGLang worker tests run a policy that answers at once (no retrieval results) and the
+  pictures path is tested on its own. ``POST /update_weights_from_disk``
+  (``UpdateWeightFromDiskReqInput``: ``model_path``, ``weight_version``; answer ``success``,
+  ``message``) and ``GET /model_info``.
 - vLLM ``POST /v1/chat/completions`` (``ChatCompletionRequest`` in
   ``vllm/entrypoints/openai/protocol.py``; ``return_token_ids`` gives ``prompt_token_ids`` and
   ``choices[].token_ids``; log-probs in ``choices[].logprobs.content[].logprob``): the fake
@@ -50,7 +55,13 @@ from vimrag_jax.data.vision import resize_image
 from vimrag_jax.experiment import Experiment
 from vimrag_jax.rollout import worker
 from vimrag_jax.rollout.records import list_shards, read_shard
-from vimrag_jax.sampling.http import GenerationError, ServerPool, decode_data_url
+from vimrag_jax.sampling.http import (
+    GenerationError,
+    Media,
+    ServerPool,
+    decode_data_url,
+    png_data_url,
+)
 from vimrag_jax.sampling.sglang import SGLangSampler
 from vimrag_jax.sampling.vllm import PASSTHROUGH_TEMPLATE
 
@@ -132,6 +143,7 @@ class FakeServer:
         self.requests = 0
         self.pads = lambda height, width: height * width // PIXELS_PER_TOKEN
         self.on_generate = None
+        self.answer_at_once = False  # the policy answers at its first call (no retrieval)
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -193,7 +205,11 @@ class FakeServer:
 
     def sample(self, prompt: list[int], media, max_new_tokens: int):
         text = self.tokenizer.decode(prompt, skip_special_tokens=False)
-        out = self.tokenizer(policy_text(text), add_special_tokens=False)["input_ids"]
+        action = policy_text(text)
+        if self.answer_at_once:
+            call = format_tool_call("add_answer_node", {"parent_ids": [ROOT_ID], "answer": "no"})
+            action = call + "<|im_end|>"
+        out = self.tokenizer(action, add_special_tokens=False)["input_ids"]
         out = out[:max_new_tokens]
         logprobs = _logprobs(prompt, len(out))
         self.seen.setdefault(tuple(prompt), []).append((media, out, logprobs))
@@ -205,6 +221,7 @@ class FakeSGLang(FakeServer):
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
+        self.answer_at_once = True  # no retrieval results: no videos, which SGLang cannot take
         self.weight_version = "0"
         self.reloads: list[dict] = []
         self.fail_reload = False
@@ -224,21 +241,12 @@ class FakeSGLang(FakeServer):
         assert path == "/generate" and body["return_logprob"] is True
         params = body["sampling_params"]
         assert params["skip_special_tokens"] is False and self.end_id in params["stop_token_ids"]
-        media = [("image", [decode_data_url(u)]) for u in body.get("image_data", [])]
-        videos = [("video", [decode_data_url(u) for u in v]) for v in body.get("video_data", [])]
-        # image_data / video_data are separate lists: put them back in placeholder order
-        ordered, images, videos = [], iter(media), iter(videos)
+        assert isinstance(params.get("sampling_seed", 0), int)
+        if not all(isinstance(v, str) for v in body.get("video_data", [])):
+            return 400, {"error": "video_data items are file names, URLs or base64 videos"}
+        assert "video_data" not in body  # an encoded video would be re-sampled: never sent
         prompt = body["input_ids"]
-        start, image_pad = self.ids[VISION_START], self.ids[IMAGE_PAD]
-        pairs_left = 0
-        for i, token in enumerate(prompt[:-1]):
-            if token == start and prompt[i + 1] == image_pad:
-                ordered.append(next(images))
-            elif token == start and prompt[i + 1] == self.ids[VIDEO_PAD]:
-                if not pairs_left:
-                    ordered.append(next(videos))
-                    pairs_left = len(ordered[-1][1]) // 2
-                pairs_left -= 1
+        ordered = [("image", [decode_data_url(u)]) for u in body.get("image_data", [])]
         served = self.expand(prompt, ordered)
         out, logprobs = self.sample(prompt, ordered, params["max_new_tokens"])
         finish = (
@@ -417,7 +425,10 @@ def test_worker_records_the_servers_tokens_and_reloads_once_per_version(
     pictures, frames = _check_against_server(
         [r for s in shards for r in s], fake, world.experiment.store
     )
-    assert pictures > 0 and frames > 0  # both kinds reached the server
+    if kind == "vllm":
+        assert pictures > 0 and frames > 0  # both kinds reached the server
+    else:  # text prompts (answer at once): SGLang's pictures are tested on their own
+        assert pictures == frames == 0
     hf = publish.version_dir(workdir, 1) / "hf"
     data = (hf / "model.safetensors").read_bytes()
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
@@ -485,8 +496,8 @@ def test_failed_requests_raise_and_leave_no_shard(world, tmp_path, faults, messa
     assert not list_shards(rollouts) and not list(rollouts.iterdir())
 
 
-def test_placeholders_expanded_differently_are_refused(served, world, tmp_path):
-    kind, fake = served
+def test_placeholders_expanded_differently_are_refused(world, tmp_path):
+    kind, fake = "vllm", FakeVLLM(world.experiment.tokenizer)
     fake.pads = lambda height, width: 2 * height * width // PIXELS_PER_TOKEN  # expanded twice
     workdir = _workdir(world, tmp_path)
     with pytest.raises(GenerationError, match="expanded") as failure:
@@ -494,8 +505,49 @@ def test_placeholders_expanded_differently_are_refused(served, world, tmp_path):
             _config(kind, fake.url), str(workdir), worker_id="w0", policy="model",
             max_trajectories=4,
         )  # fmt: skip
+    fake.close()
     assert fake.url in str(failure.value)
     assert not list_shards(workdir / "rollouts")
+
+
+def _picture_prompt(world, fake, height=32, width=64):
+    """A prompt with one picture placeholder, and its `Media` (a corpus picture)."""
+    tok = world.experiment.tokenizer
+    store = world.experiment.store
+    item = next(i.item_id for i in store if i.modality == "image")
+    pixels = resize_image(store.load_visual(item, 0), height, width)
+    head = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    tail = tok("Question: who?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    pads = [fake.ids[IMAGE_PAD]] * (height * width // PIXELS_PER_TOKEN)
+    prompt = head + [fake.ids[VISION_START], *pads, fake.ids[VISION_END]] + tail["input_ids"]
+    media = Media("image", (png_data_url(pixels),), height, width, ((item, 0, height, width),))
+    return prompt, media, pixels
+
+
+def test_sglang_sends_pictures_and_refuses_videos(world):
+    fake = FakeSGLang(world.experiment.tokenizer)
+    backend = SGLangSampler(fake.url, max_inflight=1, backoff_s=0.01)
+    prompt, media, pixels = _picture_prompt(world, fake)
+    (done,) = backend.generate(
+        [prompt], max_new_tokens=64, stop_token_ids=[fake.end_id], seed=7,
+        prefill_inputs=[{"media": [media]}],
+    )  # fmt: skip
+    ((sent, out, _),) = fake.seen[tuple(prompt)]
+    np.testing.assert_array_equal(sent[0][1][0], pixels)
+    assert done.tokens == out
+    video = dataclasses.replace(media, modality="video", urls=media.urls * 2)
+    with pytest.raises(GenerationError, match="cannot send a video"):
+        backend.generate([prompt], max_new_tokens=8, prefill_inputs=[{"media": [video]}])
+    assert fake.requests == 1
+    fake.pads = lambda height, width: 2 * height * width // PIXELS_PER_TOKEN  # expanded twice
+    with pytest.raises(GenerationError, match="expanded") as failure:
+        backend.generate(
+            [prompt], max_new_tokens=8, stop_token_ids=[fake.end_id],
+            prefill_inputs=[{"media": [media]}],
+        )  # fmt: skip
+    assert fake.url in str(failure.value)
+    backend.close()
+    fake.close()
 
 
 def test_a_server_reloaded_by_someone_else_drops_the_batch(world, tmp_path, caplog):

@@ -1,22 +1,33 @@
 """Generation through SGLang's native ``/generate``: our token ids and pictures in, ids and
 log-probs out; weight reloads from disk, confirmed by the server's weight version.
 
-``rollout.backend = "sglang"``. One request per prompt (`http.ServerSampler`), fields as
-documented for ``/generate`` (https://docs.sglang.io/basic_usage/sampling_params.html; the
-object is ``GenerateReqInput`` in ``python/sglang/srt/managers/io_struct.py``):
+``rollout.backend = "sglang"``. One request per prompt (`http.ServerSampler`). Fields, as read in
+the sources (repository sgl-project/sglang; the commits are those of the stored copies read):
 
-- ``input_ids``: exactly the prompt ids the learner trains on, placeholders expanded (one
-  ``<|image_pad|>`` per merged visual token, as `agent.prompts` writes them);
-- ``image_data``: the prompt's pictures in placeholder order, PNG ``data:`` URLs at the size the
-  memory budget gave them (the docs list "base64 string" among raw image formats);
-- ``video_data``: the prompt's videos in placeholder order, each the list of its frames'
-  PNG data URLs. NOT confirmed: SGLang's documented video inputs are video files / URLs
-  (``load_video``); whether a list of frames is accepted depends on the server version;
-- ``sampling_params``: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop_token_ids``,
-  ``stop``, ``skip_special_tokens: false``, ``no_stop_trim: true`` (the docs' sampling
-  parameters). A per-request seed is not sent: no seed field could be confirmed in the
-  documented sampling parameters, and an unknown field is an error there;
-- ``return_logprob: true``.
+- ``GenerateReqInput`` (``python/sglang/srt/managers/io_struct.py`` @ 001067ff): ``input_ids``;
+  ``image_data`` ("an image instance, file name, URL, or base64 encoded string"); ``video_data``
+  ("Like image data, it can be a file name, a url, or base64 encoded string"): one encoded video
+  per item, not a list of frames; ``sampling_params``; ``return_logprob``;
+- ``SamplingParams`` (``python/sglang/srt/sampling/sampling_params.py`` @ 00c17caf):
+  ``max_new_tokens``, ``temperature``, ``top_p``, ``stop_token_ids``, ``stop``,
+  ``skip_special_tokens``, ``no_stop_trim``, and the per-request seed ``sampling_seed``.
+
+What is sent: ``input_ids`` exactly the prompt ids the learner trains on, placeholders expanded
+(one ``<|image_pad|>`` per merged visual token, as `agent.prompts` writes them); ``image_data``:
+the prompt's pictures in placeholder order, PNG ``data:`` URLs at the size the memory budget
+gave them; ``sampling_params`` as above with ``skip_special_tokens: false``, ``no_stop_trim:
+true`` and ``sampling_seed`` when the call has a seed; ``return_logprob: true``.
+
+Videos are refused (`GenerationError` naming the limitation, before anything is sent): SGLang's
+Qwen-VL processor (``python/sglang/srt/multimodal/processors/qwen_vl.py`` @ 02065f00,
+``preprocess_video``) takes each video as a decoded file (a reader with ``get_avg_fps`` /
+``get_batch``), re-samples it at 2 frames per second (at least 4 frames) and resizes the frames
+to multiples of 28 with at least 128·28² pixels, then lets the Hugging Face Qwen3-VL processor
+write the ``<t seconds>`` markers from that sampling. Our prompts lay a video out as its own
+frames at the budgeted size with their corpus timestamps (`agent.prompts.video_placeholder`),
+so no encoded video could make the server run the ids the learner trains on; sending the
+frames as pictures would change the placeholders (``<|image_pad|>`` for ``<|video_pad|>``, no
+timestamps) and so the ids too. Serve corpora with videos with the vLLM backend.
 
 Response (one object per request): ``meta_info.output_token_logprobs`` is a list of
 ``[logprob, token_id, text_or_null]`` per sampled token (ids and log-probs are read from it and
@@ -25,21 +36,22 @@ must agree with ``output_ids`` when that is present); ``meta_info.finish_reason`
 anything else is an error); ``meta_info.prompt_tokens`` is the length of the prompt the server
 ran, and ``meta_info.weight_version`` the version it holds.
 
-Placeholders: SGLang's Qwen-VL processor (``python/sglang/srt/multimodal/processors/qwen_vl.py``
-with ``base_processor.py`` ``load_mm_data``) decodes ``input_ids`` to text, collapses each
-expanded ``<|vision_start|>(<|image_pad|>)+<|vision_end|>`` run to one placeholder and lets the
-Hugging Face processor expand it again from the image's own size. It first resizes raw images to
-multiples of 28 (``resize_image`` there), then the processor to multiples of 32: for our sizes
-(multiples of 32) the token count comes back the same but the pixels are resampled twice. SGLang
-returns no prompt ids, so the check here is the count: ``meta_info.prompt_tokens`` must equal
-``len(input_ids)``, else `GenerationError` (a server that expanded placeholders differently
-never yields a record). A same-length prompt with other content (e.g. other video timestamps)
-cannot be detected from the response; the learner-vs-sampler log-prob gap shows it.
+Placeholders: the Qwen-VL processor collapses each expanded
+``<|vision_start|>(<|image_pad|>)+<|vision_end|>`` run (its ``image_token_regex``) and expands it
+again from the image it loaded, after resizing raw images to multiples of 28 (``resize_image``
+there); the Hugging Face processor then works in multiples of 32: for our sizes (multiples of
+32) the token count comes back the same but the pixels are resampled twice. The check here is
+the count: ``meta_info.prompt_tokens`` must equal ``len(input_ids)``, else `GenerationError`.
+Gap: a same-length prompt with other content cannot be detected from what is read back.
+``GenerateReqInput`` has a ``return_prompt_token_ids`` flag (@ 001067ff), but where its ids
+appear in the response, and from which version, was not confirmed, so it is not used; the
+learner-vs-sampler log-prob gap shows such a mismatch.
 
 Log-probs before temperature: SGLang's sampler reports the log-probs of the distribution it
 sampled from (after temperature) unless the server runs with the environment variable
 ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (``python/sglang/srt/layers/sampler.py``: then
-``log_softmax`` of the raw logits). Launch with it set whenever ``rollout.temperature != 1``.
+``log_softmax`` of the raw logits; not re-read in this revision). Launch with it set whenever
+``rollout.temperature != 1``.
 
 Weights (`SGLangSampler._reload`): ``POST /update_weights_from_disk`` with ``model_path`` (the
 published version's Hugging Face directory) and ``weight_version`` (``UpdateWeightFromDiskReqInput``
@@ -52,6 +64,7 @@ policy's version is 0.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,6 +72,7 @@ from vimrag_jax.sampling.http import (
     GenerationError,
     Request,
     ServerSampler,
+    ServerVisuals,
     VersionChanged,
     check_logprob,
     check_token_id,
@@ -66,6 +80,13 @@ from vimrag_jax.sampling.http import (
     post_json,
 )
 from vimrag_jax.sampling.sampler import Completion
+
+VIDEO_LIMITATION = (
+    "the SGLang backend cannot send a video: SGLang's /generate takes a video only as an encoded "
+    "file / URL / base64 string that its Qwen-VL processor re-samples at 2 fps and resizes, so "
+    "the server would not run the frames and timestamps the learner trains on (see "
+    "sampling/sglang.py); serve corpora with videos with rollout.backend='vllm'"
+)
 
 
 def generate_payload(request: Request) -> dict[str, Any]:
@@ -80,17 +101,18 @@ def generate_payload(request: Request) -> dict[str, Any]:
     }
     if request.stop_strings:
         params["stop"] = request.stop_strings
+    if request.seed is not None:
+        params["sampling_seed"] = request.seed
+    if any(m.modality == "video" for m in request.media):
+        raise GenerationError(VIDEO_LIMITATION)
     payload: dict[str, Any] = {
         "input_ids": request.prompt,
         "sampling_params": params,
         "return_logprob": True,
     }
     images = [m.urls[0] for m in request.media if m.modality == "image"]
-    videos = [list(m.urls) for m in request.media if m.modality == "video"]
     if images:
         payload["image_data"] = images
-    if videos:
-        payload["video_data"] = videos
     return payload
 
 
@@ -166,6 +188,14 @@ class SGLangSampler(ServerSampler):
         super().__init__(urls, **kwargs)
         self._confirmed: set[str] = set()  # servers whose weight_version we set
 
+    def visuals(self, store: Any) -> ServerVisuals:
+        """The pictures builder; warns at startup when the corpus holds videos, which this
+        backend refuses (`VIDEO_LIMITATION`) when a prompt shows one."""
+        videos = sum(getattr(info, "modality", "") == "video" for info in store)
+        if videos:
+            logging.warning("%d videos in the corpus: %s", videos, VIDEO_LIMITATION)
+        return super().visuals(store)
+
     def _complete(self, url: str, request: Request) -> Completion:
         where = f"SGLang server {url}"
         response = post_json(f"{url}/generate", generate_payload(request), **self.transport)
@@ -215,4 +245,4 @@ class SGLangSampler(ServerSampler):
         return None
 
 
-__all__ = ["SGLangSampler", "generate_payload", "parse_generate"]
+__all__ = ["VIDEO_LIMITATION", "SGLangSampler", "generate_payload", "parse_generate"]

@@ -14,7 +14,7 @@ cut at its pictures and videos (`content_parts`):
   "data:video/jpeg;base64,<frame>,<frame>,..."}}`` per video: vLLM's ``VideoMediaIO.load_base64``
   (``vllm/multimodal/video.py``) splits a ``video/jpeg`` data URL at commas and opens each frame
   with PIL, which reads our PNG frames by their content (that PNG frames pass is our reading of
-  the code, not documented);
+  the code, not documented, and not re-read in this revision);
 - ``chat_template``: `PASSTHROUGH_TEMPLATE`, which writes text parts verbatim and one
   ``<|vision_start|><|image_pad|><|vision_end|>`` / ``<|video_pad|>`` placeholder per picture /
   video part; ``add_generation_prompt: false`` (the prompt ends with the assistant header
@@ -25,6 +25,18 @@ cut at its pictures and videos (`content_parts`):
   ``stop``, ``include_stop_str_in_output: true``, ``skip_special_tokens: false``,
   ``logprobs: true``, ``top_logprobs: 0``, and ``return_token_ids: true`` (vLLM >= 0.10.2: the
   answer then holds ``prompt_token_ids`` and each choice's ``token_ids``).
+
+Confirmed in vllm-project/vllm ``vllm/entrypoints/openai/protocol.py`` @ ec3b890c
+(``ChatCompletionRequest``): ``chat_template`` (a per-request Jinja template),
+``add_special_tokens`` (default false for chat), ``add_generation_prompt``, ``seed``,
+``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``logprobs`` /
+``top_logprobs``, and ``return_token_ids``, whose description names ``prompt_token_ids`` and
+``token_ids`` in the result. Not re-confirmed in this revision (kept from the earlier reading):
+the exact place of those two in the non-streaming response (top level / per choice),
+``--logprobs-mode raw_logprobs`` as the V1 default, the dev-mode ``/collective_rpc`` and
+``/reset_prefix_cache`` routes, and whether vLLM's Qwen3-VL processing writes the ``<t seconds>``
+markers the way `content_parts` assumes; the exact ``prompt_token_ids`` comparison below fails
+loudly if any of these differ.
 
 Read back: ``prompt_token_ids`` must equal our prompt ids exactly. vLLM expands every image
 placeholder to the token count of the image its processor sees; if that differs from ours (a
