@@ -222,6 +222,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Each version also in Hugging Face layout (bf16) for SGLang / vLLM: auto (with those
     # backends) | on | off.
     c.publish.hf_layout = "auto"
+    c.publish.background = True  # write versions on a thread, overlapping the next updates
 
     # vimrag_jax.metrics: TensorBoard + WORKDIR/metrics.jsonl every step; console line below.
     c.metrics = ml_collections.ConfigDict()

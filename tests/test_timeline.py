@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,57 @@ def test_a_kill_while_publishing_never_exposes_a_partial_version(tmp_path, point
     # The restarted learner continues above everything on disk; leftovers are removed.
     publish.publish_policy(PARAMS, tmp_path, 2)
     assert publish.latest_policy(tmp_path)[0] == 2 and not list(root.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("point", ["publish", "published"])
+def test_a_kill_in_the_background_writer_kills_the_learner_and_resumes_on_one_timeline(
+    tmp_path, point
+):
+    # The learner's thread is elsewhere (not waiting for the write, as it does while a kill
+    # point is armed) when the writer thread reaches the kill point: the whole process dies.
+    code = f"""
+        import threading
+        import numpy as np
+        from vimrag_jax import publish
+        publish.armed = lambda: False  # the learner goes on: version 1's write is in flight
+        params = {{"w": np.ones((2, 3), np.float32)}}
+        publisher = publish.BackgroundPublisher({str(tmp_path)!r})
+        publisher.submit(params, 0)
+        publisher.submit(params, 1)
+        threading.Event().wait(100)  # "training", until the writer's SIGKILL
+        print("survived")
+    """
+    result = _python(code, **{faults.ENV: f"{point}:1"})
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    assert publish.latest_policy(tmp_path)[0] == 0  # LATEST never named the version cut short
+    published = []
+
+    def publish_as(version):
+        published.append(version)
+        publish.publish_policy(PARAMS, tmp_path, version)
+
+    # Without the train loop's wait before a checkpoint, a checkpoint could name version 1
+    # while it was still being written: cut short before its rename, it is republished as 1
+    # (the restored policy, nothing lost); renamed but LATEST not moved, nothing is published
+    # and workers stay on version 0: why the learner waits for the version a checkpoint names.
+    ahead = tmp_path / "ahead"
+    shutil.copytree(tmp_path / publish.POLICY_DIR, ahead / publish.POLICY_DIR)
+    republished = []
+    version, _ = resume.continue_timeline(ahead, 1, 7, republished.append)
+    assert (version, republished) == (1, [1] if point == "publish" else [])
+
+    # The learner's checkpoints name only versions on disk (here 0): version 1 is either never
+    # seen (cut short before its rename: the retrained update publishes 1 again) or lost.
+    version, timeline = resume.continue_timeline(tmp_path, 0, 7, publish_as)
+    if point == "publish":
+        assert (version, timeline, published) == (0, NO_LOSS, [])
+        publish.publish_policy(PARAMS, tmp_path, 1)
+    else:
+        assert (version, timeline.lost, published) == (2, ((1, 1),), [2])
+    root = tmp_path / publish.POLICY_DIR
+    assert not list(root.glob(".tmp-*"))  # removed by the next write
+    history = [entry["version"] for entry in publish.publication_history(tmp_path)]
+    assert history == sorted(set(history)) and publish.latest_policy(tmp_path)[0] == history[-1]
 
 
 def test_kill_points_are_named_and_inert_unless_asked(monkeypatch):

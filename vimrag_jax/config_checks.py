@@ -498,6 +498,10 @@ def find_problems(
             f"config.checkpoint.async_save must be True or False, got {cfg.checkpoint.async_save!r}"
         )
     _check_positive(problems, cfg.publish, "config.publish", "every_steps", "keep")
+    if not isinstance(cfg.publish.get("background", True), bool):
+        problems.append(
+            f"config.publish.background must be True or False, got {cfg.publish.background!r}"
+        )
     _check_positive(problems, cfg.metrics, "config.metrics", "every_steps")
     _check_at_least(problems, cfg.eval, "config.eval", 0, "every_steps", "num_questions")
     if cfg.export.dtype not in ("bfloat16", "float32"):

@@ -3,7 +3,8 @@
 Reads top to bottom: config → distributed start → mesh → experiment (world, tokenizer,
 initial policy) → checkpoints and metrics → optional supervised warm start on scripted-expert
 trajectories (``sft.steps``) → RL (GGPO by default; the ``loss`` block picks GSPO / GRPO) on
-the rollout workers' shards, publishing policy weights every ``publish.every_steps`` updates.
+the rollout workers' shards, publishing policy weights every ``publish.every_steps`` updates
+(written by a background thread of process 0 while the next updates run: ``publish.background``).
 With ``rollout.embedded_workers > 0`` (the CPU default) the trainer runs its own rollout worker
 processes; on pods ``launch/`` starts them elsewhere.
 
@@ -11,8 +12,9 @@ Restarting with the same ``--workdir`` resumes, after a clean stop or a kill at 
 the newest orbax checkpoint gives the train state, the policy version and the input pipeline's
 ledger as of one step, so no trajectory is trained twice on the surviving timeline; the policy
 versions published after that checkpoint are lost and their rollouts dropped and counted
-(`vimrag_jax.resume`, `vimrag_jax.timeline`). ``faults.kill_point`` marks the moments tests and
-the kill drill kill the learner at.
+(`vimrag_jax.resume`, `vimrag_jax.timeline`); a checkpoint waits until the version it names is
+written, so a version cut short by the kill is always newer than the checkpoint's, never needed.
+``faults.kill_point`` marks the moments tests and the kill drill kill the learner at.
 
 Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time (or no warm-start data).
 """
@@ -153,6 +155,11 @@ class Trainer:
         self.model_fn = self.experiment.learner_model_fn()
         self.checkpointer = Checkpointer.from_config(self.workdir, cfg.checkpoint)
         self._eval_backend = None
+        self.publisher = publish.BackgroundPublisher(
+            self.workdir,
+            keep=int(cfg.publish.keep),
+            background=bool(cfg.publish.get("background", True)),
+        )
         self.micro = int(cfg.optim.accumulate_steps)  # step calls per optimizer update
         self.sft_calls = int(cfg.sft.steps) * self.micro
         self.rl_calls = 0 if cfg.algorithm == "sft" else int(cfg.optim.total_steps) * self.micro
@@ -379,9 +386,10 @@ class Trainer:
         logging.info("exported the final policy to %s", directory)
 
     def _publish(self, learner: Learner, version: int, step: int) -> None:
+        """Publishes the learner's policy as ``version``: gathered now (every process), written
+        by `self.publisher` (on a background thread with ``publish.background``)."""
         # Workers read the plain parameter tree (`Experiment.load_latest`): no Variable boxes.
         params = learner.params().to_pure_dict()
-        keep = int(self.cfg.publish.keep)
         hf_writer = None
         if hf_layout_enabled(self.cfg):  # what SGLang / vLLM load, inside the atomic publish
             experiment = self.experiment
@@ -395,9 +403,7 @@ class Trainer:
                     dtype=str(self.cfg.export.dtype),
                 )
 
-        publish.publish_policy(
-            params, self.workdir, version, keep=keep, step=step, hf_writer=hf_writer
-        )
+        self.publisher.submit(params, version, step=step, hf_writer=hf_writer)
 
     def run_rl(self, start_params: Any | None) -> None:
         cfg = self.cfg
@@ -439,6 +445,7 @@ class Trainer:
             offset + learner.step,
             lambda new: self._publish(learner, new, offset + learner.step),
         )
+        self.publisher.wait()  # the restored policy is on disk before any worker starts
         current = PolicyVersion(version)
         directory = Path(cfg.data.shard_dir or self.workdir / ROLLOUT_DIR)
         directory.mkdir(parents=True, exist_ok=True)
@@ -517,19 +524,29 @@ class Trainer:
                 metrics.update({f"data/{k}": v for k, v in counters.items()})
                 metrics.update(rollout_reward.update(counters))
                 metrics["workers_restarted"] = float(workers.restarts)
+                if self.publisher.last_write_s is not None:
+                    metrics["publish_s"] = self.publisher.last_write_s  # the last finished write
                 self._log(offset + learner.step, metrics, batch, wait)
+                last = learner.step == self.rl_calls
+                if last or self.checkpointer.should_save(offset + learner.step):
+                    # A checkpoint names `version` as published: it is on disk first, so a kill
+                    # never restores a version newer than the disk (`resume.continue_timeline`).
+                    self.publisher.wait()
                 saved = learner.save(
                     self.checkpointer,
                     offset + learner.step,
                     data_state=iterator.get_state(),
                     metadata=run_metadata(cfg, version, phase="rl", late_segments=late_segments),
-                    force=learner.step == self.rl_calls,
+                    force=last,
                 )
                 if saved:  # the save is written in the background: a kill here interrupts it
                     kill_point("checkpoint", offset + learner.step)
                 workers.check()
         finally:
-            workers.stop()
+            try:
+                self.publisher.wait()  # the last version on disk; a failed write is raised
+            finally:
+                workers.stop()
         # Export first: the run's result is on disk before the (long, at scale) evaluation.
         self._export(learner)
         if cfg.eval.at_end:
