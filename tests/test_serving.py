@@ -748,3 +748,33 @@ def test_a_text_only_server_worker_builds_no_model_and_keeps_its_tag(
     (shard,) = _records(workdir / "rollouts")
     assert [r["policy_version"] for r in shard] == [0] * 4  # never the version it cannot load
     assert not (publish.version_dir(workdir, 1) / "hf").exists()
+
+
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_eval_brings_the_served_model_to_the_newest_version(world, tmp_path, kind):
+    from vimrag_jax.benchmarks import evaluate as bench
+    from vimrag_jax.eval import evaluate, served_policy, write_report
+
+    fake = (FakeSGLang if kind == "sglang" else FakeVLLM)(world.experiment.tokenizer)
+    workdir = _workdir(world, tmp_path)
+    fake.link = workdir / "policy" / "serving"
+    publish.publish_policy(world.params, workdir, version=2)
+    experiment = Experiment.from_config(_config(kind, fake.url), workdir)
+    backend = experiment.make_backend()
+    version, confirmed = served_policy(experiment, backend)
+    # reloaded through the worker's path; only SGLang reports the version it serves
+    assert version == 2 and confirmed is (kind == "sglang")
+    hf = publish.version_dir(workdir, 2) / "hf"
+    if kind == "sglang":
+        assert fake.reloads == [{"model_path": str(hf), "weight_version": "2"}]
+    else:
+        assert fake.loaded == [str(hf.resolve())]
+    metrics = evaluate(experiment, backend, num_questions=1, policy_version=version)
+    report = json.loads(
+        write_report(workdir, version, {**metrics, "version_confirmed": confirmed}).read_text()
+    )
+    assert report["policy_version"] == 2 and report["version_confirmed"] is (kind == "sglang")
+    backend.close()
+    _, label, again, confirmed = bench.make_policy_backend(experiment, bench.Request())
+    assert again == 2 and ("not confirmed" in label) is (kind == "vllm") and "v2" in label
+    fake.close()

@@ -22,6 +22,11 @@ Hugging Face directory or a served model::
 writes the episodes under ``DIR/eval/<agent>/<benchmark>/`` as they finish (a rerun resumes) and
 the paper-style table ``DIR/eval/<agent>/results.{md,csv,json}``
 (`vimrag_jax.benchmarks.evaluate`, `vimrag_jax.benchmarks.table`).
+
+A served model (``rollout.backend`` sglang, vllm or openai) is first brought to the newest
+published version through the rollout worker's reload path (`served_policy`); the report's
+``version_confirmed`` says whether the server confirmed that version (SGLang reports its
+``weight_version``; vLLM and the text-only client report none: the version is the one requested).
 """
 
 from __future__ import annotations
@@ -178,8 +183,12 @@ def main(argv: list[str]) -> int:
     from vimrag_jax.experiment import Experiment
 
     experiment = Experiment.from_config(value["config"], value["workdir"])
-    version = 0
-    if value["policy"] == "model":
+    version, extra = 0, {}
+    if value["policy"] == "model" and experiment.cfg.rollout.backend != "embedded":
+        backend = experiment.make_backend()  # served: no JAX model here
+        version, confirmed = served_policy(experiment, backend)
+        extra = {"version_confirmed": confirmed}
+    elif value["policy"] == "model":
         model = experiment.initial_model()
         version = experiment.load_latest(model) or 0
         backend = experiment.make_backend(model)
@@ -196,10 +205,29 @@ def main(argv: list[str]) -> int:
         policy_version=version,
         episodes_dir=Path(value["workdir"]) / EVAL_DIR,
     )
+    metrics = {**metrics, **extra}
     path = write_report(value["workdir"], version, metrics)
     logging.info("policy v%d: %s (written to %s)", version, metrics, path)
     print(json.dumps({"policy_version": version, **metrics}))
     return 0
+
+
+def served_policy(experiment: Any, backend: Any) -> tuple[int, bool]:
+    """Brings a served model to the newest published version the way the rollout worker does
+    (``rollout.worker.ServerWeights``: reload, then the server's confirmation where it reports
+    a version) and returns (the version it serves, whether the server confirmed it). Where it
+    cannot confirm (vLLM, the text-only client: no version reported) the version is the one
+    requested and a warning says so."""
+    from vimrag_jax.rollout.worker import ServerWeights
+
+    version, confirmed = ServerWeights(experiment, backend, "eval").sync()
+    if not confirmed:
+        logging.warning(
+            "eval: the %s server(s) do not confirm serving policy v%d (no version reported); "
+            "the episodes are labelled with the version requested (version_confirmed: false)",
+            experiment.cfg.rollout.backend, version,
+        )  # fmt: skip
+    return version, confirmed
 
 
 def _benchmark_main(value: dict[str, Any]) -> int:

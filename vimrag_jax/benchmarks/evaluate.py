@@ -309,7 +309,7 @@ def evaluate_benchmarks(
     selected = select_benchmarks(request.benchmarks, store_dir, request.split)
     experiment = Experiment.from_config(cfg, workdir)
     store = CorpusStore.open(store_dir)
-    backend, policy_label, version = make_policy_backend(experiment, request, log=log)
+    backend, policy_label, version, confirmed = make_policy_backend(experiment, request, log=log)
     config = dataclasses.replace(experiment.rollout_config(evaluation=True), agent=agent_name)
     agent = baselines.make_agent(
         config,
@@ -354,6 +354,7 @@ def evaluate_benchmarks(
         "agent": agent_name,
         "policy": policy_label,
         "policy_version": version,
+        "version_confirmed": confirmed,
         "reward_metric": config.reward_metric,
         "budget": config.budget,
         "store": str(store_dir),
@@ -370,16 +371,26 @@ def evaluate_benchmarks(
 
 
 def make_policy_backend(experiment: Any, request: Request, *, log: Log = stderr_log):
-    """(generation backend, a label naming the policy, policy version) for ``request``."""
+    """(generation backend, a label naming the policy, policy version, whether that version is
+    confirmed) for ``request``. A served model is first brought to the newest published version
+    (`vimrag_jax.eval.served_policy`: the rollout worker's reload path); its label says when the
+    server could not confirm the version (vLLM, the text-only client report none)."""
+    from vimrag_jax.eval import served_policy
     from vimrag_jax.experiment import SERVER_BACKENDS
 
     cfg = experiment.cfg
     if request.policy != "model":
         noisy = request.policy == "scripted_noisy"
-        return oracle_sampler(experiment.tokenizer, noisy=noisy), request.policy, 0
+        return oracle_sampler(experiment.tokenizer, noisy=noisy), request.policy, 0, True
     if cfg.rollout.backend in (*SERVER_BACKENDS, "openai"):
         served = cfg.rollout.server_model or cfg.rollout.server_url
-        return experiment.make_backend(), f"served {cfg.rollout.backend}:{served}", 0
+        backend = experiment.make_backend()
+        version, confirmed = served_policy(experiment, backend)
+        label = f"served {cfg.rollout.backend}:{served} v{version}"
+        if not confirmed:
+            label += " (version requested, not confirmed by the server)"
+        log(f"policy: {label}")
+        return backend, label, version, confirmed
     import jax
 
     from vimrag_jax.parallel.mesh import mesh_from_config
@@ -387,7 +398,7 @@ def make_policy_backend(experiment: Any, request: Request, *, log: Log = stderr_
     mesh = mesh_from_config(cfg.mesh, jax.devices())
     model, label, version = load_policy(experiment, request.checkpoint, mesh)
     log(f"policy: {label} on mesh {dict(mesh.shape)}")
-    return experiment.make_backend(model), label, version
+    return experiment.make_backend(model), label, version, True
 
 
 def _abstract_params(experiment: Any, mesh: Any) -> tuple[Any, Any]:

@@ -285,6 +285,26 @@ class ServerWeights:
         )  # fmt: skip
         return version
 
+    def confirmed(self) -> bool:
+        """Whether every server reports serving ``version`` (SGLang's ``weight_version``);
+        False where the backend reports no version (vLLM, the text-only client) or a server
+        reports another one."""
+        from vimrag_jax.sampling.http import GenerationError
+
+        served = getattr(self.backend, "served_version", None)
+        if served is None:
+            return False
+        try:
+            return all(served(url) == str(self.version) for url in self.backend.urls)
+        except GenerationError:
+            return False
+
+    def sync(self) -> tuple[int, bool]:
+        """Brings the servers to the newest published version (`poll`) for an evaluation:
+        (the version they serve, whether they confirmed it, `confirmed`)."""
+        version = self.poll()
+        return version, self.confirmed()
+
 
 def run_worker(
     cfg,
