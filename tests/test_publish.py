@@ -182,3 +182,21 @@ def test_without_background_submit_writes_before_returning(tmp_path):
         publisher.submit(_params(2), 2)
     with pytest.raises(ValueError, match="keep must be >= 1"):
         publish.BackgroundPublisher(tmp_path, keep=0)
+
+
+def test_the_config_turns_background_publishing_on_and_checks_the_flag():
+    import sys
+
+    from vimrag_jax import config_checks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from configs import ggpo
+
+    cfg = ggpo.get_config("tiny")
+    assert cfg.publish.background is True
+    assert config_checks.find_problems(cfg, 1) == []
+    del cfg.publish["background"]  # a config file (not a flag: that is parsed) may say "yes"
+    cfg.publish.background = "yes"
+    assert config_checks.find_problems(cfg, 1) == [
+        "config.publish.background must be True or False, got 'yes'"
+    ]
