@@ -3,6 +3,7 @@ activation pinning that keeps FSDP from replicating the batch (`parallel.shardin
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -147,8 +148,9 @@ def test_blocked_attention_loops_within_each_devices_rows():
     q = jnp.asarray(rng.normal(size=(b, length, h, k)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(2, b, length, g, k)), jnp.float32)
     allowed = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
-    plain = jax.jit(lambda q, k, v, a: blocked_attend(q, k, v, a, batch_block=2))
-    meshed = jax.jit(under_mesh(lambda q, k, v, a: blocked_attend(q, k, v, a, batch_block=2), mesh))
+    tiled = functools.partial(blocked_attend, block=64, batch_block=2)
+    plain = jax.jit(tiled)
+    meshed = jax.jit(under_mesh(tiled, mesh))
     want = plain(q, kv[0], kv[1], allowed)
     got = meshed(q, kv[0], kv[1], allowed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

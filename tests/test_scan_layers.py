@@ -257,4 +257,6 @@ def test_fsdp_learner_step_scanned_equals_unrolled():
     for m, m_s in zip(metrics, metrics_s, strict=True):
         for key in ("loss", "grad_norm", "logprob_gap"):
             np.testing.assert_allclose(m_s[key], m[key], rtol=2e-5, atol=1e-7, err_msg=key)
-    _assert_trees_close(params_s, params, rtol=1e-5, atol=1e-6)
+    # Two Adam steps: where a gradient is near zero, float reassociation between the two
+    # programs moves m / sqrt(v) by up to a few parts per million of the parameters' scale.
+    _assert_trees_close(params_s, params, rtol=1e-5, atol=5e-6)

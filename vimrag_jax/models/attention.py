@@ -42,13 +42,14 @@ def attend(
     return out_bqgrk.reshape(b, length, h, k)
 
 
-# Tiles of `blocked_attend`: query/key blocks of 64 and at most 2 batch rows per pass keep one
-# tile's float32 scores `[2, G, R, 64, 64]` (64K values for Qwen3's 8 heads) inside the L2
-# cache, so the elementwise passes over a tile (mask, exp, the softmax gradient) run from cache.
-# Measured on CPU, one core, batch 8 x 1,024, 8 heads: 0.48 s per layer forward + backward
-# with blocks of 128 and the whole batch, 0.29 s with blocks of 64, 0.24 s with 64 and 2 rows.
-ATTENTION_BLOCK = 64
-ATTENTION_BATCH_BLOCK = 2
+# Tiles of `blocked_attend`: query/key blocks of 256, one batch row per pass. A tile's matmuls
+# (`[G, R*256, K] x [K, 256]`) are then large enough for XLA:CPU to split over its threads, while
+# its float32 scores (`[G, R*256, 256]`, 2 MiB for Qwen3's 8 heads) stay cache-sized. Measured
+# (`benchmarks/attention_tiles.py`, AMD EPYC, 2 cores, batch 8 x 1,024, 8 heads, one layer
+# forward + backward): 339 ms with blocks of 64 and 2 rows, 262 ms with 128 and 2, 179 ms with
+# 256 and 1, 233 ms with 512 and 1; on one core 64/2 and 256/1 are within 5 % (277 / 289 ms).
+ATTENTION_BLOCK = 256
+ATTENTION_BATCH_BLOCK = 1
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 

@@ -69,17 +69,69 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """`scale * x / rms(x)` over the last axis, normalised in float32 and cast back to `x`'s
+    dtype before the scale (transformers' order).
+
+    The custom backward keeps `x` and the per-row `1 / rms` only and writes the gradient in one
+    pass, `dx = r * (g - x̂ * mean(g * x̂))` with `g = dy * scale`, `x̂ = x * r`; autodiff of the
+    plain expression materialises broadcasts of the scale and of `r` over `[..., D]` (measured:
+    ~10 % of the Qwen3 CPU training step in elementwise passes)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * (x32 * r).astype(x.dtype), (x, scale, r)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+    del eps
+    x, scale, r = residuals
+    x_hat = x.astype(jnp.float32) * r
+    dy32 = dy.astype(jnp.float32)
+    g = dy32 * scale.astype(jnp.float32)
+    dx = r * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    dscale = jnp.sum((dy32 * x_hat).reshape(-1, x.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@jax.custom_vjp
 def apply_rope(x_blhk: jax.Array, cos_blk: jax.Array, sin_blk: jax.Array) -> jax.Array:
-    """Rotates `x[B, L, heads, K]` by the tables; the halves of K are the rotated pairs."""
-    half = x_blhk.shape[-1] // 2
-    rotated = jnp.concatenate([-x_blhk[..., half:], x_blhk[..., :half]], axis=-1)
+    """Rotates `x[B, L, heads, K]` by the tables; the halves of K are the rotated pairs.
+
+    The tables are not differentiated (they come from positions). The backward applies the
+    transposed rotation, `dx = dy * cos - rotate_half(dy * sin)`, in one elementwise pass;
+    autodiff of the concatenate goes through padded copies of the whole `[B, L, H, K]`."""
     cos, sin = cos_blk[:, :, None, :], sin_blk[:, :, None, :]
-    return (x_blhk * cos + rotated * sin).astype(x_blhk.dtype)
+    return (x_blhk * cos + _rotate_half(x_blhk) * sin).astype(x_blhk.dtype)
+
+
+def _apply_rope_fwd(x_blhk, cos_blk, sin_blk):
+    return apply_rope(x_blhk, cos_blk, sin_blk), (cos_blk, sin_blk)
+
+
+def _apply_rope_bwd(residuals, dy_blhk):
+    cos_blk, sin_blk = residuals
+    cos, sin = cos_blk[:, :, None, :], sin_blk[:, :, None, :]
+    dx_blhk = dy_blhk * cos - _rotate_half(dy_blhk * sin)
+    return dx_blhk.astype(dy_blhk.dtype), None, None
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
 class Attention(nnx.Module):
