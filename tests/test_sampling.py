@@ -190,7 +190,9 @@ def test_bad_calls_are_refused(sampler):
         sampler.generate([[1]], top_p=0.0)
 
 
-def test_lean_logprobs_and_gradients_equal_plain(model):
+@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30], ids=["recomputed", "kept"])
+def test_lean_logprobs_and_gradients_equal_plain(model, keep_logits_bytes):
+    # Both backward passes: logits recomputed chunk by chunk, or kept from the forward.
     rng = np.random.default_rng(0)
     ids = rng.integers(0, _CONFIG.vocab_size, size=(3, 13)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -202,7 +204,10 @@ def test_lean_logprobs_and_gradients_equal_plain(model):
 
     def lean(m):
         hidden = m.hidden_states(ids, mask)
-        return jnp.sum(chunked_token_logprobs(hidden, m.head_weight(), ids, chunk_size=5) * weights)
+        logp = chunked_token_logprobs(
+            hidden, m.head_weight(), ids, chunk_size=5, keep_logits_bytes=keep_logits_bytes
+        )
+        return jnp.sum(logp * weights)
 
     value_plain, grads_plain = nnx.jit(nnx.value_and_grad(plain))(model)
     value_lean, grads_lean = nnx.jit(nnx.value_and_grad(lean))(model)

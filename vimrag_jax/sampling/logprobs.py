@@ -20,6 +20,7 @@ the MRoPE positions the host computed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -30,6 +31,8 @@ from vimrag_jax.models.qwen3_vl_vision import VisionTables
 from vimrag_jax.parallel.sharding import constrain_logical, constrain_rows
 
 DEFAULT_CHUNK_SIZE = 256
+#: `chunked_token_logprobs` keeps the float32 logits for its backward pass up to this size.
+KEEP_LOGITS_BYTES = 256 * 2**20
 
 #: Batch keys of a Qwen3-VL policy's per-segment vision inputs (B segments, P patch rows, L
 #: tokens): ``pixel_values float32[B, P, patch_dim]``, the vision tables
@@ -92,13 +95,17 @@ def chunked_token_logprobs(
     tokens_bl: jax.Array,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_logits_bytes: int = KEEP_LOGITS_BYTES,
 ) -> jax.Array:
     """`token_logprobs(hidden @ head, tokens)` without materialising the `[B, L, V]` logits.
 
     `hidden_bld` are final hidden states, `head_dv` the LM head `[D, V]`. The sequence is cut
     into chunks of `chunk_size` positions (the last one padded); a `lax.scan` computes each
     chunk's float32 logits, and the custom backward pass (`_head_logprobs`) recomputes them, so
-    forward and backward both hold one `[B, chunk_size, V]` block at a time.
+    forward and backward both hold one `[B, chunk_size, V]` block at a time. When all the
+    float32 logits take at most `keep_logits_bytes` (small vocabularies and batches: the CPU
+    default, the tests), the forward keeps them for the backward instead, which saves the
+    backward a quarter of the head's matmuls; at a real vocabulary they are recomputed.
     """
     _check_tokens(tokens_bl, hidden_bld.shape[:2])
     if chunk_size < 1:
@@ -114,7 +121,8 @@ def chunked_token_logprobs(
     targets_bs = jnp.pad(tokens_bl[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
     hidden_nbcd = constrain_rows(hidden_bsd.reshape(b, num_chunks, chunk, d).swapaxes(0, 1), 1)
     targets_nbc = constrain_rows(targets_bs.reshape(b, num_chunks, chunk).swapaxes(0, 1), 1)
-    logp_nbc = _head_logprobs(hidden_nbcd, head_dv, targets_nbc)
+    keep = b * num_chunks * chunk * head_dv.shape[-1] * 4 <= keep_logits_bytes
+    logp_nbc = _head_logprobs(hidden_nbcd, head_dv, targets_nbc, keep)
     logp_bs = logp_nbc.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :steps]
     return jnp.pad(logp_bs, ((0, 0), (1, 0)))
 
@@ -129,43 +137,45 @@ def _chunk_logits(hidden_bcd: jax.Array, head_dv: jax.Array) -> jax.Array:
     return constrain_rows(jnp.dot(hidden_xd, head_dv, preferred_element_type=jnp.float32))
 
 
-def _head_forward(hidden_nbcd, head_dv, targets_nbc):
-    """Log-probs `float32[N, B, C]` and each row's logsumexp, one chunk at a time."""
+def _head_forward(hidden_nbcd, head_dv, targets_nbc, keep):
+    """Log-probs `float32[N, B, C]`, each row's logsumexp and, with `keep`, the logits
+    `float32[N, B*C, V]` (else None), one chunk at a time."""
 
     def body(carry, xs):
         hidden_bcd, targets_bc = xs
-        logp_x, lse_x = _picked_and_logsumexp(
-            _chunk_logits(hidden_bcd, head_dv), targets_bc.reshape(-1)
-        )
-        return carry, (logp_x.reshape(targets_bc.shape), lse_x)
+        logits_xv = _chunk_logits(hidden_bcd, head_dv)
+        logp_x, lse_x = _picked_and_logsumexp(logits_xv, targets_bc.reshape(-1))
+        return carry, (logp_x.reshape(targets_bc.shape), lse_x, logits_xv if keep else None)
 
-    _, (logp_nbc, lse_nx) = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
-    return logp_nbc, lse_nx
+    _, (logp_nbc, lse_nx, logits_nxv) = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    return logp_nbc, lse_nx, logits_nxv
 
 
-@jax.custom_vjp
-def _head_logprobs(hidden_nbcd: jax.Array, head_dv: jax.Array, targets_nbc: jax.Array):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_logprobs(hidden_nbcd, head_dv, targets_nbc, keep):
     """`float32[N, B, C]`: log-softmax of `hidden @ head` at the targets, chunk by chunk.
 
-    A `custom_vjp` rather than `jax.checkpoint`: the forward keeps only each row's logsumexp,
-    and the backward recomputes a chunk's logits once and writes the gradient of the
-    log-softmax directly, `d logp / d logits = onehot(target) - softmax`, with
-    `softmax = exp(logits - logsumexp)`. The head gradient `hidden^T @ dlogits` reads the
-    hidden states transposed once up front, so every matmul is a plain row-major one (XLA:CPU
-    otherwise transposes the `[B*C, V]` gradient of each chunk).
+    A `custom_vjp` rather than `jax.checkpoint`: the forward keeps only each row's logsumexp
+    (and the logits when `keep`), and the backward computes a chunk's logits once (or reads
+    them) and writes the gradient of the log-softmax directly,
+    `d logp / d logits = onehot(target) - softmax`, with `softmax = exp(logits - logsumexp)`.
+    The head gradient `hidden^T @ dlogits` reads the hidden states transposed once up front,
+    so every matmul is a plain row-major one (XLA:CPU otherwise transposes the `[B*C, V]`
+    gradient of each chunk).
     """
-    return _head_forward(hidden_nbcd, head_dv, targets_nbc)[0]
+    del keep  # without a backward pass there is nothing to keep the logits for
+    return _head_forward(hidden_nbcd, head_dv, targets_nbc, False)[0]
 
 
-def _head_logprobs_fwd(hidden_nbcd, head_dv, targets_nbc):
-    logp_nbc, lse_nx = _head_forward(hidden_nbcd, head_dv, targets_nbc)
-    return logp_nbc, (hidden_nbcd, head_dv, targets_nbc, lse_nx)
+def _head_logprobs_fwd(hidden_nbcd, head_dv, targets_nbc, keep):
+    logp_nbc, lse_nx, logits_nxv = _head_forward(hidden_nbcd, head_dv, targets_nbc, keep)
+    return logp_nbc, (hidden_nbcd, head_dv, targets_nbc, lse_nx, logits_nxv)
 
 
-def _head_logprobs_bwd(residuals, dlogp_nbc):
+def _head_logprobs_bwd(keep, residuals, dlogp_nbc):
     # The barrier keeps the transpose below in the backward pass (XLA would hoist it).
     *residuals, dlogp_nbc = jax.lax.optimization_barrier((*residuals, dlogp_nbc))
-    hidden_nbcd, head_dv, targets_nbc, lse_nx = residuals
+    hidden_nbcd, head_dv, targets_nbc, lse_nx, logits_nxv = residuals
     n, b, c, d = hidden_nbcd.shape
     dtype = hidden_nbcd.dtype
     # One transpose of all hidden states, outside the loop, for the head gradient's matmul.
@@ -174,8 +184,8 @@ def _head_logprobs_bwd(residuals, dlogp_nbc):
     )
 
     def body(dhead_dv, xs):
-        hidden_bcd, hidden_dx, targets_bc, lse_x, dlogp_bc = xs
-        logits_xv = _chunk_logits(hidden_bcd, head_dv)
+        hidden_bcd, hidden_dx, targets_bc, lse_x, dlogp_bc, *kept = xs
+        logits_xv = kept[0] if keep else _chunk_logits(hidden_bcd, head_dv)
         probs_xv = jnp.exp(logits_xv - lse_x[:, None])
         dlogp_x1 = dlogp_bc.reshape(-1, 1)
         onehot_xv = jnp.arange(logits_xv.shape[-1])[None] == targets_bc.reshape(-1, 1)
@@ -188,6 +198,8 @@ def _head_logprobs_bwd(residuals, dlogp_nbc):
         return dhead_dv, constrain_rows(dhidden_xd.astype(dtype)).reshape(b, c, d)
 
     xs = (hidden_nbcd, hidden_ndx, targets_nbc, lse_nx, dlogp_nbc)
+    if keep:
+        xs = (*xs, logits_nxv)
     # The head gradient accumulates split like the head itself (embed over fsdp, vocab over
     # tensor), not as a whole [D, V] float32 copy per device.
     zeros_dv = constrain_logical(jnp.zeros(head_dv.shape, jnp.float32), ("embed", "vocab"))
