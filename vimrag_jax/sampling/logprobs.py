@@ -31,8 +31,10 @@ from vimrag_jax.models.qwen3_vl_vision import VisionTables
 from vimrag_jax.parallel.sharding import constrain_logical, constrain_rows
 
 DEFAULT_CHUNK_SIZE = 256
-#: `chunked_token_logprobs` keeps the float32 logits for its backward pass up to this size.
-KEEP_LOGITS_BYTES = 256 * 2**20
+#: `chunked_token_logprobs` keeps the float32 logits for its backward pass up to this size:
+#: the tiny CPU configs. At `benchmarks/model_step.py`'s 134 MB keeping them measured at most
+#: ~3 % faster for ~120 MB more peak memory (docs/benchmarks.md), so there they are recomputed.
+KEEP_LOGITS_BYTES = 64 * 2**20
 
 #: Batch keys of a Qwen3-VL policy's per-segment vision inputs (B segments, P patch rows, L
 #: tokens): ``pixel_values float32[B, P, patch_dim]``, the vision tables
