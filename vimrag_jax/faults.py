@@ -54,11 +54,15 @@ def armed() -> bool:
 
 def kill_point(name: str, step: int | None = None, *, parent: bool = False) -> None:
     """SIGKILLs this process if ``VIMRAG_KILL_AT`` names this point (and this step, when it
-    gives one). With ``parent`` it kills the process that started this one instead (a worker
-    marking a moment of the learner's: the learner dies, and its embedded workers with it)."""
+    gives one). With ``parent`` it kills the process that started this one, then this one (a
+    worker marking a moment of the learner's: the learner dies, and its embedded workers with
+    it). This process does not wait for the parent-death signal: a parent with gigabytes to
+    tear down can take long enough to die that the worker would write one more shard."""
     if name not in POINTS:
         raise ValueError(f"unknown kill point {name!r}; add it to faults.POINTS")
     target = _target()
     if target is None or target[0] != name or (target[1] is not None and target[1] != step):
         return
-    os.kill(os.getppid() if parent else os.getpid(), signal.SIGKILL)
+    if parent:
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
