@@ -33,39 +33,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from vimrag_jax.envs.scripted_sampler import prompt_rule_action
+
 ASSUMED_TOKENS = 150
 ASSUMED_TOKENS_PER_S = 100.0
-
-
-def policy_action(prompt: str) -> str:
-    """The fake policy: search, memorize every result, search again, memorize, answer."""
-    from vimrag_jax.agent.protocol import ROOT_ID, format_tool_call
-
-    tail = prompt.rsplit("<|im_start|>user", 1)[-1]
-    if "<tool_response>" in tail and "summarize_and_memorize" in tail:
-        entries = [
-            {"information_id": f"{kind} {n}", "is_useful": True, "priority_score": 5}
-            | ({"key_timestamp": [0.0, 1.0]} if kind == "Video" else {})
-            for kind, n in re.findall(r"^(Text|Picture|Video) (\d+):", tail, re.M)
-        ]
-        arguments = {"summarize": "seen", "memorize": entries}
-        call = format_tool_call("summarize_and_memorize", arguments)
-    else:
-        nodes = re.findall(r"^\[(n\d)\] parents", prompt, re.M)
-        question = re.search(r"Question: (.*)", prompt).group(1)
-        if len(nodes) < 2:
-            parent = nodes[-1] if nodes else ROOT_ID
-            arguments = {"id": f"n{len(nodes) + 1}", "parent_ids": [parent], "query": question}
-            call = format_tool_call("add_search_node", arguments)
-        else:
-            call = format_tool_call("add_answer_node", {"parent_ids": nodes, "answer": "none"})
-    return call + "<|im_end|>"
 
 
 class Answers:
@@ -79,7 +55,7 @@ class Answers:
         key = tuple(prompt)
         if key not in self._cache:
             text = self.tokenizer.decode(prompt, skip_special_tokens=False)
-            action = policy_action(text)
+            action = prompt_rule_action(text)
             self._cache[key] = self.tokenizer(action, add_special_tokens=False)["input_ids"]
         return self._cache[key][:max_new_tokens]
 

@@ -33,7 +33,6 @@ show pictures and video frames both as retrieval results and from memory.
 from __future__ import annotations
 
 import http.server
-import re
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from loopback import Loopback, read_json, send_json
 
 from vimrag_jax.agent.prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vimrag_jax.agent.protocol import ROOT_ID, format_tool_call
+from vimrag_jax.envs.scripted_sampler import prompt_rule_action
 from vimrag_jax.sampling.http import (
     decode_data_url,
 )
@@ -51,30 +51,6 @@ PIXELS_PER_TOKEN = 32 * 32
 
 
 # --- the fakes' policy ----------------------------------------------------------------------
-
-
-def policy_text(prompt: str) -> str:
-    """Search, memorize every result, search again from there, memorize, answer."""
-    tail = prompt.rsplit("<|im_start|>user", 1)[-1]
-    if "<tool_response>" in tail and "summarize_and_memorize" in tail:
-        entries = [
-            {"information_id": f"{kind} {n}", "is_useful": True, "priority_score": 5}
-            | ({"key_timestamp": [0.0, 1.0]} if kind == "Video" else {})
-            for kind, n in re.findall(r"^(Text|Picture|Video) (\d+):", tail, re.M)
-        ]
-        call = format_tool_call(
-            "summarize_and_memorize", {"summarize": "seen", "memorize": entries}
-        )
-    else:
-        nodes = re.findall(r"^\[(n\d)\] parents", prompt, re.M)
-        question = re.search(r"Question: (.*)", prompt).group(1)
-        if len(nodes) < 2:
-            parent = nodes[-1] if nodes else ROOT_ID
-            arguments = {"id": f"n{len(nodes) + 1}", "parent_ids": [parent], "query": question}
-            call = format_tool_call("add_search_node", arguments)
-        else:
-            call = format_tool_call("add_answer_node", {"parent_ids": nodes, "answer": "no idea"})
-    return call + "<|im_end|>"
 
 
 def _logprobs(prompt: list[int], count: int) -> list[float]:
@@ -169,7 +145,7 @@ class FakeServer:
 
     def sample(self, prompt: list[int], media, max_new_tokens: int):
         text = self.tokenizer.decode(prompt, skip_special_tokens=False)
-        action = policy_text(text)
+        action = prompt_rule_action(text)
         if self.answer_at_once:
             call = format_tool_call("add_answer_node", {"parent_ids": [ROOT_ID], "answer": "no"})
             action = call + "<|im_end|>"

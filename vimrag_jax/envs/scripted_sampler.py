@@ -12,12 +12,13 @@ and the loop's test fixtures: every call they emit parses back to the scripted a
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from vimrag_jax.agent.episode import RowContext
-from vimrag_jax.agent.protocol import format_tool_call
+from vimrag_jax.agent.protocol import ROOT_ID, format_tool_call
 from vimrag_jax.envs import scripted
 from vimrag_jax.sampling.sampler import Completion
 
@@ -137,3 +138,32 @@ __all__ = [
     "labelled",
     "noisy_factory",
 ]
+
+
+def prompt_rule_action(prompt: str, *, answer: str = "no idea") -> str:
+    """The next model turn of a rule policy that reads only the rendered prompt text, what a
+    served model sees: after a search's results, memorize every one of them; otherwise add a
+    search node under the newest node (the root first) until there are two, then answer from
+    both. Deterministic; the fake served model of the serving tests (`tests/fake_servers.py`)
+    and of ``benchmarks/serving_client.py``, whose episodes thereby carry pictures and video
+    frames both as results and from memory."""
+    tail = prompt.rsplit("<|im_start|>user", 1)[-1]
+    if "<tool_response>" in tail and "summarize_and_memorize" in tail:
+        entries = [
+            {"information_id": f"{kind} {n}", "is_useful": True, "priority_score": 5}
+            | ({"key_timestamp": [0.0, 1.0]} if kind == "Video" else {})
+            for kind, n in re.findall(r"^(Text|Picture|Video) (\d+):", tail, re.M)
+        ]
+        call = format_tool_call(
+            "summarize_and_memorize", {"summarize": "seen", "memorize": entries}
+        )
+    else:
+        nodes = re.findall(r"^\[(n\d)\] parents", prompt, re.M)
+        question = re.search(r"Question: (.*)", prompt).group(1)
+        if len(nodes) < 2:
+            parent = nodes[-1] if nodes else ROOT_ID
+            arguments = {"id": f"n{len(nodes) + 1}", "parent_ids": [parent], "query": question}
+            call = format_tool_call("add_search_node", arguments)
+        else:
+            call = format_tool_call("add_answer_node", {"parent_ids": nodes, "answer": answer})
+    return call + "<|im_end|>"
