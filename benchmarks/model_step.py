@@ -9,11 +9,16 @@ Ours uses `vimrag_jax.sampling.sequence_logprobs` and `vimrag_jax.rl.ggpo.policy
 Decode: `Sampler.generate` (greedy, batch 8, prompt 128, 128 new tokens, EOS off) against
 transformers' `generate` with the same settings. Prefill is included on both sides.
 
+Both sides run with the same glibc malloc setting: by default the transparent huge pages our
+entry points re-execute themselves with (`vimrag_jax.host_memory`), `--huge-pages=off` for
+glibc's default 4 KiB pages on both.
+
 Each measurement runs in its own subprocess pinned to the same `--cpus` (CPU ids), so the peak
 resident memory (`ru_maxrss` of that process, imports included) belongs to one side only. The
 sides alternate (ours, theirs, ours, theirs, ...) so a machine whose load drifts hurts both.
 
     python benchmarks/model_step.py [--rounds 3] [--steps 3] [--cpus 0,1] [--what step,decode]
+        [--huge-pages on|off]
 
 `--threads` (torch's intra-op thread count) defaults to the number of `--cpus`.
 """
@@ -259,14 +264,29 @@ def _cpu_ids(cpus: str) -> set[int]:
     return {int(cpu) for cpu in cpus.split(",") if cpu.strip()}
 
 
+def _host_environment(huge_pages: str) -> dict[str, str]:
+    """Both sides' environment: CPU only, no XLA flags, and the same glibc malloc setting."""
+    from vimrag_jax import host_memory
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.pop("GLIBC_TUNABLES", None)
+    if huge_pages == "off":
+        return env
+    thp, glibc = host_memory.thp_mode(), host_memory.glibc_version()
+    with_huge_pages = host_memory.huge_page_environment(env, thp=thp, glibc=glibc)
+    if with_huge_pages is None:
+        print(f"  (huge pages unavailable here: THP mode {thp}, glibc {glibc}; both sides without)")
+    return with_huge_pages or env
+
+
 def _run_child(args: argparse.Namespace, side: str, measure: str) -> dict:
     command = [sys.executable, __file__, "--child", "--side", side, "--measure", measure]
     for name in ("cpus", "threads", "steps", "batch", "seq", "decode_batch", "prompt", "new"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.remat:
         command.append("--remat")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = _host_environment(args.huge_pages)
     if args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -292,6 +312,12 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true", help="remat each layer on our side")
     parser.add_argument("--what", default="step,decode", help="comma list: step, decode")
     parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for our side")
+    parser.add_argument(
+        "--huge-pages",
+        choices=("on", "off"),
+        default="on",
+        help="both sides with glibc's huge-page malloc, as our entry points run (on), or neither",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("step", "decode"), help=argparse.SUPPRESS)
@@ -307,6 +333,8 @@ def main() -> None:
         f"each side pinned to CPU(s) {args.cpus}, torch threads {args.threads}; "
         f"python {platform.python_version()}"
     )
+    tunables = _host_environment(args.huge_pages).get("GLIBC_TUNABLES", "none")
+    print(f"both sides' GLIBC_TUNABLES: {tunables} (vimrag_jax.host_memory)")
     for measure in args.what.split(","):
         if measure == "step":
             tokens = args.batch * args.seq

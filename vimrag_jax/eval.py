@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
+from vimrag_jax import host_memory
+
 if TYPE_CHECKING:
     from vimrag_jax.envs.judge import Judge
 
@@ -254,5 +256,6 @@ def _benchmark_main(value: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # huge pages for XLA:CPU's temporaries
     _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

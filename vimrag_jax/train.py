@@ -21,6 +21,11 @@ Exit status: 0 done, 2 bad config, 3 no rollout data arrived in time (or no warm
 
 from __future__ import annotations
 
+from vimrag_jax import host_memory
+
+if __name__ == "__main__":  # glibc reads its tunables at start: re-execute before importing jax
+    host_memory.reexec_with_huge_pages()
+
 import collections
 import contextlib
 import dataclasses

@@ -56,6 +56,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vimrag_jax import host_memory
 from vimrag_jax.faults import kill_point
 from vimrag_jax.rollout.local_workers import die_with_parent, parent_alive
 
@@ -519,5 +520,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # huge pages for XLA:CPU's temporaries
     _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))
