@@ -275,8 +275,11 @@ def test_micro_batches_compose_with_minibatches_on_both_steps(mesh):
             np.testing.assert_allclose(
                 metrics[name], ref_metrics[name], rtol=2e-5, atol=1e-7, err_msg=f"{key}:{name}"
             )
+        # Two Adam updates divide each gradient by its own size: where a gradient is near 0,
+        # the rounding of another accumulation order moves that weight by up to ~2e-5 (seen:
+        # 1 element of 8,192), while the loss and the gradient norm agree to 2e-5.
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=str(key))
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5, err_msg=str(key))
 
 
 def test_micro_batches_must_split_the_rows():

@@ -1,5 +1,6 @@
-"""The decoder's hand-written backward passes (`rms_norm`, `apply_rope`) against autodiff of
-the plain expressions, on random shapes, values and dtypes."""
+"""The decoder's hand-written backward passes (`rms_norm`, `rms_normalize`, `apply_rope`)
+against autodiff of the plain expressions, on random shapes, values and dtypes; and the norm
+scale folded into the next projection (`fold_scale`) against norm-then-project."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vimrag_jax.models.decoder import apply_rope, rms_norm
+from vimrag_jax.models.decoder import apply_rope, fold_scale, rms_norm, rms_normalize
+from vimrag_jax.models.linear import dense
 
 
 def plain_rms_norm(x, scale, eps):
@@ -58,6 +60,48 @@ def test_rms_norm_gradient_equals_autodiff(rows, dim, scale_mean, seed):
     np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
     for got, expected in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _folded(x, scale, w):
+    # What a decoder layer computes: normalise, then project with the scale in the weight.
+    return dense(rms_normalize(x, 1e-6), fold_scale(w, scale))
+
+
+def _norm_then_project(x, scale, w):
+    return plain_rms_norm(x, scale, 1e-6) @ w
+
+
+_FOLD_PAIR = (
+    jax.jit(lambda *a: _value_and_grads(_folded, *a)),
+    jax.jit(lambda *a: _value_and_grads(_norm_then_project, *a)),
+)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    dim=st.sampled_from([4, 8, 32]),
+    out=st.sampled_from([3, 16]),
+    scale_mean=st.floats(-2.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_folded_norm_scale_equals_norm_then_projection(rows, dim, out, scale_mean, seed):
+    # Values and the gradients of the input, the scale and the weight.
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((rows, 3, dim)) * rng.uniform(0.1, 10.0), jnp.float32)
+    scale = jnp.asarray(scale_mean + rng.standard_normal(dim), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((dim, out)) / np.sqrt(dim), jnp.float32)
+    (value, grads), (want, want_grads) = (fn(x, scale, w) for fn in _FOLD_PAIR)
+    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_scale_scales_the_input_rows_of_any_weight_shape():
+    w = jnp.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(
+        fold_scale(w, jnp.array([2.0, -1.0])), w * jnp.array([2.0, -1.0])[:, None, None]
+    )
 
 
 def test_rms_norm_keeps_dtypes_and_matches_in_bfloat16():

@@ -212,7 +212,9 @@ def test_lean_logprobs_and_gradients_equal_plain(model, keep_logits_bytes):
     value_plain, grads_plain = nnx.jit(nnx.value_and_grad(plain))(model)
     value_lean, grads_lean = nnx.jit(nnx.value_and_grad(lean))(model)
     np.testing.assert_allclose(value_lean, value_plain, rtol=1e-5)
+    # float32 sums in another order: gradients of size ~1 differ by up to ~6e-6 (an element
+    # near 0 of an up-projection weight, with the norm scales folded into the weights).
     for a, b in zip(jax.tree.leaves(grads_lean), jax.tree.leaves(grads_plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="tokens must be"):
         chunked_token_logprobs(jnp.zeros((3, 13, 32)), model.head_weight(), ids[:, :5])

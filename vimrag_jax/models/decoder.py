@@ -71,6 +71,20 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)
 
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """`x / rms(x)` without the scale, for a caller that folds the scale into the weights
+        of the projection that reads it (`fold_scale`)."""
+        return rms_normalize(x, self.eps)
+
+
+def fold_scale(w_d: jax.Array, scale_d: jax.Array) -> jax.Array:
+    """The weight `w[D, ...]` with its input rows scaled: `x̂ @ fold_scale(w, s)` equals
+    `(s * x̂) @ w`, with the scale applied to `D x N` weights instead of `T x D` activations
+    (and its gradient `sum(dw_eff * w)` over weights, not activations: no `[T, D]`
+    broadcast of the scale is materialised in either pass). Rounds in another order than
+    transformers' `(s * x̂) @ w` (float32: ~1e-7 relative)."""
+    return w_d * scale_d.astype(w_d.dtype).reshape(-1, *(1,) * (w_d.ndim - 1))
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -102,6 +116,31 @@ def _rms_norm_bwd(eps, residuals, dy):
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """`x / rms(x)` over the last axis, in float32 and cast back (`rms_norm` without the scale);
+    backward `dx = r * (dy - x̂ * mean(dy * x̂))` in one pass."""
+    return _rms_normalize_fwd(x, eps)[0]
+
+
+def _rms_normalize_fwd(x, eps):
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * r).astype(x.dtype), (x, r)
+
+
+def _rms_normalize_bwd(eps, residuals, dy):
+    del eps
+    x, r = residuals
+    x_hat = x.astype(jnp.float32) * r
+    dy32 = dy.astype(jnp.float32)
+    dx = r * (dy32 - x_hat * jnp.mean(dy32 * x_hat, axis=-1, keepdims=True))
+    return (dx.astype(x.dtype),)
+
+
+rms_normalize.defvjp(_rms_normalize_fwd, _rms_normalize_bwd)
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -156,20 +195,28 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(k, "head_dim", config.rms_norm_eps, rngs=rngs)
 
     def __call__(
-        self, x_bld: jax.Array, inputs: LayerInputs, kv_cache: KVPair | None = None
+        self,
+        x_bld: jax.Array,
+        inputs: LayerInputs,
+        kv_cache: KVPair | None = None,
+        in_scale: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the cache with this call's keys/values written.
 
         Without a cache, `inputs.allowed_bqm: bool[B, L, L]`. With `kv_cache = (k, v)` of
         `[B, T, G, K]`, the new keys/values are written at slots `inputs.cache_index .. + L`
         (the same slots for every row) and queries attend over all T slots:
-        `allowed_bqm: bool[B, L, T]`.
+        `allowed_bqm: bool[B, L, T]`. `in_scale[D]` multiplies the input (the pre-norm's
+        scale, folded into the q/k/v weights: `fold_scale`).
         """
         cos_blk, sin_blk, allowed_bqm, cache_index = inputs
         dtype = x_bld.dtype
-        q_blhk = dense(x_bld, self.q_dhk[...].astype(dtype))
-        k_blgk = dense(x_bld, self.k_dgk[...].astype(dtype))
-        v_blgk = dense(x_bld, self.v_dgk[...].astype(dtype))
+        q_dhk, k_dgk, v_dgk = (w[...].astype(dtype) for w in (self.q_dhk, self.k_dgk, self.v_dgk))
+        if in_scale is not None:
+            q_dhk, k_dgk, v_dgk = (fold_scale(w, in_scale) for w in (q_dhk, k_dgk, v_dgk))
+        q_blhk = dense(x_bld, q_dhk)
+        k_blgk = dense(x_bld, k_dgk)
+        v_blgk = dense(x_bld, v_dgk)
         q_blhk = apply_rope(self.q_norm(q_blhk), cos_blk, sin_blk)
         k_blgk = apply_rope(self.k_norm(k_blgk), cos_blk, sin_blk)
         if kv_cache is not None:
@@ -194,14 +241,22 @@ class MLP(nnx.Module):
         self.up_df = param(rngs, dense_init((0,), (1,)), (d, f), ("embed", "mlp"))
         self.down_fd = param(rngs, dense_init((0,), (1,)), (f, d), ("mlp", "embed"))
 
-    def __call__(self, x_bld: jax.Array) -> jax.Array:
+    def __call__(self, x_bld: jax.Array, in_scale: jax.Array | None = None) -> jax.Array:
+        """`[B, L, D]`; `in_scale[D]` multiplies the input (folded into gate and up)."""
         dtype = x_bld.dtype
-        weights = (self.gate_df, self.up_df, self.down_fd)
-        return swiglu(x_bld, *(w[...].astype(dtype) for w in weights))
+        gate_df, up_df, down_fd = (
+            w[...].astype(dtype) for w in (self.gate_df, self.up_df, self.down_fd)
+        )
+        if in_scale is not None:
+            gate_df, up_df = fold_scale(gate_df, in_scale), fold_scale(up_df, in_scale)
+        return swiglu(x_bld, gate_df, up_df, down_fd)
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The two norms' scales are folded into the weights that read them (`fold_scale`): the same
+    function up to rounding, without a pass over the activations for the scale."""
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
         d, eps = config.hidden_size, config.rms_norm_eps
@@ -214,12 +269,14 @@ class DecoderLayer(nnx.Module):
         self, x_bld: jax.Array, inputs: LayerInputs, kv_cache: KVPair | None = None
     ) -> jax.Array | tuple[jax.Array, KVPair]:
         """`[B, L, D]`; with `kv_cache`, also the updated cache (see `Attention.__call__`)."""
-        attn_out = self.attn(self.input_norm(x_bld), inputs, kv_cache)
+        attn_in = self.input_norm.normalize(x_bld)
+        attn_out = self.attn(attn_in, inputs, kv_cache, in_scale=self.input_norm.scale[...])
         new_cache = None
         if kv_cache is not None:
             attn_out, new_cache = attn_out
         x_bld = x_bld + attn_out
-        x_bld = x_bld + self.mlp(self.post_attn_norm(x_bld))
+        mlp_in = self.post_attn_norm.normalize(x_bld)
+        x_bld = x_bld + self.mlp(mlp_in, in_scale=self.post_attn_norm.scale[...])
         return x_bld if kv_cache is None else (x_bld, new_cache)
 
 
