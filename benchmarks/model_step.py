@@ -286,7 +286,7 @@ def _run_child(args: argparse.Namespace, side: str, measure: str) -> dict:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.remat:
         command.append("--remat")
-    env = _host_environment(args.huge_pages)
+    env = dict(args.environment)
     if args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -333,7 +333,8 @@ def main() -> None:
         f"each side pinned to CPU(s) {args.cpus}, torch threads {args.threads}; "
         f"python {platform.python_version()}"
     )
-    tunables = _host_environment(args.huge_pages).get("GLIBC_TUNABLES", "none")
+    args.environment = _host_environment(args.huge_pages)
+    tunables = args.environment.get("GLIBC_TUNABLES", "none")
     print(f"both sides' GLIBC_TUNABLES: {tunables} (vimrag_jax.host_memory)")
     for measure in args.what.split(","):
         if measure == "step":
