@@ -98,19 +98,28 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return _rms_norm_fwd(x, scale, eps)[0]
 
 
-def _rms_norm_fwd(x, scale, eps):
+def _inverse_rms(x, eps):
+    """`(x in float32, 1 / rms(x))` over the last axis, the latter `[..., 1]`."""
     x32 = x.astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return x32, jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+def _normalize_grad(x, r, g32):
+    """`dx = r * (g - x̂ * mean(g * x̂))`: the gradient of `x̂ = x * r` for the cotangent `g`."""
+    x_hat = x.astype(jnp.float32) * r
+    return r * (g32 - x_hat * jnp.mean(g32 * x_hat, axis=-1, keepdims=True)), x_hat
+
+
+def _rms_norm_fwd(x, scale, eps):
+    x32, r = _inverse_rms(x, eps)
     return scale.astype(x.dtype) * (x32 * r).astype(x.dtype), (x, scale, r)
 
 
 def _rms_norm_bwd(eps, residuals, dy):
     del eps
     x, scale, r = residuals
-    x_hat = x.astype(jnp.float32) * r
     dy32 = dy.astype(jnp.float32)
-    g = dy32 * scale.astype(jnp.float32)
-    dx = r * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    dx, x_hat = _normalize_grad(x, r, dy32 * scale.astype(jnp.float32))
     dscale = jnp.sum((dy32 * x_hat).reshape(-1, x.shape[-1]), axis=0)
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
@@ -126,18 +135,14 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 def _rms_normalize_fwd(x, eps):
-    x32 = x.astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    x32, r = _inverse_rms(x, eps)
     return (x32 * r).astype(x.dtype), (x, r)
 
 
 def _rms_normalize_bwd(eps, residuals, dy):
     del eps
     x, r = residuals
-    x_hat = x.astype(jnp.float32) * r
-    dy32 = dy.astype(jnp.float32)
-    dx = r * (dy32 - x_hat * jnp.mean(dy32 * x_hat, axis=-1, keepdims=True))
-    return (dx.astype(x.dtype),)
+    return (_normalize_grad(x, r, dy.astype(jnp.float32))[0].astype(x.dtype),)
 
 
 rms_normalize.defvjp(_rms_normalize_fwd, _rms_normalize_bwd)
